@@ -1,0 +1,102 @@
+"""Shared defaults for every DDB stage (numbers of §1.1 of the design, from the reference).
+
+Stage configs import this, override what differs, and return the result. Every
+key a stage may set exists here, so a misspelt override
+(``--config.batchsize=2``) fails with the key's name.
+"""
+
+import ml_collections
+
+
+def get_model_config() -> ml_collections.ConfigDict:
+    """DeepLabV2 (ResNetV1c-101, DLV2 adapter head) as in the reference configs."""
+    return ml_collections.ConfigDict(
+        dict(
+            backbone="resnet101_v1c",  # resnet{18,34,50,101,152}_v1c | mit_b{0..5}
+            head="dlv2",  # dlv2 | segformer | daformer
+            num_classes=19,
+            head_channels=256,  # DLV2: 2 ASPP branches x 128; SegFormer/DAFormer: embed dim
+            dropout_ratio=0.1,
+            drop_path_rate=0.1,  # MiT only
+            mit_layout="nvlabs",  # MiT LayerNorm eps per checkpoint layout: nvlabs | mmseg
+            dtype="float32",  # compute dtype: float32 | bfloat16 (params stay float32)
+            remat=False,  # rematerialise backbone stages to save memory
+        )
+    )
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.stage = "self_training"  # self_training | prototypes | ckd | evaluate | pipeline
+    config.seed = 0
+    config.model = get_model_config()
+    # Where the initial weights come from: '' (random), or a converted checkpoint directory
+    # (tools/convert_checkpoint.py), e.g. ImageNet resnet101_v1c or a round-1 CKD student.
+    config.init_from = ""
+
+    # Data (§1.6). Dataset names: gta, synscapes, synthia, cityscapes, mapillary, toy_source,
+    # toy_target. Several names = multi-source / multi-target concatenation.
+    config.data = ml_collections.ConfigDict(
+        dict(
+            root="data",
+            source=("gta",),
+            target=("cityscapes",),
+            crop_size=(512, 512),
+            cat_max_ratio=0.75,
+            rare_class_sampling=False,
+            rcs_temperature=0.01,
+            rcs_min_pixels=3000,
+            rcs_min_crop_ratio=0.5,
+            shuffle_buffer=256,
+            num_parallel_calls=-1,  # tf.data.AUTOTUNE
+        )
+    )
+    config.batch_size = 4  # global batch (the reference: 1 GPU x 4)
+
+    # Optimiser and schedule (mmcv AdamW + poly with linear warmup).
+    config.optim = ml_collections.ConfigDict(
+        dict(
+            lr=6e-5,
+            b1=0.9,
+            b2=0.999,
+            weight_decay=0.01,
+            head_lr_mult=10.0,
+            warmup_iters=1500,
+            warmup_ratio=1e-6,
+            poly_power=1.0,
+            min_lr=0.0,
+        )
+    )
+    config.num_steps = 40_000
+
+    # Self-training (§1.1) and bridging (§1.3).
+    config.st = ml_collections.ConfigDict(
+        dict(
+            mask="cut",  # cut | class | zero
+            cut_area_ratio=0.4,
+            ema_alpha=0.99,
+            pseudo_threshold=0.968,
+            pseudo_weight_ignore_top=0,
+            pseudo_weight_ignore_bottom=0,
+            color_jitter_p=0.8,
+            color_jitter_strength=0.2,
+            blur_p=0.5,
+        )
+    )
+
+    # Logging, evaluation and checkpoints.
+    config.log_every = 50
+    config.image_summary_every = 1000
+    config.eval_every = 4000
+    config.checkpoint_every = 4000
+    config.keep_checkpoints = 3
+    config.eval = ml_collections.ConfigDict(
+        dict(
+            mode="whole",  # whole | slide
+            crop_size=(512, 512),
+            stride=(341, 341),
+            flip=False,
+            batch_size=1,
+        )
+    )
+    return config

@@ -1,0 +1,118 @@
+"""Segmentation models: a backbone and a decode head, built from ``config.model``.
+
+Every model maps a normalised NHWC float image batch to ``(logits, feature)``:
+``logits`` at the head's output stride (1/8 for DeepLabV2, 1/4 for SegFormer
+heads) and ``feature``, the decode-head feature that feeds the final 1x1
+classifier (the prototype feature of DDB, §1.4 of the design).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+RESNET_DEPTHS = (18, 34, 50, 101, 152)
+MIT_VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5")
+HEADS = ("dlv2", "segformer", "daformer")
+MIT_LAYOUTS = ("nvlabs", "mmseg")
+
+
+class ModelConfigError(ValueError):
+    """A model config names something that does not exist."""
+
+
+class EncoderDecoder(nn.Module):
+    """mmseg's EncoderDecoder: ``backbone`` then ``decode_head`` (names kept for conversion)."""
+
+    backbone: nn.Module
+    decode_head: nn.Module
+
+    def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+        features = self.backbone(images, train=train)
+        return self.decode_head(features, train=train)
+
+
+def parse_backbone(name: str) -> tuple[str, Any]:
+    """'resnet101_v1c' -> ('resnet', 101); 'mit_b5' -> ('mit', 'b5'); else a clear error."""
+    match = re.fullmatch(r"resnet(\d+)_v1c", name)
+    if match and int(match.group(1)) in RESNET_DEPTHS:
+        return "resnet", int(match.group(1))
+    match = re.fullmatch(r"mit_(b\d)", name)
+    if match and match.group(1) in MIT_VARIANTS:
+        return "mit", match.group(1)
+    known = [f"resnet{d}_v1c" for d in RESNET_DEPTHS] + [f"mit_{v}" for v in MIT_VARIANTS]
+    raise ModelConfigError(f"config.model.backbone={name!r} is not a known backbone; known: {known}")
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    if name not in ("float32", "bfloat16"):
+        raise ModelConfigError(f"config.model.dtype={name!r}; use 'float32' or 'bfloat16'")
+    return jnp.dtype(name)
+
+
+def build_model(model_cfg: ml_collections.ConfigDict) -> EncoderDecoder:
+    """Builds the segmentor described by ``config.model`` (see configs/default.py)."""
+    family, size = parse_backbone(model_cfg.backbone)
+    dtype = compute_dtype(model_cfg.dtype)
+    if model_cfg.head not in HEADS:
+        raise ModelConfigError(f"config.model.head={model_cfg.head!r}; known heads: {list(HEADS)}")
+    if family == "resnet":
+        from ddb_jax.models.resnet import ResNetV1c
+
+        backbone = ResNetV1c(depth=size, dtype=dtype, remat=model_cfg.remat)
+        in_channels = 2048 if size >= 50 else 512
+    else:
+        from ddb_jax.models.mit import MixVisionTransformer
+
+        if model_cfg.mit_layout not in MIT_LAYOUTS:
+            raise ModelConfigError(
+                f"config.model.mit_layout={model_cfg.mit_layout!r}; known: {list(MIT_LAYOUTS)}"
+            )
+        backbone = MixVisionTransformer(
+            variant=size,
+            layout=model_cfg.mit_layout,
+            drop_path_rate=model_cfg.drop_path_rate,
+            dtype=dtype,
+            remat=model_cfg.remat,
+        )
+        in_channels = None
+    if model_cfg.head == "dlv2":
+        from ddb_jax.models.deeplabv2 import DLV2Head
+
+        if in_channels is None:
+            raise ModelConfigError("config.model.head='dlv2' needs a ResNet backbone")
+        head = DLV2Head(
+            num_classes=model_cfg.num_classes,
+            channels=model_cfg.head_channels,
+            dropout_ratio=model_cfg.dropout_ratio,
+            dtype=dtype,
+        )
+    else:
+        from ddb_jax.models.segformer_heads import DAFormerHead, SegFormerHead
+
+        if family != "mit":
+            raise ModelConfigError(f"config.model.head={model_cfg.head!r} needs a MiT backbone")
+        head_cls = SegFormerHead if model_cfg.head == "segformer" else DAFormerHead
+        head = head_cls(
+            num_classes=model_cfg.num_classes,
+            channels=model_cfg.head_channels,
+            dropout_ratio=model_cfg.dropout_ratio,
+            dtype=dtype,
+        )
+    return EncoderDecoder(backbone=backbone, decode_head=head)
+
+
+def init_variables(model: nn.Module, rng: jax.Array, image_size: tuple[int, int] = (64, 64)):
+    """Random initial variables ({'params', 'batch_stats'}) for ``model``."""
+    images = jnp.zeros((1, *image_size, 3), jnp.float32)
+    return model.init({"params": rng, "dropout": rng}, images, train=False)
+
+
+def variable_shapes(model: nn.Module, image_size: tuple[int, int] = (64, 64)):
+    """Shapes of ``model``'s variables without allocating them (for conversion/restore)."""
+    return jax.eval_shape(lambda: init_variables(model, jax.random.key(0), image_size))
