@@ -1,0 +1,97 @@
+"""PyTorch (mmseg / DDB / ImageNet) weights -> Flax variables of our models.
+
+``convert_model_state`` takes one model's numpy state dict (see ``torch_io``) and
+the model config, and returns Flax variables; strict: every tensor is used once
+(``common.convert_state_dict``). Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from ddb_jax import models
+from ddb_jax.convert.common import ConversionError, convert_state_dict
+
+SEGMENTOR_PREFIXES = ("backbone.", "decode_head.")
+
+
+def is_segmentor_state(state: Mapping[str, np.ndarray]) -> bool:
+    """Segmentor dicts put every tensor under backbone./decode_head.; ImageNet files do not."""
+    return any(k.startswith(SEGMENTOR_PREFIXES) for k in state)
+
+
+def _architecture(family: str):
+    """The name map and ImageNet classifier keys of one model family."""
+    if family == "resnet":
+        from ddb_jax.convert import resnet as arch
+    else:
+        from ddb_jax.convert import mit as arch
+    return arch
+
+
+def _prune_none(tree):
+    """Drops skipped (None) leaves and the empty dicts they leave behind."""
+    if isinstance(tree, Mapping):
+        pruned = {k: _prune_none(v) for k, v in tree.items()}
+        return {k: v for k, v in pruned.items() if v is not None and v != {}}
+    return tree
+
+
+def convert_model_state(
+    state: Mapping[str, np.ndarray],
+    model_cfg: ml_collections.ConfigDict,
+    source: str = "checkpoint",
+) -> tuple[dict[str, Any], ml_collections.ConfigDict, str]:
+    """Converts one model's state dict.
+
+    Returns:
+      (variables, model_cfg, kind): ``kind`` is 'segmentor' (backbone + head) or
+      'backbone' (an ImageNet file: only ``backbone`` subtrees are returned);
+      ``model_cfg`` is a copy with what the file fixes (MiT key layout, class count).
+    """
+    model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+    family, _ = models.parse_backbone(model_cfg.backbone)
+    arch = _architecture(family)
+    kind = "segmentor" if is_segmentor_state(state) else "backbone"
+    ignore: tuple[str, ...] = ()
+    if kind == "backbone":
+        ignore = tuple(f"backbone.{k}" for k in arch.IMAGENET_IGNORED_KEYS)
+        state = {f"backbone.{k}": v for k, v in state.items()}
+    if family == "mit":
+        model_cfg.mit_layout = arch.detect_mit_layout(state)
+        if model_cfg.mit_layout == "mmseg":
+            state = arch.mmseg_to_nvlabs(state)
+    if kind == "segmentor" and "decode_head.conv_seg.weight" in state:
+        num_classes = int(state["decode_head.conv_seg.weight"].shape[0])
+        if num_classes != model_cfg.num_classes:
+            raise ConversionError(
+                f"{source}: decode_head.conv_seg has {num_classes} classes, the config "
+                f"(config.model.num_classes) says {model_cfg.num_classes}"
+            )
+    shapes = models.variable_shapes(models.build_model(model_cfg))
+    skip = (lambda path: path[1] != "backbone") if kind == "backbone" else (lambda path: False)
+    variables = convert_state_dict(
+        state, shapes, arch.torch_name, skip=skip, ignore_keys=ignore, source=source
+    )
+    variables = jax.tree_util.tree_map(np.asarray, _prune_none(variables))
+    return variables, model_cfg, kind
+
+
+def convert_torch_checkpoint(
+    path: str,
+    model_cfg: ml_collections.ConfigDict,
+    which: str | None = None,
+    allow_pickle: bool = False,
+) -> tuple[dict[str, Any], ml_collections.ConfigDict, dict[str, str]]:
+    """Reads a ``.pth`` (DDB, mmseg or ImageNet) and converts the chosen model."""
+    from ddb_jax.convert import torch_io
+
+    prefix, state = torch_io.read_model_state_dict(path, which=which, allow_pickle=allow_pickle)
+    variables, model_cfg, kind = convert_model_state(state, model_cfg, source=path)
+    provenance = {"source": str(path), "prefix": prefix, "kind": kind}
+    return variables, model_cfg, provenance

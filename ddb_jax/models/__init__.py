@@ -46,7 +46,9 @@ def parse_backbone(name: str) -> tuple[str, Any]:
     if match and match.group(1) in MIT_VARIANTS:
         return "mit", match.group(1)
     known = [f"resnet{d}_v1c" for d in RESNET_DEPTHS] + [f"mit_{v}" for v in MIT_VARIANTS]
-    raise ModelConfigError(f"config.model.backbone={name!r} is not a known backbone; known: {known}")
+    raise ModelConfigError(
+        f"config.model.backbone={name!r} is not a known backbone; known: {known}"
+    )
 
 
 def compute_dtype(name: str) -> jnp.dtype:

@@ -1,0 +1,159 @@
+"""Inference (whole image, sliding window, flip) and confusion-matrix mIoU, as mmseg computes them.
+
+mmseg semantics kept: logits are resized to the network input, softmaxed, flip
+predictions averaged as probabilities, then resized to the label's size; IoU of a
+class absent from both prediction and label is NaN and left out of the mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddb_jax.ops import IGNORE_LABEL, resize_bilinear
+
+CITYSCAPES_CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
+    "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
+    "truck", "bus", "train", "motorcycle", "bicycle",
+)  # fmt: skip
+
+# Forward pass: normalised NHWC images -> logits at the head's stride.
+LogitsFn = Callable[[jax.Array], jax.Array]
+
+
+def confusion_matrix(
+    predictions: jax.Array, labels: jax.Array, num_classes: int, ignore_index: int = IGNORE_LABEL
+) -> jax.Array:
+    """(num_classes, num_classes) counts, rows = label, columns = prediction; ignore skipped."""
+    valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
+    index = jnp.where(valid, labels * num_classes + predictions, 0).reshape(-1)
+    counts = jnp.bincount(
+        index, weights=valid.reshape(-1).astype(jnp.int32), length=num_classes * num_classes
+    )
+    return counts.reshape(num_classes, num_classes)
+
+
+def iou_from_confusion(confusion: np.ndarray) -> dict[str, Any]:
+    """Per-class IoU/accuracy, mIoU and overall accuracy (mmseg: NaN classes excluded)."""
+    confusion = np.asarray(confusion, np.float64)
+    intersection = np.diag(confusion)
+    label_area = confusion.sum(axis=1)
+    pred_area = confusion.sum(axis=0)
+    union = label_area + pred_area - intersection
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = intersection / union
+        acc = intersection / label_area
+    total = confusion.sum()
+    return {
+        "iou": iou,
+        "acc": acc,
+        "miou": float(np.nanmean(iou)) if np.any(~np.isnan(iou)) else float("nan"),
+        "macc": float(np.nanmean(acc)) if np.any(~np.isnan(acc)) else float("nan"),
+        "aacc": float(intersection.sum() / total) if total else float("nan"),
+    }
+
+
+def logits_whole(logits_fn: LogitsFn, images: jax.Array) -> jax.Array:
+    """Logits at input size from one forward pass over the whole image."""
+    return resize_bilinear(logits_fn(images).astype(jnp.float32), images.shape[1:3])
+
+
+def window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """mmseg slide_inference window origins along one axis (last window flush with the edge)."""
+    crop = min(crop, size)
+    count = max(size - crop + stride - 1, 0) // stride + 1
+    return sorted({max(min(i * stride + crop, size) - crop, 0) for i in range(count)})
+
+
+def logits_slide(
+    logits_fn: LogitsFn, images: jax.Array, crop: tuple[int, int], stride: tuple[int, int]
+) -> jax.Array:
+    """mmseg slide inference: overlapping windows (run as one batch), logits averaged."""
+    n, h, w, _ = images.shape
+    ch, cw = min(crop[0], h), min(crop[1], w)
+    origins = [
+        (y, x) for y in window_starts(h, ch, stride[0]) for x in window_starts(w, cw, stride[1])
+    ]
+    windows = jnp.concatenate([images[:, y : y + ch, x : x + cw] for y, x in origins], axis=0)
+    window_logits = resize_bilinear(logits_fn(windows).astype(jnp.float32), (ch, cw))
+    total = jnp.zeros((n, h, w, window_logits.shape[-1]), jnp.float32)
+    count = jnp.zeros((1, h, w, 1), jnp.float32)
+    for i, (y, x) in enumerate(origins):
+        total = total.at[:, y : y + ch, x : x + cw].add(window_logits[i * n : (i + 1) * n])
+        count = count.at[:, y : y + ch, x : x + cw].add(1.0)
+    return total / count
+
+
+def predict_probabilities(
+    logits_fn: LogitsFn,
+    images: jax.Array,
+    out_size: tuple[int, int],
+    mode: str = "whole",
+    crop: tuple[int, int] = (512, 512),
+    stride: tuple[int, int] = (341, 341),
+    flip: bool = False,
+) -> jax.Array:
+    """Class probabilities at ``out_size`` (the label's size), optionally flip-averaged.
+
+    As mmseg: logits resized to the label size, softmax, then the flipped pass's
+    probabilities (flipped back) averaged in.
+    """
+    if mode == "whole":
+        base = lambda x: logits_whole(logits_fn, x)
+    elif mode == "slide":
+        base = lambda x: logits_slide(logits_fn, x, crop, stride)
+    else:
+        raise ValueError(f"config.eval.mode={mode!r}; use 'whole' or 'slide'")
+    infer = lambda x: jax.nn.softmax(resize_bilinear(base(x), out_size), axis=-1)
+    probs = infer(images)
+    if flip:
+        probs = 0.5 * (probs + infer(images[:, :, ::-1])[:, :, ::-1])
+    return probs
+
+
+def make_predict_fn(apply_fn: Callable, mode: str, crop, stride, flip: bool, num_classes: int):
+    """A jitted ``(variables, images, labels) -> confusion`` for one batch shape."""
+
+    def step(variables, images, labels):
+        logits_fn = lambda x: apply_fn(variables, x, train=False)[0]
+        probs = predict_probabilities(
+            logits_fn, images, labels.shape[1:3], mode, tuple(crop), tuple(stride), flip
+        )
+        return confusion_matrix(jnp.argmax(probs, axis=-1), labels, num_classes)
+
+    return jax.jit(step)
+
+
+def evaluate(
+    apply_fn: Callable,
+    variables: Mapping,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    num_classes: int,
+    mode: str = "whole",
+    crop=(512, 512),
+    stride=(341, 341),
+    flip: bool = False,
+) -> dict[str, Any]:
+    """Accumulates the confusion matrix over ``batches`` ({'image', 'label'}) and scores it."""
+    step = make_predict_fn(apply_fn, mode, crop, stride, flip, num_classes)
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    for batch in batches:
+        confusion += np.asarray(step(variables, batch["image"], batch["label"]))
+    result = iou_from_confusion(confusion)
+    result["confusion"] = confusion
+    return result
+
+
+def format_iou_table(result: Mapping[str, Any], class_names=CITYSCAPES_CLASSES, title="") -> str:
+    """A markdown per-class IoU/Acc table (percent), mmseg-style, with the summary row."""
+    lines = [f"### {title}" if title else "", "| class | IoU | Acc |", "|---|---|---|"]
+    for name, iou, acc in zip(class_names, result["iou"], result["acc"], strict=False):
+        lines.append(f"| {name} | {100 * iou:.2f} | {100 * acc:.2f} |")
+    lines.append(f"| **mean** | **{100 * result['miou']:.2f}** | {100 * result['macc']:.2f} |")
+    lines.append(f"\naAcc {100 * result['aacc']:.2f}")
+    return "\n".join(line for line in lines if line is not None).strip()

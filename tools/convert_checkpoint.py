@@ -1,0 +1,76 @@
+"""Converts a PyTorch checkpoint (DDB, mmseg segmentor, or ImageNet backbone) to a model directory.
+
+  python tools/convert_checkpoint.py weights/gta2cs/r2-ckd-pro-bs1x4/weight.pth runs/ddb_r2_ckd
+  python tools/convert_checkpoint.py resnet101_v1c.pth pretrained/resnet101_v1c
+  python tools/convert_checkpoint.py mit_b5.pth pretrained/mit_b5 --backbone=mit_b5 --head=daformer
+
+A DDB checkpoint holds several models; ``--which`` picks one (default: the deployable
+student, ``stu_model`` for CKD and ``model`` for self-training). Every tensor must be
+used exactly once; on any mismatch the error lists missing/unexpected keys and shape
+conflicts and nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from configs import default
+from ddb_jax import checkpoints, models
+from ddb_jax.convert import convert_torch_checkpoint
+from ddb_jax.convert.common import ConversionError
+from ddb_jax.convert.torch_io import MODEL_PREFIXES, CheckpointFormatError
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="input .pth file")
+    parser.add_argument("out", help="output model directory")
+    parser.add_argument("--which", choices=MODEL_PREFIXES, default=None)
+    parser.add_argument("--backbone", default="resnet101_v1c", help="e.g. resnet101_v1c, mit_b5")
+    parser.add_argument("--head", default=None, help="dlv2 | segformer | daformer")
+    parser.add_argument("--num-classes", type=int, default=19)
+    parser.add_argument("--head-channels", type=int, default=None)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load files that hold Python objects besides tensors (only for files you trust)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    model_cfg = default.get_model_config()
+    model_cfg.backbone = args.backbone
+    model_cfg.head = args.head or ("dlv2" if args.backbone.startswith("resnet") else "daformer")
+    model_cfg.num_classes = args.num_classes
+    if args.head_channels is not None:
+        model_cfg.head_channels = args.head_channels
+    try:
+        models.build_model(model_cfg)
+        variables, model_cfg, provenance = convert_torch_checkpoint(
+            args.checkpoint, model_cfg, which=args.which, allow_pickle=args.allow_pickle
+        )
+        checkpoints.save_model_dir(
+            args.out, variables, model_cfg, provenance, overwrite=args.overwrite
+        )
+    except (
+        ConversionError,
+        CheckpointFormatError,
+        models.ModelConfigError,
+        FileNotFoundError,
+        FileExistsError,
+    ) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote {args.out}: {provenance['kind']} {model_cfg.backbone}+{model_cfg.head} "
+        f"from {args.checkpoint} (prefix {provenance['prefix'] or 'none'})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
