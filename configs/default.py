@@ -33,6 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Where the initial weights come from: '' (random), or a converted checkpoint directory
     # (tools/convert_checkpoint.py), e.g. ImageNet resnet101_v1c or a round-1 CKD student.
     config.init_from = ""
+    # A model directory to evaluate (stage 'evaluate'), e.g. a converted PyTorch checkpoint.
+    config.checkpoint = ""
 
     # Data (§1.6). Dataset names: gta, synscapes, synthia, cityscapes, mapillary, toy_source,
     # toy_target. Several names = multi-source / multi-target concatenation.
@@ -97,6 +99,8 @@ def get_config() -> ml_collections.ConfigDict:
             stride=(341, 341),
             flip=False,
             batch_size=1,
+            split="val",
+            save_predictions=False,  # write colourised predictions (stage 'evaluate')
         )
     )
     return config

@@ -1,0 +1,82 @@
+"""The schedule against mmcv's closed form; the optimiser against torch.optim.AdamW groups."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import torch
+
+from configs import default
+from ddb_jax.train import optim
+
+
+def mmcv_lr(it, base, max_iters, warmup_iters, ratio, power=1.0, min_lr=0.0):
+    """mmcv 1.x PolyLrUpdaterHook + linear warmup, written from its documented formula."""
+    regular = (base - min_lr) * (1 - it / max_iters) ** power + min_lr
+    if it < warmup_iters:
+        k = (1 - it / warmup_iters) * (1 - ratio)
+        return regular * (1 - k)
+    return regular
+
+
+@pytest.mark.parametrize("it", [0, 1, 7, 749, 1499, 1500, 1501, 20_000, 39_999, 40_000])
+def test_schedule_matches_mmcv(it):
+    schedule = optim.mmcv_poly_warmup_schedule(6e-5, 40_000, 1500, 1e-6)
+    expected = mmcv_lr(it, 6e-5, 40_000, 1500, 1e-6)
+    np.testing.assert_allclose(float(schedule(it)), expected, rtol=1e-5, atol=1e-14)
+
+
+def test_schedule_power_and_min_lr():
+    schedule = optim.mmcv_poly_warmup_schedule(1e-2, 100, 10, 0.1, power=0.9, min_lr=1e-4)
+    for it in (0, 5, 10, 55, 99):
+        np.testing.assert_allclose(
+            float(schedule(it)), mmcv_lr(it, 1e-2, 100, 10, 0.1, 0.9, 1e-4), rtol=1e-5
+        )
+
+
+def test_head_parameters_get_ten_times_the_rate_like_torch_adamw():
+    """Three AdamW steps on a two-group toy problem, ours vs torch param groups."""
+    cfg = default.get_config().optim
+    cfg = ml_collections.ConfigDict({**cfg.to_dict(), "warmup_iters": 2, "lr": 1e-2})
+    tx, _ = optim.make_optimizer(cfg, num_steps=10)
+    rng = np.random.default_rng(0)
+    init = {
+        "backbone": {"w": rng.normal(size=(3, 2)).astype(np.float32)},
+        "decode_head": {"w": rng.normal(size=(2,)).astype(np.float32)},
+    }
+    targets = [rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=(2,)).astype(np.float32)]
+
+    def loss_fn(p):
+        return jnp.sum((p["backbone"]["w"] - targets[0]) ** 2) + jnp.sum(
+            (p["decode_head"]["w"] - targets[1]) ** 2
+        )
+
+    params = jax.tree_util.tree_map(jnp.asarray, init)
+    state = tx.init(params)
+    for _ in range(3):
+        grads = jax.grad(loss_fn)(params)
+        updates, state = tx.update(grads, state, params)
+        params = jax.tree_util.tree_map(lambda p, u: p + u, params, updates)
+
+    tb = torch.nn.Parameter(torch.from_numpy(init["backbone"]["w"].copy()))
+    th = torch.nn.Parameter(torch.from_numpy(init["decode_head"]["w"].copy()))
+    opt = torch.optim.AdamW(
+        [{"params": [tb], "lr": 1e-2}, {"params": [th], "lr": 1e-1}],
+        betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8,
+    )  # fmt: skip
+    for it in range(3):
+        for group, base in zip(opt.param_groups, (1e-2, 1e-1), strict=True):
+            group["lr"] = mmcv_lr(it, base, 10, 2, cfg.warmup_ratio)
+        opt.zero_grad()
+        loss = ((tb - torch.from_numpy(targets[0])) ** 2).sum() + (
+            (th - torch.from_numpy(targets[1])) ** 2
+        ).sum()
+        loss.backward()
+        opt.step()
+    np.testing.assert_allclose(params["backbone"]["w"], tb.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        params["decode_head"]["w"], th.detach().numpy(), rtol=1e-5, atol=1e-6
+    )
+    # The head moved further than a single-rate optimiser would move it.
+    assert not np.allclose(params["decode_head"]["w"], init["decode_head"]["w"], atol=1e-3)
