@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
         )
     )
     config.batch_size = 4  # global batch (the reference: 1 GPU x 4)
+    config.mesh_devices = 0  # devices of the 'data' mesh axis; 0 = all
 
     # Optimiser and schedule (mmcv AdamW + poly with linear warmup).
     config.optim = ml_collections.ConfigDict(

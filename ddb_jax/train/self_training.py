@@ -1,0 +1,164 @@
+"""One DDB self-training path (§1.1): a jitted step and the stage that trains it.
+
+Per iteration, as the reference ``ST.forward_train``: EMA update of the teacher;
+source CE; teacher pseudo-labels on the clean target (teacher BN in training mode,
+dropout off); a bridging mask mixes source and target, the mixed image is strongly
+augmented; weighted CE on the mixed image; gradients of both losses summed; one
+AdamW step. Masks and augmentation are drawn inside the step from the step's key.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from ddb_jax import augment, bridging, losses
+from ddb_jax.train.state import TrainState, ema_update
+
+
+def draw_bridging(key: jax.Array, source_labels: jax.Array, st_cfg) -> dict[str, Any]:
+    """The random part of a step: bridging masks and per-image augmentation parameters."""
+    mask_key, aug_key = jax.random.split(key)
+    masks = bridging.make_masks(
+        mask_key, source_labels, st_cfg.mask, area_ratio=st_cfg.cut_area_ratio
+    )
+    aug = jax.vmap(
+        lambda k: augment.draw_strong_params(
+            k, st_cfg.color_jitter_p, st_cfg.color_jitter_strength, st_cfg.blur_p
+        )
+    )(jax.random.split(aug_key, source_labels.shape[0]))
+    return {"masks": masks, "aug": aug}
+
+
+def bridge(batch: dict, masks: jax.Array, aug: dict, pseudo: jax.Array, pseudo_weight: jax.Array):
+    """Mixed image (strongly augmented), mixed label and mixed pixel weight."""
+    mixed = bridging.mix(masks, batch["source_image"], batch["target_image"])
+    mixed = jax.vmap(augment.apply_strong)(mixed, aug)
+    labels = bridging.mix(masks, batch["source_label"], pseudo)
+    weight = bridging.mix(masks, jnp.ones_like(pseudo_weight), pseudo_weight)
+    return mixed, labels, weight
+
+
+def self_training_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    student_apply,
+    teacher_apply,
+    tx: optax.GradientTransformation,
+    st_cfg: ml_collections.ConfigDict,
+    draws: dict[str, Any] | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One iteration. ``draws`` overrides the random draws (tests feed the reference's)."""
+    step_key = jax.random.fold_in(state.key, state.step)
+    draw_key, drop_src_key, drop_mix_key = jax.random.split(step_key, 3)
+    if draws is None:
+        draws = draw_bridging(draw_key, batch["source_label"], st_cfg)
+
+    ema_params = ema_update(state.ema_params, state.params, state.step, st_cfg.ema_alpha)
+    # Teacher: BN in training mode (target-batch statistics, own running stats), no dropout.
+    (teacher_logits, _), teacher_vars = teacher_apply(
+        {"params": ema_params, "batch_stats": state.ema_batch_stats},
+        batch["target_image"],
+        train=True,
+        mutable=["batch_stats"],
+    )
+    image_size = batch["source_label"].shape[1:3]
+    pseudo, pseudo_weight = losses.pseudo_labels(
+        jax.lax.stop_gradient(teacher_logits),
+        image_size,
+        st_cfg.pseudo_threshold,
+        st_cfg.pseudo_weight_ignore_top,
+        st_cfg.pseudo_weight_ignore_bottom,
+    )
+    mixed_image, mixed_label, mixed_weight = bridge(
+        batch, draws["masks"], draws["aug"], pseudo, pseudo_weight
+    )
+
+    def loss_fn(params):
+        (src_logits, _), updates = student_apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["source_image"],
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": drop_src_key},
+        )
+        src_loss = losses.cross_entropy(src_logits, batch["source_label"])
+        (mix_logits, _), updates = student_apply(
+            {"params": params, "batch_stats": updates["batch_stats"]},
+            mixed_image,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": drop_mix_key},
+        )
+        mix_loss = losses.cross_entropy(mix_logits, mixed_label, mixed_weight)
+        aux = {
+            "batch_stats": updates["batch_stats"],
+            "loss_source": src_loss,
+            "loss_mixed": mix_loss,
+            "acc_source": losses.pixel_accuracy(src_logits, batch["source_label"]),
+        }
+        return src_loss + mix_loss, aux
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=aux.pop("batch_stats"),
+        opt_state=opt_state,
+        ema_params=ema_params,
+        ema_batch_stats=teacher_vars["batch_stats"],
+    )
+    metrics = {
+        "loss": loss,
+        **aux,
+        "pseudo_weight": jnp.mean(pseudo_weight),
+        "grad_norm": optax.global_norm(grads),
+    }
+    return new_state, metrics
+
+
+def no_dropout(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The same architecture with dropout and drop-path off (the EMA teacher's forward)."""
+    cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+    cfg.dropout_ratio = 0.0
+    cfg.drop_path_rate = 0.0
+    return cfg
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+    """Stage 'self_training': trains one bridging path (config.st.mask = cut | class)."""
+    from ddb_jax.train import setup
+    from ddb_jax.train.loop import check_workdir_config, train_loop
+
+    check_workdir_config(workdir, config)
+    run = setup.prepare_run(config)
+    teacher = setup.build(no_dropout(config.model))
+    step = functools.partial(
+        self_training_step,
+        student_apply=run.model.apply,
+        teacher_apply=teacher.apply,
+        tx=run.tx,
+        st_cfg=config.st,
+    )
+    train_step = jax.jit(
+        step,
+        in_shardings=(run.replicated, run.batch_sharding),
+        out_shardings=(run.replicated, run.replicated),
+        donate_argnums=0,
+    )
+    return train_loop(
+        config,
+        workdir,
+        run.state,
+        train_step,
+        run.make_batches,
+        run.evaluate_student,
+        lambda state: jax.device_get(state.variables()),
+    )

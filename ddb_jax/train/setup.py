@@ -1,0 +1,100 @@
+"""What every training stage sets up the same way: mesh, model, initial state, data, evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import ml_collections
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ddb_jax import checkpoints, models
+from ddb_jax.train import optim
+from ddb_jax.train.state import TrainState, create_train_state, merge_variables
+
+
+@dataclasses.dataclass
+class Run:
+    model: Any
+    tx: Any
+    state: TrainState
+    mesh: Mesh
+    replicated: NamedSharding
+    batch_sharding: NamedSharding
+    make_batches: Callable[[int], Iterator[dict]]
+    evaluate_student: Callable[[TrainState], dict]
+
+
+def build(model_cfg: ml_collections.ConfigDict):
+    return models.build_model(model_cfg)
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
+    """1-D 'data' mesh over all devices (or the first ``config.mesh_devices``)."""
+    devices = jax.devices()
+    if config.mesh_devices:
+        devices = devices[: config.mesh_devices]
+    if config.batch_size % len(devices):
+        raise ValueError(
+            f"config.batch_size={config.batch_size} is not divisible by the {len(devices)} "
+            "devices of the mesh; change the batch size or set config.mesh_devices"
+        )
+    return Mesh(devices, ("data",))
+
+
+def initial_variables(config: ml_collections.ConfigDict, model, key: jax.Array) -> dict:
+    """Random init, then ``config.init_from`` (ImageNet backbone or a whole model) on top."""
+    variables = jax.device_get(models.init_variables(model, key))
+    if not config.init_from:
+        return variables
+    loaded, stored_cfg = checkpoints.load_model_dir(config.init_from)
+    keys = ("backbone",) if "decode_head" not in loaded.get("params", {}) else None
+    checked = checkpoints.ARCHITECTURE_KEYS if keys is None else ("backbone", "mit_layout")
+    diffs = [k for k in checked if stored_cfg.get(k) != config.model.get(k)]
+    if diffs:
+        raise checkpoints.CheckpointError(
+            f"config.init_from={config.init_from} was built for another model: "
+            + ", ".join(
+                f"model.{k} {stored_cfg.get(k)!r} vs {config.model.get(k)!r}" for k in diffs
+            )
+        )
+    return merge_variables(variables, loaded)
+
+
+def prepare_run(config: ml_collections.ConfigDict) -> Run:
+    """Mesh, model, optimiser, replicated initial state, sharded data and evaluation."""
+    from input_pipeline import sharding as data_sharding
+    from input_pipeline import train as train_data
+
+    mesh = make_mesh(config)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    model = build(config.model)
+    init_key, state_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    variables = initial_variables(config, model, init_key)
+    tx, _ = optim.make_optimizer(config.optim, config.num_steps)
+    state = jax.device_put(create_train_state(variables, tx, state_key), replicated)
+    per_host_batch = config.batch_size // jax.process_count()
+
+    def make_batches(start_step: int) -> Iterator[dict]:
+        dataset = train_data.make_train_dataset(
+            config.data,
+            per_host_batch,
+            config.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        ).skip(start_step)
+        for batch in dataset.as_numpy_iterator():
+            yield data_sharding.to_global(batch, mesh)
+
+    def evaluate_student(state: TrainState) -> dict:
+        from ddb_jax import eval_stage
+
+        results = eval_stage.evaluate_targets(model.apply, state.variables(), config)
+        summary = {name: float(r["miou"]) for name, r in results.items()}
+        summary["miou"] = sum(summary.values()) / len(summary)
+        return summary
+
+    return Run(model, tx, state, mesh, replicated, batch_sharding, make_batches, evaluate_student)
