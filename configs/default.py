@@ -21,6 +21,7 @@ def get_model_config() -> ml_collections.ConfigDict:
             mit_layout="nvlabs",  # MiT LayerNorm eps per checkpoint layout: nvlabs | mmseg
             dtype="float32",  # compute dtype: float32 | bfloat16 (params stay float32)
             remat=False,  # rematerialise backbone stages to save memory
+            conv_impl="lax",  # ResNet/DLV2 convs: lax | im2col (about 2x faster training on CPU)
         )
     )
 
@@ -49,7 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
             rcs_temperature=0.01,
             rcs_min_pixels=3000,
             rcs_min_crop_ratio=0.5,
-            shuffle_buffer=256,
+            # dataset name -> (long, short) resize scale, or None to keep the size; overrides
+            # the per-dataset table of input_pipeline/datasets.py.
+            resize_scales={},
             num_parallel_calls=-1,  # tf.data.AUTOTUNE
         )
     )

@@ -38,7 +38,11 @@ def _prune_none(tree):
     """Drops skipped (None) leaves and the empty dicts they leave behind."""
     if isinstance(tree, Mapping):
         pruned = {k: _prune_none(v) for k, v in tree.items()}
-        return {k: v for k, v in pruned.items() if v is not None and v != {}}
+        return {
+            k: v
+            for k, v in pruned.items()
+            if v is not None and not (isinstance(v, Mapping) and not v)
+        }
     return tree
 
 
@@ -58,14 +62,16 @@ def convert_model_state(
     family, _ = models.parse_backbone(model_cfg.backbone)
     arch = _architecture(family)
     kind = "segmentor" if is_segmentor_state(state) else "backbone"
-    ignore: tuple[str, ...] = ()
     if kind == "backbone":
-        ignore = tuple(f"backbone.{k}" for k in arch.IMAGENET_IGNORED_KEYS)
         state = {f"backbone.{k}": v for k, v in state.items()}
     if family == "mit":
+        # The key layout fixes the LayerNorm eps the model must use (DESIGN §1.7).
         model_cfg.mit_layout = arch.detect_mit_layout(state)
         if model_cfg.mit_layout == "mmseg":
             state = arch.mmseg_to_nvlabs(state)
+        ignore = tuple(arch.unused_keys(state))
+    else:
+        ignore = tuple(f"backbone.{k}" for k in arch.IMAGENET_IGNORED_KEYS)
     if kind == "segmentor" and "decode_head.conv_seg.weight" in state:
         num_classes = int(state["decode_head.conv_seg.weight"].shape[0])
         if num_classes != model_cfg.num_classes:

@@ -66,7 +66,9 @@ def build_model(model_cfg: ml_collections.ConfigDict) -> EncoderDecoder:
     if family == "resnet":
         from ddb_jax.models.resnet import ResNetV1c
 
-        backbone = ResNetV1c(depth=size, dtype=dtype, remat=model_cfg.remat)
+        backbone = ResNetV1c(
+            depth=size, dtype=dtype, remat=model_cfg.remat, conv_impl=model_cfg.conv_impl
+        )
         in_channels = 2048 if size >= 50 else 512
     else:
         from ddb_jax.models.mit import MixVisionTransformer
@@ -93,6 +95,7 @@ def build_model(model_cfg: ml_collections.ConfigDict) -> EncoderDecoder:
             channels=model_cfg.head_channels,
             dropout_ratio=model_cfg.dropout_ratio,
             dtype=dtype,
+            conv_impl=model_cfg.conv_impl,
         )
     else:
         from ddb_jax.models.segformer_heads import DAFormerHead, SegFormerHead

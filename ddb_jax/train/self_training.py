@@ -44,17 +44,19 @@ def bridge(batch: dict, masks: jax.Array, aug: dict, pseudo: jax.Array, pseudo_w
     return mixed, labels, weight
 
 
-def self_training_step(
+def self_training_grads(
     state: TrainState,
     batch: dict[str, jax.Array],
     *,
     student_apply,
     teacher_apply,
-    tx: optax.GradientTransformation,
     st_cfg: ml_collections.ConfigDict,
     draws: dict[str, Any] | None = None,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One iteration. ``draws`` overrides the random draws (tests feed the reference's)."""
+) -> tuple[Any, dict[str, Any]]:
+    """Gradients of source CE + mixed CE, and the teacher/BN state the step leaves behind.
+
+    ``draws`` overrides the random draws (tests feed the PyTorch reference the same ones).
+    """
     step_key = jax.random.fold_in(state.key, state.step)
     draw_key, drop_src_key, drop_mix_key = jax.random.split(step_key, 3)
     if draws is None:
@@ -106,21 +108,49 @@ def self_training_step(
         return src_loss + mix_loss, aux
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    aux.update(
+        loss=loss,
+        ema_params=ema_params,
+        ema_batch_stats=teacher_vars["batch_stats"],
+        pseudo_weight=jnp.mean(pseudo_weight),
+        pseudo_labels=pseudo,
+        mixed_image=mixed_image,
+        mixed_label=mixed_label,
+    )
+    return grads, aux
+
+
+def self_training_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    student_apply,
+    teacher_apply,
+    tx: optax.GradientTransformation,
+    st_cfg: ml_collections.ConfigDict,
+    draws: dict[str, Any] | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One iteration: gradients, one AdamW update, the EMA teacher and its BN statistics."""
+    grads, aux = self_training_grads(
+        state,
+        batch,
+        student_apply=student_apply,
+        teacher_apply=teacher_apply,
+        st_cfg=st_cfg,
+        draws=draws,
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(
         step=state.step + 1,
         params=optax.apply_updates(state.params, updates),
-        batch_stats=aux.pop("batch_stats"),
+        batch_stats=aux["batch_stats"],
         opt_state=opt_state,
-        ema_params=ema_params,
-        ema_batch_stats=teacher_vars["batch_stats"],
+        ema_params=aux["ema_params"],
+        ema_batch_stats=aux["ema_batch_stats"],
     )
-    metrics = {
-        "loss": loss,
-        **aux,
-        "pseudo_weight": jnp.mean(pseudo_weight),
-        "grad_norm": optax.global_norm(grads),
-    }
+    scalars = ("loss", "loss_source", "loss_mixed", "acc_source", "pseudo_weight")
+    metrics = {k: aux[k] for k in scalars}
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return new_state, metrics
 
 

@@ -1,0 +1,209 @@
+"""Readers of the converted dataset layouts: file lists, checked before any long work.
+
+Plain tf.data over the converted files (no TFDS builders): the datasets cannot be
+downloaded automatically (licences), the reference's layouts are what users already
+have on disk, and a TFDS build would copy hundreds of GB of PNGs. A dataset ``name``
+lives at ``f"{root}/{subdir}"`` (``subdir`` is the name except for the toy domains).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from collections.abc import Mapping, Sequence
+
+README = "data/README.md"
+
+
+class DatasetError(ValueError):
+    """A dataset directory is missing, empty or inconsistent; the message names the files."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutSpec:
+    """Where images and labels of one layout live, relative to the dataset directory."""
+
+    title: str  # the section of data/README.md that explains how to prepare it
+    description: str  # the expected tree, shown in errors
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    layout: str  # gta | synscapes | synthia | cityscapes | mapillary
+    subdir: str
+    # mmcv keep-ratio resize target (long edge, short edge), or None to keep the image size.
+    train_scale: tuple[int, int] | None
+    eval_scale: tuple[int, int] | None
+    # mmseg Resize(min_size=...): the short edge becomes exactly this (Mapillary training).
+    train_min_size: int | None = None
+
+
+LAYOUTS: Mapping[str, LayoutSpec] = {
+    "gta": LayoutSpec("GTA5", "images/*.png and labels/*_labelTrainIds.png"),
+    "synscapes": LayoutSpec("Synscapes", "img/rgb/*.png and img/class/*_gt_labelTrainIds.png"),
+    "synthia": LayoutSpec("SYNTHIA", "RGB/*.png and GT/LABELS/*_labelTrainIds.png"),
+    "cityscapes": LayoutSpec(
+        "Cityscapes",
+        "leftImg8bit/{split}/{city}/*_leftImg8bit.png and "
+        "gtFine/{split}/{city}/*_gtFine_labelTrainIds.png",
+    ),
+    "mapillary": LayoutSpec(
+        "Mapillary Vistas",
+        "training/images/*.jpg with cityscapes_trainIdLabel/train/label/*.png, and "
+        "half/val_img/*.jpg with half/val_label/*.png",
+    ),
+}
+
+DATASETS: Mapping[str, DatasetSpec] = {
+    "gta": DatasetSpec("gta", "gta", (1280, 720), (1280, 720)),
+    "synscapes": DatasetSpec("synscapes", "synscapes", (1280, 720), (1280, 720)),
+    "synthia": DatasetSpec("synthia", "synthia", (1280, 760), (1280, 760)),
+    "cityscapes": DatasetSpec("cityscapes", "cityscapes", (1024, 512), (1024, 512)),
+    "mapillary": DatasetSpec("mapillary", "mapillary", (1024, 512), (1024, 512), 512),
+    # Toy domains (python -m input_pipeline.toy): small images keep their size.
+    "toy_source": DatasetSpec("gta", "toy/gta", None, None),
+    "toy_target": DatasetSpec("cityscapes", "toy/cityscapes", None, None),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class FileList:
+    """One split of one dataset: parallel lists of image and (optional) label files."""
+
+    name: str
+    directory: str
+    images: tuple[str, ...]
+    labels: tuple[str, ...] | None
+    scale: tuple[int, int] | None
+    min_size: int | None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
+    return DATASETS[name]
+
+
+def dataset_dir(root: str, name: str) -> str:
+    return os.path.join(root, dataset_spec(name).subdir)
+
+
+def _require_dir(path: str, name: str, layout: str) -> None:
+    if not os.path.isdir(path):
+        spec = LAYOUTS[layout]
+        raise DatasetError(
+            f"dataset {name!r}: directory {path} does not exist. Expected the {layout} layout: "
+            f"{spec.description}. See section '{spec.title}' of {README} on preparing it."
+        )
+
+
+def _glob(pattern: str) -> list[str]:
+    return sorted(glob.glob(pattern))
+
+
+def _pair(
+    name: str,
+    images: Sequence[str],
+    label_dir: str,
+    label_for: dict[str, str],
+    label_glob: str,
+) -> tuple[str, ...]:
+    """Labels in image order; every image needs its label and every label its image."""
+    missing = [img for img in images if not os.path.isfile(label_for[img])]
+    if missing:
+        raise DatasetError(
+            f"dataset {name!r}: {len(missing)} image(s) without a label, e.g. {missing[0]} "
+            f"has no {label_for[missing[0]]} (did the converter run? see {README})"
+        )
+    expected = set(label_for.values())
+    orphans = [f for f in _glob(os.path.join(label_dir, label_glob)) if f not in expected]
+    if orphans:
+        raise DatasetError(
+            f"dataset {name!r}: {len(orphans)} label(s) without an image, e.g. {orphans[0]}; "
+            f"{len(images)} images vs {len(images) + len(orphans)} labels"
+        )
+    return tuple(label_for[img] for img in images)
+
+
+def list_files(root: str, name: str, split: str = "train", with_labels: bool = True) -> FileList:
+    """Lists (and checks) one split of dataset ``name`` under ``root``."""
+    spec = dataset_spec(name)
+    directory = os.path.join(root, spec.subdir)
+    _require_dir(directory, name, spec.layout)
+    layout = spec.layout
+
+    if layout in ("gta", "synscapes", "synthia"):
+        image_sub, label_sub, suffix = {
+            "gta": ("images", "labels", "_labelTrainIds.png"),
+            "synscapes": (
+                os.path.join("img", "rgb"),
+                os.path.join("img", "class"),
+                "_gt_labelTrainIds.png",
+            ),
+            "synthia": ("RGB", os.path.join("GT", "LABELS"), "_labelTrainIds.png"),
+        }[layout]
+        image_dir, label_dir = (
+            os.path.join(directory, image_sub),
+            os.path.join(directory, label_sub),
+        )
+        images = _glob(os.path.join(image_dir, "*.png"))
+        label_for = {
+            img: os.path.join(label_dir, os.path.basename(img)[: -len(".png")] + suffix)
+            for img in images
+        }
+        label_glob = "*" + suffix
+    elif layout == "cityscapes":
+        image_dir = os.path.join(directory, "leftImg8bit", split)
+        label_dir = os.path.join(directory, "gtFine", split)
+        images = _glob(os.path.join(image_dir, "*", "*_leftImg8bit.png"))
+        label_for = {
+            img: os.path.join(
+                label_dir,
+                os.path.basename(os.path.dirname(img)),
+                os.path.basename(img)[: -len("_leftImg8bit.png")] + "_gtFine_labelTrainIds.png",
+            )
+            for img in images
+        }
+        label_glob = os.path.join("*", "*_gtFine_labelTrainIds.png")
+    elif layout == "mapillary":
+        if split == "train":
+            image_dir = os.path.join(directory, "training", "images")
+            label_dir = os.path.join(directory, "cityscapes_trainIdLabel", "train", "label")
+        else:
+            image_dir = os.path.join(directory, "half", "val_img")
+            label_dir = os.path.join(directory, "half", "val_label")
+        images = _glob(os.path.join(image_dir, "*.jpg"))
+        label_for = {
+            img: os.path.join(label_dir, os.path.basename(img)[: -len(".jpg")] + ".png")
+            for img in images
+        }
+        label_glob = "*.png"
+    else:  # pragma: no cover - DATASETS only names the layouts above
+        raise DatasetError(f"unknown layout {layout!r}")
+
+    _require_dir(image_dir, name, layout)
+    if not images:
+        raise DatasetError(
+            f"dataset {name!r}, split {split!r}: no images in {image_dir} "
+            f"(expected {LAYOUTS[layout].description}; see {README})"
+        )
+    labels = None
+    if with_labels:
+        _require_dir(label_dir, name, layout)
+        labels = _pair(name, images, label_dir, label_for, label_glob)
+    scale = spec.train_scale if split == "train" else spec.eval_scale
+    min_size = spec.train_min_size if split == "train" else None
+    return FileList(name, directory, tuple(images), labels, scale, min_size)
+
+
+def with_scale_overrides(files: FileList, overrides: Mapping | None) -> FileList:
+    """Applies ``config.data.resize_scales[name]`` ((long, short) or None) when given."""
+    if not overrides or files.name not in overrides:
+        return files
+    scale = overrides[files.name]
+    scale = None if scale is None else (int(scale[0]), int(scale[1]))
+    return dataclasses.replace(files, scale=scale, min_size=None)

@@ -1,0 +1,40 @@
+"""Evaluation input: one dataset per target, whole images, labels at their stored size.
+
+Images are resized keep-ratio to the dataset's eval scale (Cityscapes and Mapillary's
+half-size copy: (1024, 512), as the reference test pipelines); the scale comes from
+``datasets.DATASETS`` and can be overridden per name with ``config.data.resize_scales``.
+The toy domains have no scale and keep their size. Labels are never resized: the model's
+prediction is resized to the label (the reference's 2048x1024 for Cityscapes).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from input_pipeline import datasets, transforms
+
+
+def make_eval_dataset(data_cfg, name: str, split: str = "val") -> tf.data.Dataset:
+    """Batches of one: {'image' (1,H,W,3) f32 normalised, 'label' (1,H0,W0) i32, 'name'}."""
+    files = datasets.with_scale_overrides(
+        datasets.list_files(data_cfg.root, name, split, with_labels=True),
+        data_cfg.get("resize_scales", None),
+    )
+    scale = tf.constant(files.scale or (0, 0), tf.int32)
+    is_jpeg = [p.lower().endswith((".jpg", ".jpeg")) for p in files.images]
+
+    def load(image_path, label_path, jpeg):
+        image = transforms.read_image(image_path, jpeg)
+        label = transforms.read_label(label_path)
+        image, label = transforms.assert_same_size(image, label, image_path, label_path)
+        resized, _ = transforms.resize_pair(image, None, scale, tf.constant(0))
+        base = tf.strings.split(image_path, "/")[-1]
+        return {
+            "image": transforms.normalize(resized),
+            "label": tf.cast(label, tf.int32),
+            "name": base,
+        }
+
+    ds = tf.data.Dataset.from_tensor_slices((list(files.images), list(files.labels), is_jpeg))
+    ds = ds.map(load, num_parallel_calls=data_cfg.num_parallel_calls, deterministic=True)
+    return ds.batch(1).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,161 @@
+"""Label id tables: raw dataset ids -> the 19 Cityscapes train ids (255 = ignore).
+
+One place for every table so the five converters, the toy generator and the
+tests agree. The Cityscapes table is written out here rather than imported from
+``cityscapesscripts`` (its package pulls matplotlib and friends for one dict);
+the values are the ``trainId`` column of cityscapesscripts' ``labels.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+IGNORE = 255
+NUM_CLASSES = 19
+
+CLASS_NAMES = (
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
+)
+
+# Cityscapes label ids (also GTA5 and Synscapes class maps) -> train ids. Ids 0..33 are
+# valid; ids not listed (void, ground, parking, rail track, guard rail, ...) become 255.
+CITYSCAPES_ID_TO_TRAIN_ID: Mapping[int, int] = {
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
+}
+# License plate has id -1 in cityscapesscripts; an 8-bit PNG stores it as 255.
+CITYSCAPES_VALID_IDS = tuple(range(34)) + (255,)
+
+# SYNTHIA-RAND-CITYSCAPES class ids (README of the release) -> train ids. Ids 0..22 are
+# valid. Terrain, truck and train do not occur in SYNTHIA: the 16-class protocol drops them
+# at evaluation time, the converted labels keep the 19-class id space.
+SYNTHIA_ID_TO_TRAIN_ID: Mapping[int, int] = {
+    3: 0,
+    4: 1,
+    2: 2,
+    21: 3,
+    5: 4,
+    7: 5,
+    15: 6,
+    9: 7,
+    6: 8,
+    16: 9,
+    1: 10,
+    10: 11,
+    17: 12,
+    8: 13,
+    18: 14,
+    19: 15,
+    20: 16,
+    12: 17,
+    11: 18,
+}
+SYNTHIA_VALID_IDS = tuple(range(23))
+SYNTHIA_16_CLASSES = tuple(c for c in range(NUM_CLASSES) if c not in (9, 14, 16))
+
+TRAIN_ID_TO_CITYSCAPES_ID: Mapping[int, int] = {v: k for k, v in CITYSCAPES_ID_TO_TRAIN_ID.items()}
+
+
+class UnknownLabelError(ValueError):
+    """A label file holds ids outside the table's valid set."""
+
+
+def build_lut(id_to_train_id: Mapping[int, int], size: int = 65536) -> np.ndarray:
+    """A lookup table ``lut[raw_id] = train_id`` (255 for ids without a class)."""
+    lut = np.full(size, IGNORE, np.uint8)
+    for raw_id, train_id in id_to_train_id.items():
+        lut[raw_id] = train_id
+    return lut
+
+
+def map_ids(
+    raw: np.ndarray,
+    id_to_train_id: Mapping[int, int],
+    valid_ids: Sequence[int],
+    filename: str,
+    unknown_to_ignore: bool = False,
+) -> np.ndarray:
+    """Maps raw ids to train ids; ids outside ``valid_ids`` raise naming ``filename``.
+
+    Unknown ids usually mean the wrong label file (a colour PNG, the wrong channel), which
+    would otherwise turn into silently ignored pixels.
+    """
+    present = np.unique(raw)
+    unknown = np.setdiff1d(present, np.asarray(valid_ids))
+    if unknown.size and not unknown_to_ignore:
+        raise UnknownLabelError(
+            f"{filename}: label ids {unknown.tolist()[:10]} are not valid for this dataset "
+            f"(valid: {min(valid_ids)}..{max(valid_ids)})"
+        )
+    lut = build_lut(id_to_train_id, size=max(int(present.max()) + 1, 256))
+    return lut[raw]
+
+
+# Mapillary Vistas names -> Cityscapes classes. A Mapillary label is matched by its
+# lower-case "readable" name with spaces and dashes removed: exact Cityscapes class names
+# first, then the substring rules below in order (the mapping used by openseg/DDB).
+_MAPILLARY_SUBSTRING_RULES: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("trafficsign", "front", "back"), "traffic sign"),
+    (("onrail",), "train"),
+    (("cyclist", "rider"), "rider"),
+    (("pole", "streetlight"), "pole"),
+    (("curb", "pedestrianarea"), "sidewalk"),
+    (("crosswalkplain", "parking", "bikelane", "servicelane", "lanemarking"), "road"),
+)
+
+
+def _squash(name: str) -> str:
+    return name.lower().replace(" ", "").replace("-", "")
+
+
+def mapillary_to_train_id(readable_names: Sequence[str]) -> np.ndarray:
+    """Train id per Mapillary label index (uint8; 255 for classes without a counterpart)."""
+    exact = {_squash(name): i for i, name in enumerate(CLASS_NAMES)}
+    table = np.full(len(readable_names), IGNORE, np.uint8)
+    for index, readable in enumerate(readable_names):
+        name = _squash(readable)
+        if name in exact:
+            table[index] = exact[name]
+            continue
+        for needles, cls in _MAPILLARY_SUBSTRING_RULES:
+            if any(needle in name for needle in needles):
+                table[index] = CLASS_NAMES.index(cls)
+                break
+    return table

@@ -1,0 +1,234 @@
+"""Training input: source (image, label) and target image batches, endless and seeded.
+
+Element ``k`` of the global stream (all hosts together) is fully determined by
+``(seed, k)``: the source index is position ``k mod n`` of a per-epoch permutation
+(``index_shuffle``, i.e. a full shuffle, no buffer), the target index an independent
+uniform draw (the reference draws a random target per item), and every augmentation
+uses stateless ops seeded by ``(seed, k)``. Host ``p`` of ``P`` takes ``k = p, p+P, ...``,
+so hosts read disjoint slices and the global stream does not depend on ``P``.
+With rare class sampling the source index comes from DAFormer's class sampler instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from input_pipeline import datasets, rcs, transforms
+
+SOURCE_STREAM, TARGET_STREAM, RCS_STREAM = 1, 2, 3
+RCS_RECROPS = 10
+
+
+def _concat(files: Sequence[datasets.FileList], with_labels: bool) -> dict[str, np.ndarray]:
+    """Flat per-file tables over the concatenation of several datasets."""
+    images = [p for f in files for p in f.images]
+    table = {
+        "image": np.array(images, dtype=object),
+        "is_jpeg": np.array([p.lower().endswith((".jpg", ".jpeg")) for p in images]),
+        "scale": np.array([f.scale or (0, 0) for f in files for _ in f.images], np.int32).reshape(
+            -1, 2
+        ),
+        "min_size": np.array([f.min_size or 0 for f in files for _ in f.images], np.int32),
+    }
+    if with_labels:
+        table["label"] = np.array([p for f in files for p in f.labels], dtype=object)
+    return table
+
+
+def _list(data_cfg, names: Sequence[str], with_labels: bool) -> list[datasets.FileList]:
+    overrides = data_cfg.get("resize_scales", None)
+    return [
+        datasets.with_scale_overrides(
+            datasets.list_files(data_cfg.root, n, "train", with_labels), overrides
+        )
+        for n in names
+    ]
+
+
+def _gather(table: dict[str, np.ndarray], index: tf.Tensor) -> dict[str, tf.Tensor]:
+    return {k: tf.gather(tf.constant(v), index) for k, v in table.items()}
+
+
+def _load(entry: dict[str, tf.Tensor], with_label: bool):
+    image = transforms.read_image(entry["image"], entry["is_jpeg"])
+    label = None
+    if with_label:
+        label = transforms.read_label(entry["label"])
+        image, label = transforms.assert_same_size(image, label, entry["image"], entry["label"])
+    return transforms.resize_pair(image, label, entry["scale"], entry["min_size"])
+
+
+def _shuffled_index(k: tf.Tensor, n: int, seed: tf.Tensor) -> tf.Tensor:
+    epoch = k // n
+    return tf.random.experimental.index_shuffle(
+        k % n, transforms.fold_seed(seed, epoch), tf.constant(n - 1, tf.int64)
+    )
+
+
+class _RareClassSampler:
+    """DAFormer RCS: class ~ softmax((1 - freq) / T), then a file holding > min_pixels of it."""
+
+    def __init__(self, data_cfg, files: Sequence[datasets.FileList]):
+        dirs = [f.directory for f in files]
+        self.classes, self.probs = rcs.class_probabilities(
+            rcs.load_class_stats(dirs), data_cfg.rcs_temperature
+        )
+        per_class = rcs.samples_with_class(dirs, self.classes, data_cfg.rcs_min_pixels)
+        index_of = {}
+        for offset, f in zip(np.cumsum([0] + [len(x) for x in files]), files, strict=False):
+            for i, label in enumerate(f.labels):
+                index_of.setdefault(label.rsplit("/", 1)[-1], int(offset + i))
+        flat, starts, counts = [], [], []
+        for c in self.classes:
+            unknown = [b for b in per_class[c] if b not in index_of]
+            if unknown:
+                raise datasets.DatasetError(
+                    f"rare class sampling: {unknown[0]} is in samples_with_class.json of {dirs} "
+                    "but not in the dataset; re-run the converter"
+                )
+            starts.append(len(flat))
+            counts.append(len(per_class[c]))
+            flat += [index_of[b] for b in per_class[c]]
+        self.file_index = tf.constant(flat, tf.int64)
+        self.starts = tf.constant(starts, tf.int64)
+        self.counts = tf.constant(counts, tf.int64)
+        self.class_ids = tf.constant(self.classes, tf.int32)
+        self.logits = tf.constant(np.log(self.probs)[None], tf.float32)
+        self.min_class_pixels = data_cfg.rcs_min_pixels * data_cfg.rcs_min_crop_ratio
+
+    def sample(self, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(file index, class id) for one element."""
+        which = tf.random.stateless_categorical(
+            self.logits, 1, transforms.fold_seed(seed, 0), dtype=tf.int32
+        )[0, 0]
+        pick = (
+            tf.random.stateless_uniform(
+                [], transforms.fold_seed(seed, 1), maxval=tf.int64.max, dtype=tf.int64
+            )
+            % self.counts[which]
+        )
+        return self.file_index[self.starts[which] + pick], self.class_ids[which]
+
+
+def _source_fn(data_cfg, table, sampler: _RareClassSampler | None, seed: tf.Tensor):
+    crop_size = tuple(data_cfg.crop_size)
+    n = len(table["image"])
+
+    def fn(k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        elem_seed = transforms.fold_seed(seed, SOURCE_STREAM, k)
+        if sampler is None:
+            index = _shuffled_index(k, n, transforms.fold_seed(seed, SOURCE_STREAM))
+        else:
+            index, cls = sampler.sample(transforms.fold_seed(seed, RCS_STREAM, k))
+        image, label = _load(_gather(table, index), True)
+
+        def propose(s):
+            return transforms.crop_flip_pad(image, label, crop_size, data_cfg.cat_max_ratio, s)
+
+        if sampler is None or data_cfg.rcs_min_crop_ratio <= 0:
+            return propose(elem_seed)
+
+        # DAFormer re-runs the source pipeline (a new crop and flip) up to 10 times until
+        # the sampled class covers more than min_pixels * min_crop_ratio pixels.
+        def accept(sample):
+            pixels = tf.reduce_sum(tf.cast(tf.equal(sample[1], cls), tf.float32))
+            return pixels > sampler.min_class_pixels
+
+        return transforms.first_accepted(propose, accept, elem_seed, RCS_RECROPS)
+
+    return fn
+
+
+def _target_fn(data_cfg, table, seed: tf.Tensor, shuffled: bool):
+    crop_size = tuple(data_cfg.crop_size)
+    n = len(table["image"])
+
+    def fn(k: tf.Tensor) -> tf.Tensor:
+        if shuffled:
+            index = _shuffled_index(k, n, transforms.fold_seed(seed, TARGET_STREAM))
+        else:
+            index = tf.random.stateless_uniform(
+                [], transforms.fold_seed(seed, TARGET_STREAM, k), maxval=n, dtype=tf.int64
+            )
+        image, _ = _load(_gather(table, index), False)
+        elem_seed = transforms.fold_seed(seed, TARGET_STREAM + 100, k)
+        image, _ = transforms.crop_flip_pad(image, None, crop_size, 1.0, elem_seed)
+        return image
+
+    return fn
+
+
+def _host_indices(process_index: int, process_count: int, count: int | None = None):
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    steps = tf.data.Dataset.counter() if count is None else tf.data.Dataset.range(count)
+    return steps.map(lambda j: process_index + process_count * tf.cast(j, tf.int64))
+
+
+def _finish(ds: tf.data.Dataset, per_host_batch: int) -> tf.data.Dataset:
+    options = tf.data.Options()
+    options.deterministic = True
+    return (
+        ds.batch(per_host_batch, drop_remainder=True)
+        .prefetch(tf.data.AUTOTUNE)
+        .with_options(options)
+    )
+
+
+def make_train_dataset(
+    data_cfg,
+    per_host_batch: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> tf.data.Dataset:
+    """Endless batches {'source_image' (B,H,W,3) f32, 'source_label' (B,H,W) i32,
+    'target_image' (B,H,W,3) f32} of this host's slice of the global stream."""
+    source_files = _list(data_cfg, data_cfg.source, True)
+    target_files = _list(data_cfg, data_cfg.target, False)
+    source_table = _concat(source_files, True)
+    target_table = _concat(target_files, False)
+    sampler = _RareClassSampler(data_cfg, source_files) if data_cfg.rare_class_sampling else None
+    base = tf.constant([seed, 0], tf.int64)
+    source_fn = _source_fn(data_cfg, source_table, sampler, base)
+    target_fn = _target_fn(data_cfg, target_table, base, shuffled=False)
+
+    def element(k):
+        image, label = source_fn(k)
+        return {"source_image": image, "source_label": label, "target_image": target_fn(k)}
+
+    ds = _host_indices(process_index, process_count).map(
+        element, num_parallel_calls=data_cfg.num_parallel_calls, deterministic=True
+    )
+    return _finish(ds, per_host_batch)
+
+
+def make_target_train_dataset(
+    data_cfg,
+    per_host_batch: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+) -> tf.data.Dataset:
+    """Batches {'image'} of the target training set with its training augmentation
+    (crop, flip, normalise, pad), each epoch a permutation; endless if ``num_epochs`` is None.
+
+    The last partial batch of a finite run is dropped (fixed shapes for jit).
+    """
+    table = _concat(_list(data_cfg, data_cfg.target, False), False)
+    n = len(table["image"])
+    target_fn = _target_fn(data_cfg, table, tf.constant([seed, 1], tf.int64), shuffled=True)
+    count = None
+    if num_epochs is not None:
+        total = n * num_epochs
+        count = (total - process_index + process_count - 1) // process_count
+    ds = _host_indices(process_index, process_count, count).map(
+        lambda k: {"image": target_fn(k)},
+        num_parallel_calls=data_cfg.num_parallel_calls,
+        deterministic=True,
+    )
+    return _finish(ds, per_host_batch)

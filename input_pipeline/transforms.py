@@ -1,0 +1,265 @@
+"""TensorFlow ops of the mmseg training/test pipelines (§1.6), deterministic under a seed.
+
+Semantics follow mmcv/mmseg 0.x: keep-ratio ``imrescale`` (scale factor
+``min(long/max(h, w), short/min(h, w))``, sizes ``int(x * f + 0.5)``), bilinear for
+images (half-pixel centres, rounded back to uint8 like cv2 on uint8 input) and cv2
+nearest (``floor(dst * src/dst)``) for labels; RandomCrop with the ``cat_max_ratio``
+rejection; RandomFlip; Normalize; Pad. Randomness is stateless: every op takes a seed
+tensor of shape [2] derived from the global seed and the element index.
+
+Broken files fail loudly with the file name: a truncated PNG/JPEG is detected from its
+missing end marker before decoding, and image/label sizes and label values are asserted.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from ddb_jax.ops import IGNORE_LABEL, IMAGE_MEAN, IMAGE_STD
+
+NUM_CLASSES = 19
+CAT_MAX_RATIO_TRIES = 10
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+JPEG_END = b"\xff\xd9"
+
+
+def fold_seed(seed: tf.Tensor, *data: int | tf.Tensor) -> tf.Tensor:
+    """A new [2] int64 seed from ``seed`` and integers (element index, op id, try)."""
+    for d in data:
+        seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(d, tf.int64))
+    return seed
+
+
+def _assert_complete(contents: tf.Tensor, path: tf.Tensor, is_jpeg: bool | tf.Tensor) -> list:
+    """Checks the file ends with its format's end marker (a truncated file does not)."""
+    length = tf.strings.length(contents)
+    tail = tf.strings.substr(contents, tf.maximum(length - 32, 0), 32)
+    tail_bytes = tf.io.decode_raw(tail, tf.uint8)
+    is_jpeg = tf.convert_to_tensor(is_jpeg)
+    ends_png = tf.equal(tf.strings.substr(contents, tf.maximum(length - 12, 0), 12), PNG_END)
+    # JPEG: FF D9 within the last 32 bytes (some writers append a few bytes after it).
+    pairs = tf.logical_and(tf.equal(tail_bytes[:-1], 0xFF), tf.equal(tail_bytes[1:], 0xD9))
+    ends_jpeg = tf.reduce_any(pairs)
+    complete = tf.where(is_jpeg, ends_jpeg, ends_png)
+    return [
+        tf.debugging.Assert(
+            complete,
+            ["truncated or corrupt image file (no end marker):", path],
+            name="file_complete",
+        )
+    ]
+
+
+def read_image(path: tf.Tensor, is_jpeg: bool | tf.Tensor = False) -> tf.Tensor:
+    """RGB uint8 (H, W, 3) from a PNG or JPEG file; truncated files raise naming ``path``."""
+    contents = tf.io.read_file(path)
+    with tf.control_dependencies(_assert_complete(contents, path, is_jpeg)):
+        image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def read_label(path: tf.Tensor) -> tf.Tensor:
+    """Train-id uint8 (H, W) from an 8-bit grayscale PNG; checks it is one and its ids."""
+    contents = tf.io.read_file(path)
+    with tf.control_dependencies(_assert_complete(contents, path, False)):
+        label = tf.io.decode_png(contents, channels=0, dtype=tf.uint8)
+    checks = [
+        tf.debugging.Assert(
+            tf.equal(tf.shape(label)[-1], 1),
+            ["label is not a 1-channel train-id PNG (run the converter):", path],
+        )
+    ]
+    with tf.control_dependencies(checks):
+        label = label[..., 0]
+    valid = tf.logical_or(label < NUM_CLASSES, tf.equal(label, IGNORE_LABEL))
+    with tf.control_dependencies(
+        [
+            tf.debugging.Assert(
+                tf.reduce_all(valid),
+                ["label has ids outside 0..18 and 255:", path, tf.reduce_max(label)],
+            )
+        ]
+    ):
+        return tf.identity(label)
+
+
+def assert_same_size(
+    image: tf.Tensor, label: tf.Tensor, image_path: tf.Tensor, label_path: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    same = tf.reduce_all(tf.equal(tf.shape(image)[:2], tf.shape(label)[:2]))
+    check = tf.debugging.Assert(
+        same,
+        [
+            "image and label sizes differ:",
+            image_path,
+            tf.shape(image)[:2],
+            label_path,
+            tf.shape(label)[:2],
+        ],
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(image), tf.identity(label)
+
+
+def rescale_size(
+    height: tf.Tensor, width: tf.Tensor, scale: tf.Tensor, min_size: tf.Tensor
+) -> tf.Tensor:
+    """mmcv ``rescale_size`` (keep ratio) with mmseg's ``min_size``; returns (new_h, new_w).
+
+    ``scale`` is (long, short); a value <= 0 keeps the size; ``min_size`` > 0 replaces the
+    scale by one whose short edge is ``max(min_size, short)`` at the image's aspect ratio.
+    """
+    h = tf.cast(height, tf.float64)
+    w = tf.cast(width, tf.float64)
+    scale = tf.cast(scale, tf.float64)
+    long_edge = tf.reduce_max(scale)
+    short_edge = tf.reduce_min(scale)
+    min_size = tf.cast(min_size, tf.float64)
+    new_short = tf.maximum(short_edge, min_size)
+    # mmseg: (new_short * h / w, new_short) or (new_short, new_short * w / h).
+    other = tf.where(h > w, new_short * h / w, new_short * w / h)
+    long_edge = tf.where(min_size > 0, tf.maximum(other, new_short), long_edge)
+    short_edge = tf.where(min_size > 0, tf.minimum(other, new_short), short_edge)
+    factor = tf.minimum(long_edge / tf.maximum(h, w), short_edge / tf.minimum(h, w))
+    new_h = tf.cast(tf.floor(h * factor + 0.5), tf.int32)
+    new_w = tf.cast(tf.floor(w * factor + 0.5), tf.int32)
+    keep = tf.reduce_max(scale) <= 0
+    return tf.where(keep, tf.stack([height, width]), tf.stack([new_h, new_w]))
+
+
+def resize_image(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+    """Bilinear (half-pixel, no antialias) resize of uint8 RGB, rounded back to uint8."""
+    resized = tf.image.resize(tf.cast(image, tf.float32), size, method="bilinear", antialias=False)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+
+def resize_label(label: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+    """cv2 INTER_NEAREST: source index ``floor(dst * src/dst)``."""
+    src = tf.shape(label, out_type=tf.int32)
+
+    def indices(n_out, n_in):
+        ratio = tf.cast(n_in, tf.float64) / tf.cast(n_out, tf.float64)
+        idx = tf.cast(tf.floor(tf.cast(tf.range(n_out), tf.float64) * ratio), tf.int32)
+        return tf.minimum(idx, n_in - 1)
+
+    rows = indices(size[0], src[0])
+    cols = indices(size[1], src[1])
+    return tf.gather(tf.gather(label, rows, axis=0), cols, axis=1)
+
+
+def resize_pair(
+    image: tf.Tensor, label: tf.Tensor | None, scale: tf.Tensor, min_size: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor | None]:
+    shape = tf.shape(image)
+    size = rescale_size(shape[0], shape[1], scale, min_size)
+    unchanged = tf.reduce_all(tf.equal(size, shape[:2]))
+    image = tf.cond(unchanged, lambda: image, lambda: resize_image(image, size))
+    if label is not None:
+        label = tf.cond(unchanged, lambda: label, lambda: resize_label(label, size))
+    return image, label
+
+
+def crop_offset(shape: tf.Tensor, crop_size: tuple[int, int], seed: tf.Tensor) -> tf.Tensor:
+    """mmseg ``get_crop_bbox``: uniform top-left in [0, max(dim - crop, 0)]."""
+    margins = tf.maximum(shape[:2] - tf.constant(crop_size, tf.int32), 0)
+    return tf.random.stateless_uniform(
+        [2], fold_seed(seed, 0), minval=0, maxval=tf.int32.max, dtype=tf.int32
+    ) % (margins + 1)
+
+
+def crop(x: tf.Tensor, offset: tf.Tensor, crop_size: tuple[int, int]) -> tf.Tensor:
+    return x[offset[0] : offset[0] + crop_size[0], offset[1] : offset[1] + crop_size[1]]
+
+
+def crop_is_balanced(label_crop: tf.Tensor, cat_max_ratio: float) -> tf.Tensor:
+    """mmseg's test: >1 class present (ignore excluded) and the largest share < ratio."""
+    counts = tf.math.bincount(tf.cast(tf.reshape(label_crop, [-1]), tf.int32), minlength=256)
+    counts = tf.concat([counts[:IGNORE_LABEL], counts[IGNORE_LABEL + 1 :]], 0)
+    total = tf.reduce_sum(counts)
+    present = tf.reduce_sum(tf.cast(counts > 0, tf.int32))
+    share = tf.cast(tf.reduce_max(counts), tf.float64) / tf.cast(tf.maximum(total, 1), tf.float64)
+    return tf.logical_and(present > 1, share < cat_max_ratio)
+
+
+def first_accepted(propose, accept, seed: tf.Tensor, checks: int):
+    """mmseg's retry loop: propose(seed_0); up to ``checks`` times, keep it if accepted,
+    otherwise propose again; the last proposal is used unchecked."""
+
+    def cond(i, done, _):
+        return tf.logical_and(tf.logical_not(done), i < checks)
+
+    def body(i, _, state):
+        ok = accept(state)
+        new_state = tf.cond(ok, lambda: state, lambda: propose(fold_seed(seed, i + 1)))
+        return i + 1, ok, new_state
+
+    _, _, state = tf.while_loop(
+        cond, body, (tf.constant(0), tf.constant(False), propose(fold_seed(seed, 0)))
+    )
+    return state
+
+
+def random_crop_offset(
+    label: tf.Tensor, crop_size: tuple[int, int], cat_max_ratio: float, seed: tf.Tensor
+) -> tf.Tensor:
+    """Crop offset with mmseg's ``cat_max_ratio`` rejection (10 checks, ignore excluded)."""
+    shape = tf.shape(label)
+    propose = lambda s: crop_offset(shape, crop_size, s)
+    if cat_max_ratio >= 1.0:
+        return propose(fold_seed(seed, 0))
+    accept = lambda off: crop_is_balanced(crop(label, off, crop_size), cat_max_ratio)
+    return first_accepted(propose, accept, seed, CAT_MAX_RATIO_TRIES)
+
+
+def maybe_flip(
+    image: tf.Tensor, label: tf.Tensor | None, seed: tf.Tensor, prob: float = 0.5
+) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """Horizontal flip of image and label together with probability ``prob``."""
+    flip = tf.random.stateless_uniform([], seed) < prob
+    image = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
+    if label is not None:
+        label = tf.cond(flip, lambda: tf.reverse(label, [1]), lambda: label)
+    return image, label
+
+
+def normalize(image: tf.Tensor) -> tf.Tensor:
+    """uint8 RGB -> (x - mean) / std, float32 (ddb_jax.ops constants)."""
+    mean = tf.constant(IMAGE_MEAN, tf.float32)
+    std = tf.constant(IMAGE_STD, tf.float32)
+    return (tf.cast(image, tf.float32) - mean) / std
+
+
+def pad_to(
+    image: tf.Tensor, label: tf.Tensor | None, size: tuple[int, int]
+) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """Pads bottom/right to ``size``: image with 0 (after normalisation), label with 255."""
+    shape = tf.shape(image)
+    paddings = [[0, size[0] - shape[0]], [0, size[1] - shape[1]]]
+    image = tf.pad(image, paddings + [[0, 0]], constant_values=0.0)
+    image.set_shape([size[0], size[1], 3])
+    if label is not None:
+        label = tf.pad(label, paddings, constant_values=IGNORE_LABEL)
+        label.set_shape([size[0], size[1]])
+    return image, label
+
+
+def crop_flip_pad(
+    image: tf.Tensor,
+    label: tf.Tensor | None,
+    crop_size: tuple[int, int],
+    cat_max_ratio: float,
+    seed: tf.Tensor,
+) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """RandomCrop -> RandomFlip -> Normalize -> Pad, the reference's order."""
+    if label is None:
+        offset = crop_offset(tf.shape(image), crop_size, fold_seed(seed, 1, 0))
+    else:
+        offset = random_crop_offset(label, crop_size, cat_max_ratio, fold_seed(seed, 1))
+    image = crop(image, offset, crop_size)
+    label = None if label is None else crop(label, offset, crop_size)
+    image, label = maybe_flip(image, label, fold_seed(seed, 2))
+    image, label = pad_to(normalize(image), label, crop_size)
+    if label is not None:
+        label = tf.cast(label, tf.int32)
+    return image, label

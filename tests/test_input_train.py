@@ -1,0 +1,230 @@
+"""Training streams: determinism, host sharding, multi-source, RCS, target-only, eval, mesh."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs.default import get_config
+from input_pipeline import evaluation, rcs, sharding, train, transforms
+from tests.test_input_layouts import save_gray, save_rgb, write_cityscapes
+
+
+def _cfg(root, **kw):
+    cfg = get_config().data
+    cfg.root = str(root)
+    cfg.crop_size = (16, 16)
+    cfg.num_parallel_calls = 2
+    # Keep the tiny images at their size (the table would blow them up to 1280x720).
+    cfg.resize_scales = {"gta": None, "synscapes": None, "cityscapes": None}
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _write_identity_gta(root, n=8, name="gta", offset=0):
+    """Images whose green channel is 10 * file index (+ offset): identity survives crops."""
+    d = os.path.join(root, name)
+    for i in range(n):
+        label = np.zeros((16, 16), np.uint8)
+        label[:, 8:] = 1
+        image = np.stack([label * 50, np.full((16, 16), 10 * (i + offset)), label], -1)
+        save_rgb(f"{d}/images/{i:05d}.png", image)
+        save_gray(f"{d}/labels/{i:05d}_labelTrainIds.png", label)
+    return d
+
+
+def _ids(images):
+    green = images[..., 1] * 57.12 + 116.28
+    return [int(round(g)) // 10 for g in green.reshape(len(images), -1).mean(1)]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    _write_identity_gta(str(root))
+    write_cityscapes(str(root), n=3)
+    return root
+
+
+def _first(ds, n=1):
+    it = ds.as_numpy_iterator()
+    return [next(it) for _ in range(n)]
+
+
+def test_batches_have_the_contract_types_and_values(root):
+    (batch,) = _first(train.make_train_dataset(_cfg(root), 4, seed=0))
+    assert batch["source_image"].shape == (4, 16, 16, 3)
+    assert batch["source_image"].dtype == np.float32
+    assert batch["source_label"].dtype == np.int32 and batch["source_label"].shape == (4, 16, 16)
+    assert set(np.unique(batch["source_label"])) <= {0, 1}
+    # Red channel = 50 * label in every source image: image and label stay aligned.
+    red = np.round(batch["source_image"][..., 0] * 58.395 + 123.675)
+    np.testing.assert_array_equal(red, 50 * batch["source_label"])
+    assert batch["target_image"].shape == (4, 16, 16, 3)
+
+
+def test_same_seed_same_stream_other_seed_differs(root):
+    a = _first(train.make_train_dataset(_cfg(root), 2, seed=3), 3)
+    b = _first(train.make_train_dataset(_cfg(root), 2, seed=3), 3)
+    c = _first(train.make_train_dataset(_cfg(root), 2, seed=4), 3)
+    for x, y in zip(a, b, strict=True):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    assert any(
+        not np.array_equal(x["target_image"], z["target_image"]) for x, z in zip(a, c, strict=True)
+    )
+
+
+def test_each_epoch_is_a_permutation_and_hosts_take_disjoint_slices(root):
+    cfg = _cfg(root, cat_max_ratio=1.0)
+    (whole,) = _first(train.make_train_dataset(cfg, 8, seed=1))
+    assert sorted(_ids(whole["source_image"])) == list(range(8))  # one epoch, all files
+    hosts = [
+        _first(train.make_train_dataset(cfg, 4, seed=1, process_index=p, process_count=2))[0]
+        for p in range(2)
+    ]
+    for p, batch in enumerate(hosts):
+        for k in batch:  # host p holds global elements p, p + 2, ...
+            np.testing.assert_array_equal(batch[k], whole[k][p::2])
+    assert not set(_ids(hosts[0]["source_image"])) & set(_ids(hosts[1]["source_image"]))
+
+
+def test_multi_source_is_the_concatenation(root, tmp_path):
+    _write_identity_gta(str(tmp_path), n=3, name="gta")
+    _write_identity_gta(str(tmp_path), n=2, name="synthia_like", offset=10)
+    syn = tmp_path / "synscapes"
+    for i, f in enumerate(sorted(os.listdir(tmp_path / "synthia_like" / "images"))):
+        os.renames(tmp_path / "synthia_like" / "images" / f, syn / "img" / "rgb" / f"{i}.png")
+        os.renames(
+            tmp_path / "synthia_like" / "labels" / f.replace(".png", "_labelTrainIds.png"),
+            syn / "img" / "class" / f"{i}_gt_labelTrainIds.png",
+        )
+    write_cityscapes(str(tmp_path), n=2)
+    cfg = _cfg(tmp_path, source=("gta", "synscapes"), cat_max_ratio=1.0)
+    (batch,) = _first(train.make_train_dataset(cfg, 5, seed=0))
+    assert sorted(_ids(batch["source_image"])) == [0, 1, 2, 10, 11]
+
+
+def _write_rcs_stats(d, counts_per_file):
+    stats = [(f"labels/{f}_labelTrainIds.png", c) for f, c in counts_per_file.items()]
+    rcs.write_class_stats(d, stats)
+
+
+def test_rcs_class_frequencies_follow_the_softmax(root, tmp_path):
+    d = _write_identity_gta(str(tmp_path), n=4)
+    write_cityscapes(str(tmp_path), n=1)
+    counts = {
+        "00000": {0: 900, 1: 50},
+        "00001": {0: 800, 2: 40},
+        "00002": {1: 60},
+        "00003": {2: 30},
+    }
+    _write_rcs_stats(d, counts)
+    cfg = _cfg(tmp_path, rare_class_sampling=True, rcs_temperature=0.3, rcs_min_pixels=35)
+    files = train._list(cfg, cfg.source, True)
+    sampler = train._RareClassSampler(cfg, files)
+    totals = np.array([1700, 110, 70], np.float64)  # classes 0, 1, 2
+    expected = np.exp((1 - totals / totals.sum()) / 0.3)
+    expected /= expected.sum()
+    assert sampler.classes == [2, 1, 0]
+    np.testing.assert_allclose(sampler.probs, expected[::-1], rtol=1e-9)
+
+    n = 3000
+    draws = tf.data.Dataset.range(n).map(
+        lambda k: sampler.sample(transforms.fold_seed(tf.constant([0, 9], tf.int64), k))
+    )
+    files_drawn, classes_drawn = map(np.array, zip(*draws.as_numpy_iterator(), strict=True))
+    for c, p in zip([0, 1, 2], expected, strict=True):
+        freq = np.mean(classes_drawn == c)
+        assert abs(freq - p) < 4 * np.sqrt(p * (1 - p) / n), (c, freq, p)
+    # Only files with more than rcs_min_pixels of the class: class 2 -> file 1 (40 > 35).
+    assert set(files_drawn[classes_drawn == 2]) == {1}
+    assert set(files_drawn[classes_drawn == 1]) == {0, 2}
+
+
+def test_rcs_recrops_until_the_class_is_in_the_crop(tmp_path):
+    d = os.path.join(tmp_path, "gta")
+    label = np.zeros((32, 32), np.uint8)
+    label[:, 16:] = 2
+    label[:8, :8] = 6  # the rare class, in one corner: a random 24x24 crop holds > 20
+    save_rgb(f"{d}/images/00000.png", np.zeros((32, 32, 3)))  # of it with p = 26/81
+    save_gray(f"{d}/labels/00000_labelTrainIds.png", label)
+    rcs.write_class_stats(d, [("labels/00000_labelTrainIds.png", {0: 448, 2: 512, 6: 64})])
+    write_cityscapes(str(tmp_path), n=1)
+    cfg = _cfg(
+        tmp_path,
+        crop_size=(24, 24),
+        rare_class_sampling=True,
+        rcs_temperature=0.01,
+        rcs_min_pixels=40,
+        rcs_min_crop_ratio=0.5,
+        cat_max_ratio=1.0,
+    )
+    (batch,) = _first(train.make_train_dataset(cfg, 32, seed=0))
+    with_recrop = np.sum((batch["source_label"] == 6).sum((1, 2)) > 20)
+    cfg.rcs_min_crop_ratio = 0.0
+    (plain,) = _first(train.make_train_dataset(cfg, 32, seed=0))
+    without = np.sum((plain["source_label"] == 6).sum((1, 2)) > 20)
+    # Expected 32 * (1 - (55/81)^11) = 31.6 vs 32 * 26/81 = 10.3.
+    assert with_recrop >= 29 and without <= 17, (with_recrop, without)
+
+
+def test_missing_rcs_stats_names_the_file(root, tmp_path):
+    _write_identity_gta(str(tmp_path), n=2)
+    write_cityscapes(str(tmp_path), n=1)
+    with pytest.raises(FileNotFoundError, match="gta/sample_class_stats.json"):
+        train.make_train_dataset(_cfg(tmp_path, rare_class_sampling=True), 2, 0)
+
+
+def test_target_train_dataset_epochs_are_permutations(root):
+    cfg = _cfg(root, target=("gta",), crop_size=(16, 16))
+    batches = list(
+        train.make_target_train_dataset(cfg, 4, seed=0, num_epochs=2).as_numpy_iterator()
+    )
+    assert len(batches) == 4
+    ids = [i for b in batches for i in _ids(b["image"])]
+    assert sorted(ids[:8]) == list(range(8)) and sorted(ids[8:]) == list(range(8))
+    halves = [
+        list(train.make_target_train_dataset(cfg, 2, 0, p, 2, num_epochs=1).as_numpy_iterator())
+        for p in range(2)
+    ]
+    seen = [i for h in halves for b in h for i in _ids(b["image"])]
+    assert sorted(seen) == list(range(8))
+
+
+def test_eval_dataset_resizes_image_keeps_label(root):
+    cfg = _cfg(root, resize_scales={"cityscapes": (16, 8)})
+    items = list(evaluation.make_eval_dataset(cfg, "cityscapes", "val").as_numpy_iterator())
+    assert len(items) == 3
+    first = items[0]
+    assert first["image"].shape == (1, 8, 16, 3) and first["label"].shape == (1, 16, 32)
+    assert first["name"][0] == b"valcity_000000_000019_leftImg8bit.png"
+    assert first["label"][0, 0, 0] == 255 and first["label"][0, -1, -1] == 13
+    # Red channel of the top rows encodes label 10 (sky) -> 100 after resizing.
+    np.testing.assert_allclose(first["image"][0, 1, 4, 0] * 58.395 + 123.675, 100, atol=0.5)
+
+
+def test_to_global_shards_the_batch_axis():
+    mesh = sharding.make_mesh()
+    assert mesh.shape == {"data": len(jax.devices())} and len(jax.devices()) == 8
+    batch = {"x": np.arange(8 * 3, dtype=np.float32).reshape(8, 3), "name": np.array(["a"] * 8)}
+    out = sharding.to_global(batch, mesh)
+    assert out["x"].shape == (8, 3)
+    np.testing.assert_array_equal(np.asarray(out["x"]), batch["x"])
+    shards = sorted(out["x"].addressable_shards, key=lambda s: s.index[0].start)
+    np.testing.assert_array_equal(shards[3].data, batch["x"][3:4])
+    assert isinstance(out["name"], np.ndarray)
+
+
+def test_stats_files_are_in_daformer_format(tmp_path):
+    rcs.write_class_stats(str(tmp_path), [("a.png", {0: 5, 13: 2}), ("b.png", {13: 7})])
+    listed = json.load(open(tmp_path / "sample_class_stats.json"))
+    assert listed == [{"0": 5, "13": 2, "file": "a.png"}, {"13": 7, "file": "b.png"}]
+    with_class = json.load(open(tmp_path / "samples_with_class.json"))
+    assert with_class == {"0": [["a.png", 5]], "13": [["a.png", 2], ["b.png", 7]]}

@@ -1,0 +1,252 @@
+"""The self-training step against a PyTorch reference step, and across device counts.
+
+The reference step is written here from DDB's ``ST.forward_train`` semantics with
+the mmseg-named torch model of tests/torch_ref: EMA update at the start of the
+iteration, source CE backward, teacher (train-mode BN) pseudo-labels on the clean
+target, mixing + strong augmentation with the same draws fed to both sides,
+weighted mixed CE backward, one AdamW step with the head at 10x.
+"""
+
+import copy
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from configs import default
+from ddb_jax import bridging, models
+from ddb_jax.convert import resnet as resnet_names
+from ddb_jax.convert.common import convert_state_dict, path_to_str
+from ddb_jax.train import optim
+from ddb_jax.train import self_training as st
+from ddb_jax.train.state import create_train_state
+from tests.test_augment import fixed_params, torch_strong
+from tests.test_optim import mmcv_lr
+from tests.torch_ref.resnet_dlv2 import Segmentor, numpy_state_dict, randomize
+
+H, W = 32, 40
+LR, STEPS = 1e-3, 10
+
+
+def make_config():
+    config = default.get_config()
+    config.model.backbone = "resnet18_v1c"
+    config.model.dropout_ratio = 0.0
+    config.optim.lr = LR
+    config.optim.warmup_iters = 0
+    config.num_steps = STEPS
+    config.st.mask = "class"
+    return config
+
+
+def make_batch(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 6, size=(2, H, W)).astype(np.int32)
+    labels[:, :3] = 255
+    return {
+        "source_image": rng.normal(size=(2, H, W, 3)).astype(np.float32),
+        "source_label": labels,
+        "target_image": rng.normal(size=(2, H, W, 3)).astype(np.float32),
+    }
+
+
+def make_draws(batch, seed):
+    masks = np.asarray(
+        bridging.make_masks(jax.random.PRNGKey(seed), batch["source_label"], "class")
+    )
+    augs = [
+        fixed_params(seed, jitter=True, blur=True),
+        fixed_params(seed + 1, jitter=True, blur=False),
+    ]
+    stacked = {k: jnp.asarray(np.stack([np.asarray(a[k]) for a in augs])) for k in augs[0]}
+    return {"masks": jnp.asarray(masks), "aug": stacked}, masks, augs
+
+
+def to_torch(x):
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def nchw(x):
+    return to_torch(x.transpose(0, 3, 1, 2))
+
+
+def torch_ce(logits, labels, weight=None):
+    logits = F.interpolate(logits, size=labels.shape[1:], mode="bilinear", align_corners=False)
+    loss = F.cross_entropy(logits, labels.long(), ignore_index=255, reduction="none")
+    if weight is not None:
+        loss = loss * weight
+    return loss.mean()
+
+
+def torch_reference_step(student, teacher, opt, it, batch, masks, augs, config, use_pseudo=None):
+    """One iteration of DDB's ST.forward_train on the torch models (mutates them).
+
+    ``use_pseudo`` replaces the teacher's argmax in the mixed label: a random teacher has
+    near-ties whose argmax float noise flips (agreement is checked separately), and the
+    loss and gradient comparison should not depend on them.
+    """
+    for group, mult in zip(opt.param_groups, (1.0, config.optim.head_lr_mult), strict=True):
+        group["lr"] = mmcv_lr(it, LR * mult, STEPS, 0, 1e-6)
+    with torch.no_grad():
+        alpha = min(1 - 1 / (it + 1), config.st.ema_alpha)
+        for t_param, s_param in zip(teacher.parameters(), student.parameters(), strict=True):
+            t_param.mul_(alpha).add_((1 - alpha) * s_param)
+    opt.zero_grad()
+    xs, xt = nchw(batch["source_image"]), nchw(batch["target_image"])
+    ys = to_torch(batch["source_label"])
+    src_loss = torch_ce(student(xs)[0], ys)
+    src_loss.backward()
+    with torch.no_grad():
+        t_logits = F.interpolate(teacher(xt)[0], size=(H, W), mode="bilinear", align_corners=False)
+        prob, pseudo = torch.softmax(t_logits, dim=1).max(dim=1)
+        weight = (prob >= config.st.pseudo_threshold).float().mean()
+    m = to_torch(masks)
+    mixed = torch.where(m[:, None], xs, xt)
+    mixed = torch.stack(
+        [
+            to_torch(torch_strong(mixed[i].numpy().transpose(1, 2, 0), augs[i]).transpose(2, 0, 1))
+            for i in range(2)
+        ]
+    )
+    chosen = pseudo if use_pseudo is None else to_torch(use_pseudo).long()
+    mixed_label = torch.where(m, ys.long(), chosen)
+    mixed_weight = torch.where(m, torch.ones_like(prob), weight * torch.ones_like(prob))
+    mix_loss = torch_ce(student(mixed)[0], mixed_label, mixed_weight)
+    mix_loss.backward()
+    grads = {name: p.grad.detach().clone().numpy() for name, p in student.named_parameters()}
+    opt.step()
+    extra = {"pseudo": pseudo.numpy(), "mixed": mixed.numpy().transpose(0, 2, 3, 1)}
+    return float(src_loss), float(mix_loss), grads, float(weight), extra
+
+
+def torch_value(state_dict, path):
+    src = resnet_names.torch_name(path)
+    return src.transform(state_dict[src.key])
+
+
+def flat_with_names(tree, collection):
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [((collection, *path_to_str(p).split("/")), np.asarray(v)) for p, v in leaves]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = make_config()
+    torch.manual_seed(0)
+    student_t = randomize(Segmentor(18, num_classes=19, dropout=0.0), seed=3)
+    teacher_t = copy.deepcopy(student_t)
+    # A threshold at the median confidence of this random teacher keeps 0 < w < 1.
+    with torch.no_grad():
+        logits = copy.deepcopy(teacher_t).train()(nchw(make_batch(10)["target_image"]))[0]
+        config.st.pseudo_threshold = float(torch.softmax(logits, 1).max(1)[0].median())
+    head = [p for n, p in student_t.named_parameters() if n.startswith("decode_head")]
+    body = [p for n, p in student_t.named_parameters() if not n.startswith("decode_head")]
+    opt = torch.optim.AdamW(
+        [{"params": body}, {"params": head}], lr=LR, betas=(0.9, 0.999), weight_decay=0.01
+    )
+    model = models.build_model(config.model)
+    shapes = models.variable_shapes(model)
+    variables = convert_state_dict(numpy_state_dict(student_t), shapes, resnet_names.torch_name)
+    tx, _ = optim.make_optimizer(config.optim, config.num_steps)
+    state = create_train_state(
+        jax.tree_util.tree_map(jnp.asarray, variables), tx, jax.random.PRNGKey(0)
+    )
+    teacher = models.build_model(st.no_dropout(config.model))
+    kwargs = dict(student_apply=model.apply, teacher_apply=teacher.apply, st_cfg=config.st)
+    return config, student_t, teacher_t, opt, state, tx, kwargs
+
+
+def test_step_matches_pytorch_reference(setup):
+    config, student_t, teacher_t, opt, state, tx, kwargs = setup
+    step = jax.jit(functools.partial(st.self_training_step, tx=tx, **kwargs))
+    grads_fn = jax.jit(functools.partial(st.self_training_grads, **kwargs))
+    for it in range(2):
+        batch = make_batch(seed=10 + it)
+        draws, masks, augs = make_draws(batch, seed=20 + it)
+        grads, aux = grads_fn(state, batch, draws=draws)
+        ref_src, ref_mix, ref_grads, ref_weight, ref_extra = torch_reference_step(
+            student_t, teacher_t, opt, it, batch, masks, augs, config,
+            use_pseudo=np.asarray(aux["pseudo_labels"]),
+        )  # fmt: skip
+        ref_loss = ref_src + ref_mix
+        assert 0.0 < ref_weight < 1.0
+        np.testing.assert_allclose(float(aux["pseudo_weight"]), ref_weight, rtol=1e-6)
+        np.testing.assert_allclose(
+            float(aux["loss_source"]), ref_src, rtol=1e-5 if it == 0 else 1e-3
+        )
+        np.testing.assert_allclose(np.asarray(aux["mixed_image"]), ref_extra["mixed"], atol=1e-4)
+        assert np.mean(np.asarray(aux["pseudo_labels"]) == ref_extra["pseudo"]) >= 0.995
+        np.testing.assert_allclose(
+            float(aux["loss_mixed"]), ref_mix, rtol=1e-4 if it == 0 else 1e-3
+        )
+        # Gradients at iteration 0 only: after one AdamW step the two students differ by ~lr
+        # on the few elements whose gradient sign is float noise, which moves later
+        # gradients by ~1e-3 relative.
+        pairs = []
+        for path, ours in flat_with_names(grads, "params") if it == 0 else []:
+            src = resnet_names.torch_name(path)
+            pairs.append((path, ours, src.transform(ref_grads[src.key])))
+        scale = max((np.abs(ref).max() for _, _, ref in pairs), default=0.0)
+        for path, ours, ref in pairs:
+            assert np.abs(ours - ref).max() <= 1e-3 * scale, path
+        state, metrics = step(state, batch, draws=draws)
+        np.testing.assert_allclose(float(metrics["loss"]), ref_loss, rtol=1e-4)
+
+    ref_student = numpy_state_dict(student_t)
+    ref_teacher = numpy_state_dict(teacher_t)
+    # Teacher: EMA params and its own BN running statistics (train-mode forward on targets).
+    # EMA params average in the student's step-1 params (see the lr-sized note below).
+    for path, ours in flat_with_names(state.ema_params, "params"):
+        np.testing.assert_allclose(ours, torch_value(ref_teacher, path), rtol=1e-4, atol=2 * LR)
+    for path, ours in flat_with_names(state.ema_batch_stats, "batch_stats"):
+        np.testing.assert_allclose(ours, torch_value(ref_teacher, path), rtol=1e-4, atol=1e-5)
+    for path, ours in flat_with_names(state.batch_stats, "batch_stats"):
+        np.testing.assert_allclose(ours, torch_value(ref_student, path), rtol=1e-4, atol=1e-5)
+    # Student params: Adam's first steps are ~lr*sign(grad), so a sign flip on a ~0 gradient
+    # moves one element by up to 2*lr; nearly all elements must agree far more tightly.
+    diffs = np.concatenate(
+        [
+            np.abs(ours - torch_value(ref_student, path)).ravel()
+            for path, ours in flat_with_names(state.params, "params")
+        ]
+    )
+    assert np.mean(diffs <= 1e-2 * LR) >= 0.999
+    assert diffs.max() <= 4 * LR
+
+
+def test_step_is_independent_of_device_count(setup):
+    config, _, _, _, state0, tx, kwargs = setup
+    if jax.device_count() < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py)")
+    rng = np.random.default_rng(5)
+    batch = {
+        "source_image": rng.normal(size=(8, 24, 24, 3)).astype(np.float32),
+        "source_label": rng.integers(0, 19, size=(8, 24, 24)).astype(np.int32),
+        "target_image": rng.normal(size=(8, 24, 24, 3)).astype(np.float32),
+    }
+    results = []
+    for num_devices in (1, 8):
+        mesh = Mesh(jax.devices()[:num_devices], ("data",))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        sharded = NamedSharding(mesh, PartitionSpec("data"))
+        step = jax.jit(
+            functools.partial(st.self_training_step, tx=tx, **kwargs),
+            in_shardings=(replicated, sharded),
+            out_shardings=(replicated, replicated),
+        )
+        state = jax.device_put(state0, replicated)
+        state, metrics = step(state, jax.device_put(batch, sharded))
+        results.append((jax.device_get(state), jax.device_get(metrics)))
+    (state_1, metrics_1), (state_8, metrics_8) = results
+    np.testing.assert_allclose(metrics_1["loss"], metrics_8["loss"], rtol=1e-5)
+    for a, b in zip(
+        jax.tree_util.tree_leaves((state_1.params, state_1.batch_stats, state_1.ema_batch_stats)),
+        jax.tree_util.tree_leaves((state_8.params, state_8.batch_stats, state_8.ema_batch_stats)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

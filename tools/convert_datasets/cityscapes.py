@@ -1,0 +1,45 @@
+"""Converts Cityscapes gtFine label ids to train ids and writes RCS statistics.
+
+    python tools/convert_datasets/cityscapes.py data/cityscapes [--nproc 4]
+
+Reads gtFine/{train,val}/*/*_gtFine_labelIds.png (shipped in gtFine_trainvaltest.zip;
+they are the rendering of the polygons, so mapping their ids equals cityscapesscripts'
+json2labelImg with trainIds), writes *_gtFine_labelTrainIds.png next to them and the
+class statistics of the train split in data/cityscapes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from input_pipeline import conversion, label_tables
+
+RAW_SUFFIX = "_gtFine_labelIds.png"
+SUFFIX = "_gtFine_labelTrainIds.png"
+
+
+def to_train_ids(path: str, unknown_to_ignore: bool):
+    return label_tables.map_ids(
+        conversion.read_label_png(path),
+        label_tables.CITYSCAPES_ID_TO_TRAIN_ID,
+        label_tables.CITYSCAPES_VALID_IDS,
+        path,
+        unknown_to_ignore,
+    )
+
+
+def main() -> None:
+    args = conversion.base_parser(__doc__.splitlines()[0], "cityscapes").parse_args()
+    fn = functools.partial(to_train_ids, unknown_to_ignore=args.unknown_to_ignore)
+    for split in ("train", "val"):
+        raw = conversion.find_files(os.path.join(args.data_dir, "gtFine", split), RAW_SUFFIX)
+        tasks = [(f, f[: -len(RAW_SUFFIX)] + SUFFIX) for f in raw]
+        if split == "train":
+            conversion.convert_and_write_stats(tasks, fn, args.data_dir, args.nproc, split)
+        else:
+            conversion.convert_labels(tasks, fn, args.nproc, split)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Converts GTA5 labels (Cityscapes ids) to train ids and writes the RCS class statistics.
+
+    python tools/convert_datasets/gta.py data/gta [--nproc 4]
+
+Reads data/gta/labels/*.png, writes data/gta/labels/*_labelTrainIds.png and
+data/gta/{sample_class_stats,sample_class_stats_dict,samples_with_class}.json.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from input_pipeline import conversion, label_tables
+
+SUFFIX = "_labelTrainIds.png"
+
+
+def to_train_ids(path: str, unknown_to_ignore: bool):
+    return label_tables.map_ids(
+        conversion.read_label_png(path),
+        label_tables.CITYSCAPES_ID_TO_TRAIN_ID,
+        label_tables.CITYSCAPES_VALID_IDS,
+        path,
+        unknown_to_ignore,
+    )
+
+
+def main() -> None:
+    args = conversion.base_parser(__doc__.splitlines()[0], "gta").parse_args()
+    raw = conversion.find_files(os.path.join(args.data_dir, "labels"), ".png", (SUFFIX,))
+    tasks = [(f, f[: -len(".png")] + SUFFIX) for f in raw]
+    fn = functools.partial(to_train_ids, unknown_to_ignore=args.unknown_to_ignore)
+    conversion.convert_and_write_stats(tasks, fn, args.data_dir, args.nproc, "gta")
+
+
+if __name__ == "__main__":
+    main()

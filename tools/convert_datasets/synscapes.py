@@ -1,0 +1,39 @@
+"""Converts Synscapes class maps (Cityscapes ids) to train ids and writes RCS statistics.
+
+    python tools/convert_datasets/synscapes.py data/synscapes [--nproc 4]
+
+Reads data/synscapes/img/class/*.png, writes img/class/*_gt_labelTrainIds.png (the
+reference's name) and the class statistics JSON files in data/synscapes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from input_pipeline import conversion, label_tables
+
+SUFFIX = "_gt_labelTrainIds.png"
+
+
+def to_train_ids(path: str, unknown_to_ignore: bool):
+    return label_tables.map_ids(
+        conversion.read_label_png(path),
+        label_tables.CITYSCAPES_ID_TO_TRAIN_ID,
+        label_tables.CITYSCAPES_VALID_IDS,
+        path,
+        unknown_to_ignore,
+    )
+
+
+def main() -> None:
+    args = conversion.base_parser(__doc__.splitlines()[0], "synscapes").parse_args()
+    class_dir = os.path.join(args.data_dir, "img", "class")
+    raw = conversion.find_files(class_dir, ".png", ("_labelTrainIds.png", "_gt_color.png"))
+    tasks = [(f, f[: -len(".png")] + SUFFIX) for f in raw]
+    fn = functools.partial(to_train_ids, unknown_to_ignore=args.unknown_to_ignore)
+    conversion.convert_and_write_stats(tasks, fn, args.data_dir, args.nproc, "synscapes")
+
+
+if __name__ == "__main__":
+    main()
