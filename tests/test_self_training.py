@@ -124,6 +124,24 @@ def torch_reference_step(student, teacher, opt, it, batch, masks, augs, config, 
     return float(src_loss), float(mix_loss), grads, float(weight), extra
 
 
+def assert_mostly_close(ours_and_refs, tight: float):
+    """Adam's first steps move each element by ~lr*sign(grad): where a gradient is ~0 its
+    sign is float noise, so a handful of elements may differ by up to 2x the (head) rate.
+    Nearly all elements must agree to ``tight``; none by more than the rate bound."""
+    diffs = np.concatenate([np.abs(a - b).ravel() for a, b in ours_and_refs])
+    assert np.mean(diffs <= tight) >= 0.999, np.mean(diffs <= tight)
+    assert diffs.max() <= 4 * LR * 10
+
+
+@torch.no_grad()
+def load_into_torch(model, params):
+    named = dict(model.named_parameters())
+    for path, value in flat_with_names(params, "params"):
+        key = resnet_names.torch_name(path).key
+        value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value
+        named[key].copy_(torch.from_numpy(np.ascontiguousarray(value)))
+
+
 def torch_value(state_dict, path):
     src = resnet_names.torch_name(path)
     return src.transform(state_dict[src.key])
@@ -176,9 +194,7 @@ def test_step_matches_pytorch_reference(setup):
         ref_loss = ref_src + ref_mix
         assert 0.0 < ref_weight < 1.0
         np.testing.assert_allclose(float(aux["pseudo_weight"]), ref_weight, rtol=1e-6)
-        np.testing.assert_allclose(
-            float(aux["loss_source"]), ref_src, rtol=1e-5 if it == 0 else 1e-3
-        )
+        np.testing.assert_allclose(float(aux["loss_source"]), ref_src, rtol=1e-5)
         np.testing.assert_allclose(np.asarray(aux["mixed_image"]), ref_extra["mixed"], atol=1e-4)
         assert np.mean(np.asarray(aux["pseudo_labels"]) == ref_extra["pseudo"]) >= 0.995
         np.testing.assert_allclose(
@@ -196,27 +212,41 @@ def test_step_matches_pytorch_reference(setup):
             assert np.abs(ours - ref).max() <= 1e-3 * scale, path
         state, metrics = step(state, batch, draws=draws)
         np.testing.assert_allclose(float(metrics["loss"]), ref_loss, rtol=1e-4)
+        if it == 0:
+            assert_mostly_close(
+                [
+                    (v, torch_value(numpy_state_dict(student_t), p))
+                    for p, v in flat_with_names(state.params, "params")
+                ],
+                tight=1e-2 * LR,
+            )
+            # Re-sync the torch student to ours, so the few lr-sized sign-noise elements do
+            # not leak into iteration 1 (EMA ramp, teacher and student BN statistics).
+            load_into_torch(student_t, state.params)
 
     ref_student = numpy_state_dict(student_t)
     ref_teacher = numpy_state_dict(teacher_t)
     # Teacher: EMA params and its own BN running statistics (train-mode forward on targets).
-    # EMA params average in the student's step-1 params (see the lr-sized note below).
+    assert_mostly_close(
+        [
+            (ours, torch_value(ref_teacher, p))
+            for p, ours in flat_with_names(state.ema_params, "params")
+        ],
+        tight=1e-2 * LR,
+    )
     for path, ours in flat_with_names(state.ema_params, "params"):
-        np.testing.assert_allclose(ours, torch_value(ref_teacher, path), rtol=1e-4, atol=2 * LR)
+        np.testing.assert_allclose(ours, torch_value(ref_teacher, path), rtol=1e-4, atol=1e-6)
     for path, ours in flat_with_names(state.ema_batch_stats, "batch_stats"):
         np.testing.assert_allclose(ours, torch_value(ref_teacher, path), rtol=1e-4, atol=1e-5)
     for path, ours in flat_with_names(state.batch_stats, "batch_stats"):
         np.testing.assert_allclose(ours, torch_value(ref_student, path), rtol=1e-4, atol=1e-5)
-    # Student params: Adam's first steps are ~lr*sign(grad), so a sign flip on a ~0 gradient
-    # moves one element by up to 2*lr; nearly all elements must agree far more tightly.
-    diffs = np.concatenate(
+    assert_mostly_close(
         [
-            np.abs(ours - torch_value(ref_student, path)).ravel()
-            for path, ours in flat_with_names(state.params, "params")
-        ]
+            (ours, torch_value(ref_student, p))
+            for p, ours in flat_with_names(state.params, "params")
+        ],
+        tight=1e-2 * LR,
     )
-    assert np.mean(diffs <= 1e-2 * LR) >= 0.999
-    assert diffs.max() <= 4 * LR
 
 
 def test_step_is_independent_of_device_count(setup):
@@ -245,8 +275,14 @@ def test_step_is_independent_of_device_count(setup):
     (state_1, metrics_1), (state_8, metrics_8) = results
     np.testing.assert_allclose(metrics_1["loss"], metrics_8["loss"], rtol=1e-5)
     for a, b in zip(
-        jax.tree_util.tree_leaves((state_1.params, state_1.batch_stats, state_1.ema_batch_stats)),
-        jax.tree_util.tree_leaves((state_8.params, state_8.batch_stats, state_8.ema_batch_stats)),
+        jax.tree_util.tree_leaves((state_1.batch_stats, state_1.ema_batch_stats)),
+        jax.tree_util.tree_leaves((state_8.batch_stats, state_8.ema_batch_stats)),
         strict=True,
     ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    pairs = zip(
+        jax.tree_util.tree_leaves(state_1.params),
+        jax.tree_util.tree_leaves(state_8.params),
+        strict=True,
+    )
+    assert_mostly_close(list(pairs), tight=1e-5)
