@@ -1,0 +1,114 @@
+"""Domain-bridging masks (§1.3 of the design): cut-mix, class-mix and the all-zero mask.
+
+A mask is a boolean (H, W) array per sample, True where the bridged image takes the
+*source* pixel. Everything is drawn from a JAX key with fixed shapes so it runs inside the
+jitted train step; the reference draws the same quantities with numpy on the host
+(``STDataset.get_cut_mask`` / ``get_class_mask``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ddb_jax.ops import IGNORE_LABEL
+
+MASK_MODES = ("cut", "class", "zero")
+
+
+def cut_box(uniforms: jax.Array, shape: tuple[int, int], area_ratio: float = 0.4) -> jax.Array:
+    """Box (y0, x0, y1, x1) of the reference's cut-mix from three U(0, 1) draws.
+
+    ``uniforms[0]`` sets the aspect: ``y_prop = area_ratio ** u`` so ``x_prop = area_ratio /
+    y_prop`` keeps the area at ``area_ratio``; sizes are rounded (half to even, as
+    ``np.round``), and ``uniforms[1:]`` place the top-left corner at ``round((H, W) - size) *
+    u``, so the box always lies inside the image.
+    """
+    h, w = shape
+    hw = jnp.asarray([h, w], jnp.float32)
+    y_prop = jnp.exp(uniforms[0] * jnp.log(jnp.float32(area_ratio)))
+    props = jnp.stack([y_prop, area_ratio / y_prop])
+    sizes = jnp.round(props * hw)
+    starts = jnp.round((hw - sizes) * uniforms[1:3])
+    return jnp.concatenate([starts, starts + sizes]).astype(jnp.int32)
+
+
+def box_mask(box: jax.Array, shape: tuple[int, int]) -> jax.Array:
+    """Boolean (H, W) mask that is True inside ``box`` = (y0, x0, y1, x1), end exclusive."""
+    rows = jnp.arange(shape[0])[:, None]
+    cols = jnp.arange(shape[1])[None, :]
+    return (rows >= box[0]) & (rows < box[2]) & (cols >= box[1]) & (cols < box[3])
+
+
+def cut_mask(key: jax.Array, shape: tuple[int, int], area_ratio: float = 0.4) -> jax.Array:
+    """One cut-mix mask (H, W): a box of area ~``area_ratio`` of the image."""
+    return box_mask(cut_box(jax.random.uniform(key, (3,)), shape, area_ratio), shape)
+
+
+def class_slots(labels: jax.Array, num_classes: int) -> jax.Array:
+    """Label -> slot in a presence vector of size num_classes + 1 (255 takes the last slot)."""
+    return jnp.where(labels == IGNORE_LABEL, num_classes, labels).astype(jnp.int32)
+
+
+def class_presence(labels: jax.Array, num_classes: int) -> jax.Array:
+    """Boolean (num_classes + 1,) vector: which label values occur in ``labels`` (H, W).
+
+    Fixed-size replacement for ``torch.unique``; the ignore value 255 is a value like any
+    other (the reference's class-mix may pick it).
+    """
+    slots = class_slots(labels, num_classes).reshape(-1)
+    counts = jnp.zeros((num_classes + 1,), jnp.int32).at[slots].add(1)
+    return counts > 0
+
+
+def choose_half(key: jax.Array, present: jax.Array) -> jax.Array:
+    """Uniformly chooses ceil(n/2) of the n True entries of ``present``, without replacement.
+
+    Random scores on present slots, absent slots pushed last; the ceil(n/2) lowest-scoring
+    present slots are a uniform random subset of that size.
+    """
+    scores = jnp.where(present, jax.random.uniform(key, present.shape), 2.0)
+    ranks = jnp.argsort(jnp.argsort(scores))
+    num_chosen = (jnp.sum(present) + 1) // 2
+    return present & (ranks < num_chosen)
+
+
+def class_mask(key: jax.Array, labels: jax.Array, num_classes: int = 19) -> jax.Array:
+    """One class-mix mask (H, W): source pixels whose label value is among ceil(n/2) drawn."""
+    chosen = choose_half(key, class_presence(labels, num_classes))
+    return chosen[class_slots(labels, num_classes)]
+
+
+def make_masks(
+    key: jax.Array,
+    source_labels: jax.Array,
+    mode: str,
+    area_ratio: float = 0.4,
+    num_classes: int = 19,
+) -> jax.Array:
+    """Boolean (N, H, W) bridging masks for a batch of source labels, one key per sample.
+
+    ``mode``: 'cut' (coarse region path), 'class' (fine class path) or 'zero' (no source
+    pixel: CKD's student sees the target image itself).
+    """
+    if mode not in MASK_MODES:
+        raise ValueError(f"unknown bridging mask mode {mode!r}; use one of {MASK_MODES}")
+    n, h, w = source_labels.shape
+    if mode == "zero":
+        return jnp.zeros((n, h, w), bool)
+    keys = jax.random.split(key, n)
+    if mode == "cut":
+        return jax.vmap(lambda k: cut_mask(k, (h, w), area_ratio))(keys)
+    return jax.vmap(lambda k, lab: class_mask(k, lab, num_classes))(keys, source_labels)
+
+
+def mix(mask: jax.Array, source: jax.Array, target: jax.Array) -> jax.Array:
+    """``mask ? source : target`` for images (N, H, W, C), labels or pixel weights (N, H, W).
+
+    Same values as the reference's ``m * src + (1 - m) * tgt`` with a 0/1 mask; a select
+    keeps the dtype (integer labels stay integers).
+    """
+    mask = jnp.asarray(mask, bool)
+    while mask.ndim < source.ndim:
+        mask = mask[..., None]
+    return jnp.where(mask, source, target)

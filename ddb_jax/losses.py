@@ -1,0 +1,100 @@
+"""Losses and pseudo-labels of self-training and distillation (§1.1, §1.2, §1.5).
+
+mmseg semantics (DDB pins mmseg 0.22): logits come at the head's output stride and are
+resized bilinearly (align_corners=False) to the label size inside the loss; the weighted
+cross-entropy is averaged over *all* pixels, ignored ones included in the denominator.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ddb_jax.ops import IGNORE_LABEL, resize_bilinear
+
+
+def _to_label_size(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return resize_bilinear(logits.astype(jnp.float32), labels.shape[1:3])
+
+
+def cross_entropy(
+    logits: jax.Array,
+    labels: jax.Array,
+    pixel_weight: jax.Array | None = None,
+    ignore_index: int = IGNORE_LABEL,
+) -> jax.Array:
+    """mmseg CrossEntropyLoss: logits (N, h, w, K), labels (N, H, W), weight (N, H, W).
+
+    Per-pixel CE (0 at ``ignore_index``) times the weight, then the mean over N*H*W.
+    """
+    logits = _to_label_size(logits, labels)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    ignored = labels == ignore_index
+    safe = jnp.where(ignored, 0, labels).astype(jnp.int32)
+    nll = -jnp.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
+    nll = jnp.where(ignored, 0.0, nll)
+    if pixel_weight is not None:
+        nll = nll * pixel_weight.astype(jnp.float32)
+    return jnp.mean(nll)
+
+
+def pixel_accuracy(
+    logits: jax.Array, labels: jax.Array, ignore_index: int | None = IGNORE_LABEL
+) -> jax.Array:
+    """Top-1 pixel accuracy in percent (mmseg ``accuracy``), logits resized to the labels.
+
+    With ``ignore_index=None`` every pixel counts in the denominator: that is the
+    ``acc_seg`` DDB logs (its mmseg 0.22 call passes no ignore index).
+    """
+    pred = jnp.argmax(_to_label_size(logits, labels), axis=-1)
+    correct = pred == labels
+    if ignore_index is None:
+        return 100.0 * jnp.mean(correct)
+    valid = labels != ignore_index
+    return 100.0 * jnp.sum(correct & valid) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def distillation_kl(
+    student_logits: jax.Array, teacher_logits: jax.Array, temperature: float = 1.0
+) -> jax.Array:
+    """Soft distillation: KL(softmax(t/T) || softmax(s/T)) x T^2 (CKD ``soft_distill``).
+
+    The reference's ``kl_div(..., 'batchmean') / (H*W)`` is the per-pixel KL (summed over
+    classes) averaged over all N*H*W pixels. Both inputs (N, H, W, K) at the same size;
+    ``teacher_logits`` is the (rectified) two-teacher average. The CKD weight (0.1) is the
+    caller's.
+    """
+    log_p_student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, -1)
+    p_teacher = jax.nn.softmax(teacher_logits.astype(jnp.float32) / temperature, -1)
+    log_p_teacher = jnp.log(jnp.where(p_teacher > 0, p_teacher, 1.0))
+    kl = jnp.sum(p_teacher * (log_p_teacher - log_p_student), axis=-1)
+    return jnp.mean(kl) * temperature**2
+
+
+def confident_fraction(confidence: jax.Array, threshold: float) -> jax.Array:
+    """Share of pixels of the whole batch with confidence >= threshold (a scalar)."""
+    return jnp.mean(confidence >= threshold)
+
+
+def pseudo_labels(
+    teacher_logits: jax.Array,
+    image_size: tuple[int, int],
+    threshold: float = 0.968,
+    ignore_top: int = 0,
+    ignore_bottom: int = 0,
+) -> tuple[jax.Array, jax.Array]:
+    """Teacher logits (N, h, w, K) -> (labels int32 (N, H, W), pixel weight (N, H, W)).
+
+    Logits are resized to ``image_size``; the label is the argmax, and the weight is ONE
+    scalar for the batch (the fraction of pixels with max softmax >= threshold), set to 0
+    in the top ``ignore_top`` and bottom ``ignore_bottom`` rows.
+    """
+    probs = jax.nn.softmax(resize_bilinear(teacher_logits.astype(jnp.float32), image_size), -1)
+    labels = jnp.argmax(probs, axis=-1).astype(jnp.int32)
+    weight = confident_fraction(jnp.max(probs, axis=-1), threshold)
+    rows = jnp.arange(image_size[0])
+    keep = (rows >= ignore_top) & (rows < image_size[0] - ignore_bottom)
+    pixel_weight = jnp.broadcast_to(
+        jnp.where(keep[:, None], weight, 0.0), (labels.shape[0], *image_size)
+    )
+    return labels, pixel_weight

@@ -1,0 +1,152 @@
+"""Class prototypes and prototype-rectified pseudo-labels (§1.4, §1.5 of the design).
+
+Reference: DDB ``tools/cal_prototypes/class_features.py`` (per-image class means, running
+mean table) and ``dass/models/uda/ckd.py`` (prototype weights, rectified ensemble). The
+reference loops over images and classes in Python; here each step is one batched, jitted
+array program (one-hot matmuls, a closed form for the sequential table update).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ddb_jax.ops import resize_bilinear
+
+MIN_PIXELS = 10
+COUNT_CAP = 3000
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def class_mean_features(
+    features: jax.Array, logits: jax.Array, min_pixels: int = MIN_PIXELS
+) -> tuple[jax.Array, jax.Array]:
+    """Per-image mean feature of each predicted class.
+
+    features (N, H, W, C) and logits (N, H, W, K) at the same (image) size. Returns
+    ``vectors`` (N, K, C), the mean feature over the pixels whose argmax is k, and
+    ``valid`` (N, K), True where class k has at least ``min_pixels`` pixels in the image.
+    """
+    n, h, w, k = logits.shape
+    one_hot = jax.nn.one_hot(jnp.argmax(logits, -1).reshape(n, h * w), k, dtype=jnp.float32)
+    counts = jnp.sum(one_hot, axis=1)
+    sums = jnp.einsum(
+        "npk,npc->nkc",
+        one_hot,
+        features.reshape(n, h * w, -1).astype(jnp.float32),
+        precision=HIGHEST,
+    )
+    vectors = sums / jnp.maximum(counts, 1.0)[..., None]
+    return vectors, counts >= min_pixels
+
+
+def update_prototype_table(
+    table: jax.Array,
+    table_counts: jax.Array,
+    vectors: jax.Array,
+    valid: jax.Array,
+    cap: int = COUNT_CAP,
+) -> tuple[jax.Array, jax.Array]:
+    """Running-mean table update equal to the reference's sequential per-image updates.
+
+    The reference applies, for each image in order and each valid class k,
+    ``v = (v*n + x) / (n + 1); n = min(n + 1, cap)`` (skipping all-zero vectors). For one
+    row with count n0 and the k valid vectors x_1..x_k of the batch in image order:
+    the first ``m = clip(cap - n0, 0, k)`` updates are a plain running mean, giving
+    ``(n0 v0 + sum_{j<=m} x_j) / (n0 + m)``; each of the remaining ``r = k - m`` is an EMA
+    with ``a = cap / (cap + 1)``. Hence
+    ``v = a^r (n0 v0 + sum_{j<=m} x_j) / (n0 + m) + (1 - a) sum_{j>m} a^(k-j) x_j`` and
+    ``n = min(n0 + k, cap)``. table (K, C), table_counts (K,), vectors (N, K, C),
+    valid (N, K).
+    """
+    valid = valid & (jnp.sum(vectors, axis=-1) != 0)
+    rank = jnp.cumsum(valid.astype(jnp.float32), axis=0)  # 1-based order among valid images
+    total = rank[-1]
+    counts = table_counts.astype(jnp.float32)
+    num_mean = jnp.clip(cap - counts, 0.0, total)
+    num_ema = total - num_mean
+    decay = cap / (cap + 1.0)
+    denom = counts + num_mean
+    safe_denom = jnp.where(denom > 0, denom, 1.0)
+    shrink = jnp.power(decay, num_ema)
+    mean_coef = shrink / safe_denom
+    ema_coef = (1.0 - decay) * jnp.power(decay, total - rank)
+    coef = jnp.where(valid, jnp.where(rank <= num_mean, mean_coef, ema_coef), 0.0)
+    old_coef = jnp.where(denom > 0, shrink * counts / safe_denom, 1.0)
+    new_table = old_coef[:, None] * table + jnp.einsum(
+        "nk,nkc->kc", coef, vectors.astype(jnp.float32), precision=HIGHEST
+    )
+    return new_table, jnp.minimum(counts + total, float(cap))
+
+
+def prototype_distances(features: jax.Array, prototypes: jax.Array) -> jax.Array:
+    """L2 distance (N, H, W, K) of every pixel feature (N, H, W, C) to each prototype (K, C).
+
+    Expanded as |f|^2 - 2 f.p + |p|^2 (one matmul instead of an (N, H, W, K, C) tensor),
+    after subtracting the prototypes' mean from both sides to limit cancellation.
+    """
+    center = jnp.mean(prototypes, axis=0)
+    f = features.astype(jnp.float32) - center
+    p = prototypes.astype(jnp.float32) - center
+    cross = jnp.einsum("nhwc,kc->nhwk", f, p, precision=HIGHEST)
+    sq = jnp.sum(f * f, -1, keepdims=True) - 2.0 * cross + jnp.sum(p * p, -1)
+    return jnp.sqrt(jnp.maximum(sq, 0.0))
+
+
+def prototype_weights(
+    features: jax.Array,
+    prototypes: jax.Array,
+    size: tuple[int, int] | None = None,
+    at_feature_resolution: bool = False,
+) -> jax.Array:
+    """``W = softmax_k(-(d - min_k d))`` (N, H, W, K), d = feature-to-prototype distance.
+
+    ``size``: the image size; features are resized to it bilinearly first, as the
+    reference does (exact path). ``at_feature_resolution=True`` instead computes the
+    weights on the (1/8) features and resizes the K weight maps, about 64x less work and
+    memory at 1/8 for DLV2. Not equivalent (the distance is not linear in the feature):
+    on i.i.d. random data (tests/test_prototypes.py: 2x16x16 features with 32 channels,
+    19 prototypes, upsampled x8) mean |dW| = 0.005 but the rectified pseudo-label agrees
+    with the exact path on only 83% of pixels (a pessimistic case: real features are
+    smooth). Off by default.
+    """
+    if size is None or at_feature_resolution:
+        weights = jax.nn.softmax(-prototype_distances(features, prototypes), axis=-1)
+        return weights if size is None else resize_bilinear(weights, size)
+    resized = resize_bilinear(features.astype(jnp.float32), size)
+    return jax.nn.softmax(-prototype_distances(resized, prototypes), axis=-1)
+
+
+def rectified_ensemble(
+    logits_a: jax.Array,
+    weights_a: jax.Array,
+    logits_b: jax.Array,
+    weights_b: jax.Array,
+    on_probabilities: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """Two rectified teachers -> (pseudo-label int32 (N, H, W), ensemble confidence).
+
+    On probabilities (default): ``0.5 W_a softmax(l_a) + 0.5 W_b softmax(l_b)``, not
+    renormalised. On logits (the reference's other option): ``0.5 softmax(W_a l_a) +
+    0.5 softmax(W_b l_b)``. Logits and weights (N, H, W, K) at the same size. The
+    confidence (max of the ensemble) feeds the ``use_pl_weight`` option through
+    :func:`ddb_jax.losses.confident_fraction`.
+    """
+    logits_a = logits_a.astype(jnp.float32)
+    logits_b = logits_b.astype(jnp.float32)
+    if on_probabilities:
+        probs_a = weights_a * jax.nn.softmax(logits_a, -1)
+        probs_b = weights_b * jax.nn.softmax(logits_b, -1)
+    else:
+        probs_a = jax.nn.softmax(weights_a * logits_a, -1)
+        probs_b = jax.nn.softmax(weights_b * logits_b, -1)
+    ensemble = 0.5 * probs_a + 0.5 * probs_b
+    return jnp.argmax(ensemble, -1).astype(jnp.int32), jnp.max(ensemble, -1)
+
+
+def rectified_logit_average(
+    logits_a: jax.Array, weights_a: jax.Array, logits_b: jax.Array, weights_b: jax.Array
+) -> jax.Array:
+    """Soft-distillation target logits: ``(W_a l_a + W_b l_b) / 2`` (pass weights of 1 to skip
+    rectification); :func:`ddb_jax.losses.distillation_kl` divides by T."""
+    return 0.5 * (weights_a * logits_a + weights_b * logits_b)

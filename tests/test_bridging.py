@@ -1,0 +1,117 @@
+"""Bridging masks: the reference's cut-mix formula, class-mix subset law, mixing."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from ddb_jax import bridging
+
+H, W = 24, 40
+
+
+def reference_cut_mask(uniforms, shape, area_ratio=0.4):
+    """DDB STDataset.get_cut_mask with its three numpy uniforms given (float64)."""
+    h, w = shape
+    y_props = np.exp(np.array([uniforms[0]]) * np.log(area_ratio))
+    x_props = area_ratio / y_props
+    sizes = np.round(np.stack([y_props, x_props], axis=1) * np.array((h, w))[None, :])
+    positions = np.round((np.array((h, w)) - sizes) * np.array([uniforms[1:3]]))
+    y0, x0, y1, x1 = np.append(positions, positions + sizes, axis=1)[0]
+    mask = torch.zeros((h, w), dtype=torch.long)
+    mask[int(y0) : int(y1), int(x0) : int(x1)] = 1
+    return mask.numpy()
+
+
+def test_cut_mask_matches_reference_formula_and_area():
+    keys = jax.random.split(jax.random.key(0), 200)
+    uniforms = np.asarray(jax.vmap(lambda k: jax.random.uniform(k, (3,)))(keys), np.float64)
+    masks = np.asarray(jax.jit(jax.vmap(lambda k: bridging.cut_mask(k, (H, W))))(keys))
+    for u, mask in zip(uniforms, masks, strict=True):
+        np.testing.assert_array_equal(mask, reference_cut_mask(u, (H, W)))
+    # Area ~0.4 of the image for every box (rounding of each side costs at most a line).
+    areas = masks.reshape(len(masks), -1).mean(1)
+    assert np.all(np.abs(areas - 0.4) < (H + W) / (H * W) + 0.01)
+    # Aspect: the box height fraction is 0.4**u with u ~ U(0, 1).
+    heights = masks.any(2).sum(1) / H
+    u_hat = np.log(heights) / np.log(0.4)
+    assert abs(u_hat.mean() - 0.5) < 0.06
+    assert abs(np.mean(u_hat < 0.25) - 0.25) < 0.08
+
+
+def test_class_mask_picks_half_of_present_values_including_ignore():
+    num_classes = 5
+    rng = np.random.default_rng(0)
+    values = np.array([0, 2, 3, 255])  # 4 present values, 255 among them
+    labels = rng.choice(values, size=(300, 6, 7)).astype(np.int32)
+    labels[:, 0, :4] = values  # every value present in every sample
+    labels[150:] = np.where(labels[150:] == 3, 2, labels[150:])  # second half: 3 values
+    keys = jax.random.split(jax.random.key(1), 300)
+    masks = np.asarray(
+        jax.jit(jax.vmap(lambda k, lab: bridging.class_mask(k, lab, num_classes)))(
+            keys, jnp.asarray(labels)
+        )
+    )
+    picks = np.zeros(len(values))
+    for lab, mask in zip(labels, masks, strict=True):
+        present = np.unique(lab)
+        chosen = np.unique(lab[mask])
+        assert len(chosen) == math.ceil(len(present) / 2)
+        assert set(chosen) <= set(present)
+        np.testing.assert_array_equal(mask, np.isin(lab, chosen))
+        picks += np.isin(values, chosen)
+    # Uniform choice: 0 and 255 are picked 2/4 of the time in the first half, 2/3 in the second.
+    expected = 150 * 0.5 + 150 * (2 / 3)
+    assert abs(picks[0] - expected) < 25 and abs(picks[3] - expected) < 25
+
+
+def test_make_masks_modes_determinism_and_errors():
+    labels = jnp.asarray(np.random.default_rng(2).integers(0, 19, (3, H, W)), jnp.int32)
+    key = jax.random.key(3)
+    make = jax.jit(bridging.make_masks, static_argnums=2)
+    for mode in ("cut", "class"):
+        a = make(key, labels, mode)
+        np.testing.assert_array_equal(a, make(key, labels, mode))
+        assert not np.array_equal(a, make(jax.random.key(4), labels, mode))
+        assert not np.array_equal(a[0], a[1])  # an independent draw per sample
+    assert not np.asarray(bridging.make_masks(key, labels, "zero")).any()
+    with pytest.raises(ValueError, match="'cutmix'"):
+        bridging.make_masks(key, labels, "cutmix")
+
+
+def test_make_masks_traces_once():
+    traces = []
+
+    @jax.jit
+    def masks(key, labels):
+        traces.append(1)
+        return bridging.make_masks(key, labels, "class")
+
+    labels = jnp.zeros((2, H, W), jnp.int32)
+    masks(jax.random.key(0), labels)
+    masks(jax.random.key(1), labels + 1)
+    assert len(traces) == 1
+
+
+def test_mix_matches_reference_arithmetic():
+    rng = np.random.default_rng(5)
+    mask = rng.integers(0, 2, (2, H, W))
+    src_img, tgt_img = rng.normal(size=(2, 2, H, W, 3)).astype(np.float32)
+    src_lbl, tgt_lbl = rng.integers(0, 19, (2, 2, H, W))
+    weight = np.full((2, H, W), 0.37, np.float32)
+    m = torch.from_numpy(mask)
+    ref_img = m[..., None] * torch.from_numpy(src_img) + (1 - m[..., None]) * torch.from_numpy(
+        tgt_img
+    )
+    ref_lbl = m * torch.from_numpy(src_lbl) + (1 - m) * torch.from_numpy(tgt_lbl)
+    ref_w = m * 1.0 + (1 - m) * torch.from_numpy(weight)
+    np.testing.assert_array_equal(bridging.mix(mask, src_img, tgt_img), ref_img.numpy())
+    mixed_lbl = bridging.mix(mask, jnp.asarray(src_lbl), jnp.asarray(tgt_lbl))
+    assert mixed_lbl.dtype == jnp.int32 or mixed_lbl.dtype == jnp.int64
+    np.testing.assert_array_equal(mixed_lbl, ref_lbl.numpy())
+    np.testing.assert_allclose(
+        bridging.mix(mask, jnp.ones((2, H, W)), weight), ref_w.numpy(), rtol=0, atol=1e-7
+    )
