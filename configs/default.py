@@ -93,7 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Logging, evaluation and checkpoints.
     config.log_every = 50
     config.image_summary_every = 1000
-    config.eval_every = 4000
+    config.eval_every = 4000  # 0 = no evaluation during training
     config.checkpoint_every = 4000
     config.keep_checkpoints = 3
     config.eval = ml_collections.ConfigDict(

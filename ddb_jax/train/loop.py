@@ -150,33 +150,43 @@ def train_loop(
     batches = make_batches(start)
     history: list[tuple[int, dict]] = []
     result: dict[str, Any] = {}
-    with StopRequested() as stop:
-        for step in range(start + 1, config.num_steps + 1):
-            batch = next(batches)
-            state, metrics = train_step(state, batch)
-            history.append((step, metrics))
-            progress(step)
-            last = step == config.num_steps
-            due_eval = evaluate_fn is not None and (last or step % config.eval_every == 0)
-            due_ckpt = last or step % config.checkpoint_every == 0 or stop.requested
-            if last or due_eval or due_ckpt or step % config.log_every == 0:
-                write_metrics(writer, history)
-                history = []
-            if preview_fn is not None and step % config.image_summary_every == 0:
-                writer.write_images(step, preview_fn(state, batch))
-            if due_eval:
-                result = evaluate_fn(state)
-                writer.write_scalars(step, _flat_scalars(result))
-                best = _maybe_export_best(workdir, config, state, export_variables, result, best)
-            if due_ckpt:
-                if not bool(jax.device_get(all_finite(state.params))):
-                    raise NonFiniteLossError(f"parameters are not finite at step {step}")
-                manager.save(step, args=ocp.args.StandardSave(state), force=True)
-            if stop.requested:
-                manager.wait_until_finished()
-                logging.warning("stopped at step %d on request; rerun to continue", step)
-                writer.flush()
-                return state, None
+    try:
+        with StopRequested() as stop:
+            for step in range(start + 1, config.num_steps + 1):
+                batch = next(batches)
+                state, metrics = train_step(state, batch)
+                history.append((step, metrics))
+                progress(step)
+                last = step == config.num_steps
+                due_eval = (
+                    evaluate_fn is not None
+                    and config.eval_every > 0
+                    and (last or step % config.eval_every == 0)
+                )
+                due_ckpt = last or step % config.checkpoint_every == 0 or stop.requested
+                if last or due_eval or due_ckpt or step % config.log_every == 0:
+                    write_metrics(writer, history)
+                    history = []
+                if preview_fn is not None and step % config.image_summary_every == 0:
+                    writer.write_images(step, preview_fn(state, batch))
+                if due_eval:
+                    result = evaluate_fn(state)
+                    writer.write_scalars(step, _flat_scalars(result))
+                    best = _maybe_export_best(
+                        workdir, config, state, export_variables, result, best
+                    )
+                if due_ckpt:
+                    if not bool(jax.device_get(all_finite(state.params))):
+                        raise NonFiniteLossError(f"parameters are not finite at step {step}")
+                    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+                if stop.requested:
+                    manager.wait_until_finished()
+                    logging.warning("stopped at step %d on request; rerun to continue", step)
+                    writer.flush()
+                    return state, None
+    finally:
+        # Any exit (an error, a NaN) still finalises the checkpoints already started.
+        manager.wait_until_finished()
     manager.wait_until_finished()
     writer.flush()
     if jax.process_index() == 0:
