@@ -21,7 +21,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/ops.py
+	$(BIN)/python benchmarks/input_pipeline.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
