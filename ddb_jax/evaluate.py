@@ -7,6 +7,7 @@ class absent from both prediction and label is NaN and left out of the mean.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -116,17 +117,16 @@ def predict_probabilities(
     return probs
 
 
-def make_predict_fn(apply_fn: Callable, mode: str, crop, stride, flip: bool, num_classes: int):
-    """A jitted ``(variables, images, labels) -> confusion`` for one batch shape."""
-
-    def step(variables, images, labels):
-        logits_fn = lambda x: apply_fn(variables, x, train=False)[0]
-        probs = predict_probabilities(
-            logits_fn, images, labels.shape[1:3], mode, tuple(crop), tuple(stride), flip
-        )
-        return confusion_matrix(jnp.argmax(probs, axis=-1), labels, num_classes)
-
-    return jax.jit(step)
+@functools.partial(
+    jax.jit, static_argnames=("apply_fn", "mode", "crop", "stride", "flip", "num_classes")
+)
+def batch_confusion(
+    variables, images, labels, *, apply_fn, mode, crop, stride, flip, num_classes
+) -> jax.Array:
+    """Confusion matrix of one batch; jitted once per model and batch shape, across calls."""
+    logits_fn = lambda x: apply_fn(variables, x, train=False)[0]
+    probs = predict_probabilities(logits_fn, images, labels.shape[1:3], mode, crop, stride, flip)
+    return confusion_matrix(jnp.argmax(probs, axis=-1), labels, num_classes)
 
 
 def evaluate(
@@ -140,10 +140,15 @@ def evaluate(
     flip: bool = False,
 ) -> dict[str, Any]:
     """Accumulates the confusion matrix over ``batches`` ({'image', 'label'}) and scores it."""
-    step = make_predict_fn(apply_fn, mode, crop, stride, flip, num_classes)
+    static = dict(
+        apply_fn=apply_fn, mode=mode, crop=tuple(crop), stride=tuple(stride), flip=flip,
+        num_classes=num_classes,
+    )  # fmt: skip
     confusion = np.zeros((num_classes, num_classes), np.int64)
     for batch in batches:
-        confusion += np.asarray(step(variables, batch["image"], batch["label"]))
+        confusion += np.asarray(
+            batch_confusion(variables, batch["image"], batch["label"], **static)
+        )
     result = iou_from_confusion(confusion)
     result["confusion"] = confusion
     return result

@@ -101,3 +101,16 @@ def base_parser(description: str, dataset: str) -> argparse.ArgumentParser:
         help="map label ids outside the dataset's table to 255 instead of failing",
     )
     return parser
+
+
+def cityscapes_ids_to_train_ids(path: str, unknown_to_ignore: bool) -> np.ndarray:
+    """A label PNG in Cityscapes ids (Cityscapes, GTA, Synscapes) -> the 19 train ids."""
+    from input_pipeline import label_tables
+
+    return label_tables.map_ids(
+        read_label_png(path),
+        label_tables.CITYSCAPES_ID_TO_TRAIN_ID,
+        label_tables.CITYSCAPES_VALID_IDS,
+        path,
+        unknown_to_ignore,
+    )

@@ -13,25 +13,17 @@ from __future__ import annotations
 import functools
 import os
 
-from input_pipeline import conversion, label_tables
+from input_pipeline import conversion
 
 RAW_SUFFIX = "_gtFine_labelIds.png"
 SUFFIX = "_gtFine_labelTrainIds.png"
 
 
-def to_train_ids(path: str, unknown_to_ignore: bool):
-    return label_tables.map_ids(
-        conversion.read_label_png(path),
-        label_tables.CITYSCAPES_ID_TO_TRAIN_ID,
-        label_tables.CITYSCAPES_VALID_IDS,
-        path,
-        unknown_to_ignore,
-    )
-
-
 def main() -> None:
     args = conversion.base_parser(__doc__.splitlines()[0], "cityscapes").parse_args()
-    fn = functools.partial(to_train_ids, unknown_to_ignore=args.unknown_to_ignore)
+    fn = functools.partial(
+        conversion.cityscapes_ids_to_train_ids, unknown_to_ignore=args.unknown_to_ignore
+    )
     for split in ("train", "val"):
         raw = conversion.find_files(os.path.join(args.data_dir, "gtFine", split), RAW_SUFFIX)
         tasks = [(f, f[: -len(RAW_SUFFIX)] + SUFFIX) for f in raw]

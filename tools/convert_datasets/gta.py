@@ -11,26 +11,18 @@ from __future__ import annotations
 import functools
 import os
 
-from input_pipeline import conversion, label_tables
+from input_pipeline import conversion
 
 SUFFIX = "_labelTrainIds.png"
-
-
-def to_train_ids(path: str, unknown_to_ignore: bool):
-    return label_tables.map_ids(
-        conversion.read_label_png(path),
-        label_tables.CITYSCAPES_ID_TO_TRAIN_ID,
-        label_tables.CITYSCAPES_VALID_IDS,
-        path,
-        unknown_to_ignore,
-    )
 
 
 def main() -> None:
     args = conversion.base_parser(__doc__.splitlines()[0], "gta").parse_args()
     raw = conversion.find_files(os.path.join(args.data_dir, "labels"), ".png", (SUFFIX,))
     tasks = [(f, f[: -len(".png")] + SUFFIX) for f in raw]
-    fn = functools.partial(to_train_ids, unknown_to_ignore=args.unknown_to_ignore)
+    fn = functools.partial(
+        conversion.cityscapes_ids_to_train_ids, unknown_to_ignore=args.unknown_to_ignore
+    )
     conversion.convert_and_write_stats(tasks, fn, args.data_dir, args.nproc, "gta")
 
 
