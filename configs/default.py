@@ -28,7 +28,9 @@ def get_model_config() -> ml_collections.ConfigDict:
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.stage = "self_training"  # self_training | prototypes | ckd | evaluate | pipeline
+    # self_training | supervised | prototypes | ckd | evaluate | pipeline. 'supervised' is CE
+    # on data.source only: the source-only baseline, or the oracle when given target labels.
+    config.stage = "self_training"
     config.seed = 0
     config.model = get_model_config()
     # Where the initial weights come from: '' (random), or a converted checkpoint directory
@@ -89,6 +91,33 @@ def get_config() -> ml_collections.ConfigDict:
             blur_p=0.5,
         )
     )
+
+    # Cross-path knowledge distillation (§1.5), stage 'ckd'. Teachers are model directories
+    # (a self-training stage's export/), prototypes the prototypes.npz of stage 'prototypes'.
+    config.ckd = ml_collections.ConfigDict(
+        dict(
+            teacher_cu="",
+            teacher_ca="",
+            prototypes_cu="",
+            prototypes_ca="",
+            proto_rectify=True,  # the DDB configs set it (the reference's base default is off)
+            rectify_on_prob=True,  # False: rectify logits instead of probabilities
+            prototypes_at_feature_resolution=False,  # the cheaper, inexact path (prototypes.py)
+            use_pl_weight=False,  # weight pseudo-labels by confidence (st.pseudo_threshold)
+            soft_distill=False,  # KL to the temperature-softened ensemble instead of hard labels
+            soft_distill_weight=0.1,
+            temperature=1.0,
+            teacher_dtype="float32",  # float32 | bfloat16 (frozen teachers' compute)
+        )
+    )
+    # Prototypes (§1.4), stage 'prototypes': the model in config.checkpoint over the target
+    # training set with its training augmentation; writes workdir/prototypes.npz.
+    config.prototypes = ml_collections.ConfigDict(
+        dict(num_passes=4, batch_size=4, min_pixels=10, count_cap=3000)
+    )
+    # Stage 'pipeline': a comma-separated subset of the pipeline's stages to run ('' = all),
+    # e.g. --config.stages=r1_ckd,r2_cu.
+    config.stages = ""
 
     # Logging, evaluation and checkpoints.
     config.log_every = 50

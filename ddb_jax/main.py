@@ -23,6 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 # stage name -> "module:function(config, workdir)"
 STAGES = {
     "self_training": "ddb_jax.train.self_training:train_and_evaluate",
+    "supervised": "ddb_jax.train.supervised:train_and_evaluate",
     "ckd": "ddb_jax.train.distillation:train_and_evaluate",
     "prototypes": "ddb_jax.prototype_stage:run",
     "evaluate": "ddb_jax.eval_stage:run",
