@@ -1,10 +1,14 @@
 """Cost of DDB's per-step array ops vs one model forward+backward, JAX and PyTorch.
 
 Times (jitted, warm, block_until_ready) bridging (class-mix masks + mixing image, label,
-weight), strong augmentation, pseudo-labelling and the CKD rectification (prototype
-weights of two teachers + rectified ensemble), then a DLV2-R101 forward+backward built
-from configs/default.py, and prints each op's share of the model step. The same ops are
-timed in PyTorch (the transcriptions of the reference in tests/) on the same inputs.
+weight), CKD's 'zero' bridging, strong augmentation, pseudo-labelling and the CKD
+rectification (prototype weights of two teachers + rectified ensemble), then a DLV2-R101
+forward+backward built from configs/default.py, and prints each op's share of the model
+step and the totals of the self-training step's ops (bridging + augmentation +
+pseudo-labels) and of the CKD step's (zero bridging + augmentation + rectification). The
+same ops are timed in PyTorch (the transcriptions of the reference in tests/) on the same
+inputs. Every figure is the best of ``--repeats`` warm calls (the model: of repeats // 3):
+on a shared machine the minimum is the least noisy estimate.
 
     .venv/bin/python benchmarks/ops.py            # batch 4, 512x512, DLV2-R101
     .venv/bin/python benchmarks/ops.py --small    # seconds on CPU (batch 2, 64x64, R18)
@@ -37,14 +41,14 @@ def load_default_config():
 
 
 def timeit(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` after one warm-up call (which also compiles)."""
+    """Best wall time of ``repeats`` calls of ``fn()`` after a warm-up call (which compiles)."""
     jax.block_until_ready(fn())
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return float(np.min(times))
 
 
 def make_inputs(batch: int, size: int, classes: int, channels: int, seed: int = 0):
@@ -77,6 +81,11 @@ def jax_ops(size: int):
         )
 
     @jax.jit
+    def bridge_zero(key, x):  # CKD: the student's input is the target image itself
+        mask = bridging.make_masks(key, x["src_lbl"], "zero")
+        return bridging.mix(mask, x["src_img"], x["tgt_img"])
+
+    @jax.jit
     def strong(key, x):
         return augment.strong_augment(key, x["tgt_img"])
 
@@ -92,7 +101,13 @@ def jax_ops(size: int):
         lb = resize_bilinear(x["logits_b"], (size, size))
         return prototypes.rectified_ensemble(la, wa, lb, wb)
 
-    return dict(bridging=bridge, strong_aug=strong, pseudo_labels=pseudo, ckd_rectify=rectify)
+    return dict(
+        bridging=bridge,
+        bridging_zero=bridge_zero,
+        strong_aug=strong,
+        pseudo_labels=pseudo,
+        ckd_rectify=rectify,
+    )
 
 
 def torch_ops(size: int, classes: int):
@@ -127,6 +142,10 @@ def torch_ops(size: int, classes: int):
         img = m[:, None] * nchw(x["src_img"]) + (1 - m[:, None]) * nchw(x["tgt_img"])
         return img, m * src_lbl + (1 - m) * label, m * 1.0 + (1 - m) * weight
 
+    def bridge_zero(x):
+        m = torch.zeros(x["src_lbl"].shape)[:, None]
+        return m * nchw(x["src_img"]) + (1 - m) * nchw(x["tgt_img"])
+
     def strong(x):
         rng = np.random.default_rng(0)
         outs = []
@@ -148,7 +167,13 @@ def torch_ops(size: int, classes: int):
         wb = torch_proto_weights(up(x["feat_b"]), torch.from_numpy(x["protos_b"]))
         return torch_rectified_labels(up(x["logits_a"]), wa, up(x["logits_b"]), wb, True)
 
-    return dict(bridging=bridge, strong_aug=strong, pseudo_labels=pseudo, ckd_rectify=rectify)
+    return dict(
+        bridging=bridge,
+        bridging_zero=bridge_zero,
+        strong_aug=strong,
+        pseudo_labels=pseudo,
+        ckd_rectify=rectify,
+    )
 
 
 def model_step_time(backbone: str, batch: int, size: int, repeats: int) -> float | None:
@@ -230,15 +255,23 @@ def main() -> None:
         f"model {args.backbone} fwd+bwd batch {model_batch}"
         + (f" (scaled to {args.batch})" if model_batch != args.batch else "")
     )
-    print(f"{'op':<16}{'jax ms':>10}{'torch ms':>10}{'jax / model':>13}")
+    print(f"{'op':<18}{'jax ms':>10}{'torch ms':>10}{'jax / model':>13}")
     for name, t in jax_times.items():
         ref = f"{1e3 * torch_times[name]:10.1f}" if name in torch_times else f"{'-':>10}"
         frac = f"{t / model_time:13.4f}" if model_time else f"{'-':>13}"
-        print(f"{name:<16}{1e3 * t:10.1f}{ref}{frac}")
-    total = sum(jax_times.values())
-    print(f"{'total ops':<16}{1e3 * total:10.1f}")
+        print(f"{name:<18}{1e3 * t:10.1f}{ref}{frac}")
+    groups = {
+        "self-training": ("bridging", "strong_aug", "pseudo_labels"),
+        "CKD": ("bridging_zero", "strong_aug", "ckd_rectify"),
+    }
+    for group, names in groups.items():
+        total = sum(jax_times[name] for name in names)
+        ref_total = sum(torch_times.get(name, float("nan")) for name in names)
+        ref = f"{1e3 * ref_total:10.1f}" if torch_times else f"{'-':>10}"
+        frac = f"{total / model_time:13.4f}" if model_time else f"{'-':>13}"
+        print(f"{group + ' ops':<18}{1e3 * total:10.1f}{ref}{frac}   ({' + '.join(names)})")
     if model_time:
-        print(f"{'model fwd+bwd':<16}{1e3 * model_time:10.1f}{'':>10}{total / model_time:13.4f}")
+        print(f"{'model fwd+bwd':<18}{1e3 * model_time:10.1f}")
     else:
         print("model fwd+bwd: skipped")
 

@@ -71,35 +71,62 @@ def draw_strong_params(
     )
 
 
-def rgb_to_hsv(rgb: jax.Array) -> jax.Array:
-    """(..., 3) RGB in [0, 1] -> HSV with H in [0, 2 pi) (kornia 0.5.8 formulas, eps 1e-6)."""
-    maxc = jnp.max(rgb, axis=-1)
-    minc = jnp.min(rgb, axis=-1)
-    max_index = jnp.argmax(rgb, axis=-1)  # first maximum, as kornia's cumsum trick
+Planes = tuple[jax.Array, jax.Array, jax.Array]
+
+
+def _hsv_planes(r: jax.Array, g: jax.Array, b: jax.Array) -> Planes:
+    """kornia 0.5.8 rgb_to_hsv on separate channel planes (elementwise selects, no gathers:
+    several times faster on CPU than gathering from a trailing axis of 3)."""
+    maxc = jnp.maximum(jnp.maximum(r, g), b)
+    minc = jnp.minimum(jnp.minimum(r, g), b)
     delta = maxc - minc
     sat = delta / (maxc + HSV_EPS)
     delta_safe = jnp.where(delta == 0, 1.0, delta)
-    rc, gc, bc = [maxc - rgb[..., i] for i in range(3)]
-    candidates = jnp.stack([bc - gc, 2.0 * delta_safe + rc - bc, 4.0 * delta_safe + gc - rc], -1)
-    hue = jnp.take_along_axis(candidates, max_index[..., None], axis=-1)[..., 0]
+    rc, gc, bc = maxc - r, maxc - g, maxc - b
+    # The first channel equal to the maximum picks the formula (kornia's cumsum trick).
+    hue = jnp.where(
+        r == maxc,
+        bc - gc,
+        jnp.where(g == maxc, 2.0 * delta_safe + rc - bc, 4.0 * delta_safe + gc - rc),
+    )
     hue = jnp.remainder(hue / delta_safe / 6.0, 1.0) * (2 * math.pi)
-    return jnp.stack([hue, sat, maxc], axis=-1)
+    return hue, sat, maxc
+
+
+def _rgb_planes(hue: jax.Array, sat: jax.Array, val: jax.Array) -> Planes:
+    """kornia 0.5.8 hsv_to_rgb (sector table) on separate planes."""
+    h = hue / (2 * math.pi)
+    sector = jnp.remainder(jnp.floor(h * 6), 6)
+    f = jnp.remainder(h * 6, 6) - sector
+    p = val * (1 - sat)
+    q = val * (1 - f * sat)
+    t = val * (1 - (1 - f) * sat)
+
+    def pick(row: tuple[jax.Array, ...]) -> jax.Array:
+        out = row[5]
+        for i in range(4, -1, -1):
+            out = jnp.where(sector == i, row[i], out)
+        return out
+
+    return (
+        pick((val, q, p, p, t, val)),
+        pick((t, val, val, q, p, p)),
+        pick((p, p, t, val, val, q)),
+    )
+
+
+def _split(image: jax.Array) -> Planes:
+    return image[..., 0], image[..., 1], image[..., 2]
+
+
+def rgb_to_hsv(rgb: jax.Array) -> jax.Array:
+    """(..., 3) RGB in [0, 1] -> HSV with H in [0, 2 pi) (kornia 0.5.8 formulas, eps 1e-6)."""
+    return jnp.stack(_hsv_planes(*_split(rgb)), axis=-1)
 
 
 def hsv_to_rgb(hsv: jax.Array) -> jax.Array:
     """Inverse of :func:`rgb_to_hsv` (kornia 0.5.8 sector table)."""
-    h = hsv[..., 0] / (2 * math.pi)
-    s, v = hsv[..., 1], hsv[..., 2]
-    sector = jnp.remainder(jnp.floor(h * 6), 6)
-    f = jnp.remainder(h * 6, 6) - sector
-    p = v * (1 - s)
-    q = v * (1 - f * s)
-    t = v * (1 - (1 - f) * s)
-    table = jnp.stack([v, q, p, p, t, v, t, v, v, q, p, p, p, p, t, v, v, q], axis=-1).reshape(
-        *v.shape, 3, 6
-    )
-    idx = sector.astype(jnp.int32)[..., None, None]
-    return jnp.take_along_axis(table, jnp.broadcast_to(idx, (*v.shape, 3, 1)), axis=-1)[..., 0]
+    return jnp.stack(_rgb_planes(*_split(hsv)), axis=-1)
 
 
 def adjust_brightness(rgb: jax.Array, factor: jax.Array) -> jax.Array:
@@ -110,34 +137,58 @@ def adjust_contrast(rgb: jax.Array, factor: jax.Array) -> jax.Array:
     return jnp.clip(rgb * factor, 0.0, 1.0)
 
 
+def _saturate(hsv: Planes, factor: jax.Array) -> Planes:
+    return hsv[0], jnp.clip(hsv[1] * factor, 0.0, 1.0), hsv[2]
+
+
+def _shift_hue(hsv: Planes, factor: jax.Array) -> Planes:
+    return jnp.fmod(hsv[0] + factor * 2 * math.pi, 2 * math.pi), hsv[1], hsv[2]
+
+
 def adjust_saturation(rgb: jax.Array, factor: jax.Array) -> jax.Array:
-    hsv = rgb_to_hsv(rgb)
-    hsv = hsv.at[..., 1].set(jnp.clip(hsv[..., 1] * factor, 0.0, 1.0))
-    return hsv_to_rgb(hsv)
+    return jnp.stack(_rgb_planes(*_saturate(_hsv_planes(*_split(rgb)), factor)), axis=-1)
 
 
 def adjust_hue(rgb: jax.Array, factor: jax.Array) -> jax.Array:
-    hsv = rgb_to_hsv(rgb)
-    hsv = hsv.at[..., 0].set(jnp.fmod(hsv[..., 0] + factor * 2 * math.pi, 2 * math.pi))
-    return hsv_to_rgb(hsv)
+    return jnp.stack(_rgb_planes(*_shift_hue(_hsv_planes(*_split(rgb)), factor)), axis=-1)
 
 
 def color_jitter(rgb: jax.Array, params: dict[str, jax.Array]) -> jax.Array:
-    """kornia 0.5.8 ColorJitter on one (H, W, 3) image in [0, 1], ops in ``params['order']``."""
-    ops = [
-        lambda x: adjust_brightness(x, params["brightness"]),
-        lambda x: adjust_contrast(x, params["contrast"]),
-        lambda x: adjust_saturation(x, params["saturation"]),
-        lambda x: adjust_hue(x, params["hue"]),
-    ]
+    """kornia 0.5.8 ColorJitter on one (H, W, 3) image in [0, 1], ops in ``params['order']``.
+
+    Works on channel planes. Each of the 4 steps applies the op ``order[step]``; under
+    ``vmap`` (one order per image) a switch evaluates every branch, so the saturation and
+    hue branches share one HSV round trip per step (they differ only in the channel they
+    change): same values as separate calls, half the colour-space conversions.
+    """
+    planes = _split(rgb)
     for step in range(4):
-        rgb = jax.lax.switch(params["order"][step], ops, rgb)
-    return rgb
+        op = params["order"][step]
+        hsv = _hsv_planes(*planes)
+        hsv = tuple(
+            jnp.where(op == 2, sat, jnp.where(op == 3, hue, keep))
+            for keep, sat, hue in zip(
+                hsv,
+                _saturate(hsv, params["saturation"]),
+                _shift_hue(hsv, params["hue"]),
+                strict=True,
+            )
+        )
+        via_hsv = _rgb_planes(*hsv)
+        planes = tuple(
+            jnp.where(
+                op == 0,
+                adjust_brightness(x, params["brightness"]),
+                jnp.where(op == 1, adjust_contrast(x, params["contrast"]), y),
+            )
+            for x, y in zip(planes, via_hsv, strict=True)
+        )
+    return jnp.stack(planes, axis=-1)
 
 
 def gaussian_blur(image: jax.Array, sigma: jax.Array) -> jax.Array:
     """The reference's blur of one (H, W, C) image: horizontal Gaussian, reflect padding."""
-    h, w, c = image.shape
+    h, w, _ = image.shape
     size = blur_kernel_size(h)
     if size <= 1:
         return image
@@ -145,17 +196,12 @@ def gaussian_blur(image: jax.Array, sigma: jax.Array) -> jax.Array:
     taps = jnp.exp(-(offsets**2) / (2 * sigma**2))
     taps = taps / jnp.sum(taps)
     padded = jnp.pad(image, ((0, 0), (size // 2, size // 2), (0, 0)), mode="reflect")
-    kernel = jnp.broadcast_to(taps[None, :, None, None], (1, size, 1, c))
-    out = jax.lax.conv_general_dilated(
-        padded[None],
-        kernel.astype(image.dtype),
-        window_strides=(1, 1),
-        padding="VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=c,
-        precision=jax.lax.Precision.HIGHEST,
-    )
-    return out[0]
+    # A weighted sum of shifted slices: one fused elementwise loop, ~8x faster on CPU than
+    # the equivalent depthwise conv_general_dilated (3 groups of a 1 x size kernel).
+    out = taps[0] * padded[:, :w]
+    for i in range(1, size):
+        out = out + taps[i] * padded[:, i : i + w]
+    return out.astype(image.dtype)
 
 
 def apply_strong(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Cityscapes mean/std in RGB, 0-255 scale (mmseg img_norm_cfg).
 IMAGE_MEAN = (123.675, 116.28, 103.53)
@@ -23,6 +24,25 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     if (h, w) == tuple(size):
         return x
     return jax.image.resize(x, (n, size[0], size[1], c), method="bilinear", antialias=False)
+
+
+def bilinear_taps(
+    in_size: int, out_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The two source indices and weights of each output index of a 1-D torch bilinear resize.
+
+    align_corners=False: ``src = max((dst + 0.5) * in / out - 0.5, 0)``, ``i0 = floor(src)``,
+    ``i1 = min(i0 + 1, in - 1)``, weights ``(1 - l, l)`` with ``l = src - i0``; so
+    ``out[d] = w0[d] x[i0[d]] + w1[d] x[i1[d]]`` along one axis, and the 2-D resize is the
+    same along rows then columns (the taps :func:`resize_bilinear` uses, up to rounding).
+    Static (numpy) so callers can gather, fold weights into other sums, or build matrices.
+    Returns int32 ``i0``, ``i1`` and float32 ``w0``, ``w1``, each of length ``out_size``.
+    """
+    src = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src), in_size - 1).astype(np.int32)
+    i1 = np.minimum(i0 + 1, in_size - 1).astype(np.int32)
+    frac = np.minimum(src - i0, 1.0)
+    return i0, i1, (1.0 - frac).astype(np.float32), frac.astype(np.float32)
 
 
 def resize_nearest(labels: jax.Array, size: tuple[int, int]) -> jax.Array:

@@ -3,10 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
-from ddb_jax import prototypes
+from ddb_jax import ops, prototypes
 from ddb_jax.ops import resize_bilinear
 
 N, K, C, H, W = 4, 6, 8, 12, 10
@@ -93,6 +94,96 @@ def test_prototype_weights_match_reference():
     up = F.interpolate(nchw(feats), size=(H, W), mode="bilinear", align_corners=False)
     ref = torch_proto_weights(up, torch.from_numpy(protos)).numpy().transpose(0, 2, 3, 1)
     np.testing.assert_allclose(ours, ref, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"), [(8, 64), (13, 101), (64, 512), (7, 7), (30, 9), (1, 5), (5, 6)]
+)
+def test_bilinear_taps_reproduce_torch_interpolate(src, dst):
+    i0, i1, w0, w1 = ops.bilinear_taps(src, dst)
+    matrix = np.zeros((dst, src))
+    np.add.at(matrix, (np.arange(dst), i0), w0)
+    np.add.at(matrix, (np.arange(dst), i1), w1)
+    x = np.random.default_rng(src * dst).normal(size=(src,))
+    ref = F.interpolate(torch.from_numpy(x)[None, None, :, None], (dst, 1), mode="bilinear")
+    np.testing.assert_allclose(matrix @ x, ref[0, 0, :, 0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(w0 + w1, 1.0, atol=1e-7)
+    assert (i1 - i0 <= 1).all() and i1.max() <= src - 1
+
+
+def smooth_features(rng, shape, scale=3.0):
+    """Post-ReLU-like features: smooth (upsampled coarse noise) plus fine noise, norms 10-50."""
+    n, h, w, c = shape
+    coarse = rng.normal(size=(n, max(h // 4, 1) + 1, max(w // 4, 1) + 1, c)).astype(np.float32)
+    smooth = np.asarray(resize_bilinear(jnp.asarray(coarse), (h, w)))
+    return np.maximum(scale * (smooth + 0.3 * rng.normal(size=smooth.shape) + 0.4), 0.0)
+
+
+def class_mean_prototypes(rng, feats, k):
+    """Prototypes as the reference builds them: class means, here of random classes."""
+    labels = np.arange(feats[..., 0].size) % k
+    rng.shuffle(labels)
+    flat = feats.reshape(-1, feats.shape[-1])
+    return np.stack([flat[labels == i].mean(0) for i in range(k)]).astype(np.float32)
+
+
+def float64_resized_weights(feats, protos, size):
+    """Resize (torch) then exact distances and softmax, all in float64."""
+    up = F.interpolate(nchw(feats.astype(np.float64)), size=size, mode="bilinear")
+    up = up.permute(0, 2, 3, 1).reshape(-1, feats.shape[-1])
+    dist = torch.cdist(up, torch.from_numpy(protos.astype(np.float64)))
+    return torch.softmax(-dist, -1).reshape(feats.shape[0], *size, -1).numpy()
+
+
+@pytest.mark.parametrize(
+    ("shape", "size", "smooth"),
+    [
+        ((2, 16, 16, 32), (128, 128), False),  # x8, i.i.d. features: large tap spread
+        ((2, 13, 11, 256), (101, 77), True),  # odd sizes, non-integer scales, 256 channels
+        ((1, 9, 14, 64), (40, 33), True),  # different non-integer scale per axis
+        ((1, 20, 30, 16), (9, 14), False),  # downsampling
+        ((1, 1, 6, 8), (5, 12), True),  # a single source row (all row taps clamped)
+    ],
+)
+def test_closed_form_resized_distances_equal_resize_then_measure(shape, size, smooth):
+    rng = np.random.default_rng(sum(shape) + sum(size))
+    if smooth:
+        feats = smooth_features(rng, shape).astype(np.float32)
+        assert shape[-1] < 64 or 10 < np.linalg.norm(feats, axis=-1).mean() < 50
+    else:
+        feats = rng.normal(size=shape).astype(np.float32)
+    pool = (
+        smooth_features(rng, (2, 16, 16, shape[-1]))
+        if smooth
+        else rng.normal(size=(512, shape[-1]))
+    )
+    protos = class_mean_prototypes(rng, pool.reshape(-1, shape[-1]), 19)
+    weights = jax.jit(prototypes.prototype_weights, static_argnums=2)(feats, protos, size)
+    dist = jax.jit(prototypes.prototype_distances, static_argnums=2)(feats, protos, size)
+    resized = resize_bilinear(jnp.asarray(feats), size)
+    direct_dist = prototypes.prototype_distances(resized, protos)
+    direct = jax.nn.softmax(-direct_dist, axis=-1)
+    ref = float64_resized_weights(feats, protos, size)
+    assert weights.shape == (shape[0], *size, 19)
+    np.testing.assert_allclose(dist, direct_dist, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(weights, direct, atol=1e-5)
+    np.testing.assert_allclose(weights, ref, atol=1e-5)
+    # The closed form is about as close to float64 as resizing then measuring in float32.
+    assert np.abs(weights - ref).max() <= 2 * np.abs(direct - ref).max() + 1e-7
+    la, lb = rng.normal(size=(2, shape[0], *size, 19)).astype(np.float32)
+    ours = prototypes.rectified_ensemble(la, weights, lb, weights)[0]
+    theirs = prototypes.rectified_ensemble(la, direct, lb, direct)[0]
+    assert np.mean(np.asarray(ours) == np.asarray(theirs)) > 0.9999
+
+
+def test_closed_form_never_builds_channel_maps_at_image_size():
+    n, h, w, c, size = 2, 8, 8, 64, (64, 64)
+    feats = jnp.zeros((n, h, w, c))
+    jaxpr = jax.make_jaxpr(lambda f, p: prototypes.prototype_weights(f, p, size))(
+        feats, jnp.zeros((19, c))
+    )
+    largest = max(np.prod(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars if v.aval.shape)
+    assert largest == n * size[0] * size[1] * 19  # K maps at image size, never C
 
 
 def torch_rectified_labels(logits_a, w_a, logits_b, w_b, on_prob):
