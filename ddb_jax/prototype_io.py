@@ -4,7 +4,9 @@
     counts      (K,)   float32   image vectors averaged into each row (capped at 3000, §1.4)
     model_dir   ()     str       the model they were computed with (provenance)
 
-Written to a temporary file and renamed, so a reader never sees half a table.
+Written to a temporary file and renamed, so a reader never sees half a table. A table
+converted from the reference's ``.pth`` (:func:`load_reference_pth`, which stores no
+counts) has count 0 for all-zero rows (a class never seen) and -1 (unknown) elsewhere.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import numpy as np
 
 PROTOTYPES_FILE = "prototypes.npz"
+UNKNOWN_COUNT = -1.0
 
 
 class PrototypeError(ValueError):
@@ -56,4 +59,43 @@ def load_prototypes(
         )
     if not np.all(np.isfinite(table)):
         raise PrototypeError(f"{path} has non-finite prototypes")
+    return table, counts
+
+
+def load_reference_pth(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(table (K, C), counts (K,)) from a file of the reference's ``cal_prototype.py``.
+
+    That tool saves only the table, ``torch.save(objective_vectors)`` (a (19, 256) float
+    tensor, often on a GPU); counts are 0 for all-zero rows and ``UNKNOWN_COUNT`` otherwise.
+    torch is imported here only (a test dependency); the file is loaded tensors-only.
+    """
+    try:
+        import torch
+    except ImportError as err:
+        raise PrototypeError(
+            f"reading {path} needs PyTorch, which is not installed: pip install torch==2.13.0"
+        ) from err
+    if not os.path.isfile(path):
+        raise PrototypeError(f"reference prototype file {path!r} does not exist")
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for truncated or foreign files
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise PrototypeError(
+            f"{path} is not a readable PyTorch file ({type(err).__name__}: {first})"
+        ) from err
+    if not isinstance(value, torch.Tensor) or value.ndim != 2 or not value.is_floating_point():
+        what = (
+            f"a {tuple(value.shape)} {value.dtype} tensor"
+            if isinstance(value, torch.Tensor)
+            else f"a {type(value).__name__}"
+        )
+        raise PrototypeError(
+            f"{path} holds {what}, not the (classes, channels) float tensor that the "
+            "reference's cal_prototype.py saves"
+        )
+    table = value.detach().to(torch.float32).cpu().numpy()
+    if not np.all(np.isfinite(table)):
+        raise PrototypeError(f"{path} has non-finite prototypes")
+    counts = np.where(np.any(table != 0, axis=1), UNKNOWN_COUNT, 0.0).astype(np.float32)
     return table, counts

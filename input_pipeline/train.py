@@ -184,9 +184,15 @@ def make_train_dataset(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    start_batch: int = 0,
 ) -> tf.data.Dataset:
     """Endless batches {'source_image' (B,H,W,3) f32, 'source_label' (B,H,W) i32,
-    'target_image' (B,H,W,3) f32} of this host's slice of the global stream."""
+    'target_image' (B,H,W,3) f32} of this host's slice of the global stream.
+
+    ``start_batch`` is the index of the first *global* batch (the training step a resumed
+    run continues from): the stream starts at element ``start_batch * per_host_batch *
+    process_count``, equal to ``.skip(start_batch)`` without decoding the skipped elements.
+    """
     source_files = _list(data_cfg, data_cfg.source, True)
     target_files = _list(data_cfg, data_cfg.target, False)
     source_table = _concat(source_files, True)
@@ -200,8 +206,13 @@ def make_train_dataset(
         image, label = source_fn(k)
         return {"source_image": image, "source_label": label, "target_image": target_fn(k)}
 
-    ds = _host_indices(process_index, process_count).map(
-        element, num_parallel_calls=data_cfg.num_parallel_calls, deterministic=True
+    if start_batch < 0:
+        raise ValueError(f"make_train_dataset: start_batch={start_batch} must be >= 0")
+    first = start_batch * per_host_batch * process_count
+    ds = (
+        _host_indices(process_index, process_count)
+        .map(lambda k: k + first)
+        .map(element, num_parallel_calls=data_cfg.num_parallel_calls, deterministic=True)
     )
     return _finish(ds, per_host_batch)
 
@@ -213,22 +224,54 @@ def make_target_train_dataset(
     process_index: int = 0,
     process_count: int = 1,
     num_epochs: int | None = None,
+    shuffle: bool = True,
+    pad_last: bool = False,
 ) -> tf.data.Dataset:
     """Batches {'image'} of the target training set with its training augmentation
     (crop, flip, normalise, pad), each epoch a permutation; endless if ``num_epochs`` is None.
 
-    The last partial batch of a finite run is dropped (fixed shapes for jit).
+    ``shuffle=False`` keeps every epoch in file order instead (the reference's prototype
+    tool reads the target with a non-shuffling loader); crops and flips are the same.
+    The last partial batch of a finite run is dropped (fixed shapes for jit), unless
+    ``pad_last``: then every host gets the same number of full batches, filled up with
+    elements past the end, and batches also hold 'index' (int64, the element's position k
+    in the global stream) and 'valid' (bool, k < n * num_epochs), so that each element is
+    used exactly once. Global batch s (all hosts) holds exactly k in [s*B*P, (s+1)*B*P).
     """
+    if pad_last and num_epochs is None:
+        raise ValueError("make_target_train_dataset: pad_last needs a finite num_epochs")
     table = _concat(_list(data_cfg, data_cfg.target, False), False)
     n = len(table["image"])
-    target_fn = _target_fn(data_cfg, table, tf.constant([seed, 1], tf.int64), shuffled=True)
-    count = None
+    base = tf.constant([seed, 1], tf.int64)
+    if shuffle:
+        target_fn = _target_fn(data_cfg, table, base, shuffled=True)
+    else:
+
+        def target_fn(k: tf.Tensor) -> tf.Tensor:
+            # As _target_fn (same augmentation seeds), with file index k mod n.
+            image, _ = _load(_gather(table, k % n), False)
+            elem_seed = transforms.fold_seed(base, TARGET_STREAM + 100, k)
+            image, _ = transforms.crop_flip_pad(
+                image, None, tuple(data_cfg.crop_size), 1.0, elem_seed
+            )
+            return image
+
+    count = total = None
     if num_epochs is not None:
         total = n * num_epochs
         count = (total - process_index + process_count - 1) // process_count
+        if pad_last:
+            global_batch = per_host_batch * process_count
+            count = -(-total // global_batch) * per_host_batch
+
+    def element(k: tf.Tensor) -> dict[str, tf.Tensor]:
+        out = {"image": target_fn(k)}
+        if pad_last:
+            out["index"] = k
+            out["valid"] = k < total
+        return out
+
     ds = _host_indices(process_index, process_count, count).map(
-        lambda k: {"image": target_fn(k)},
-        num_parallel_calls=data_cfg.num_parallel_calls,
-        deterministic=True,
+        element, num_parallel_calls=data_cfg.num_parallel_calls, deterministic=True
     )
     return _finish(ds, per_host_batch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -228,3 +229,23 @@ def test_stats_files_are_in_daformer_format(tmp_path):
     assert listed == [{"0": 5, "13": 2, "file": "a.png"}, {"13": 7, "file": "b.png"}]
     with_class = json.load(open(tmp_path / "samples_with_class.json"))
     assert with_class == {"0": [["a.png", 5]], "13": [["a.png", 2], ["b.png", 7]]}
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_start_batch_equals_skipping_batches(root, process_count):
+    """A resumed run reads from start_batch on: the same batches as .skip(start_batch)."""
+    cfg = _cfg(root, cat_max_ratio=1.0)
+    start = 3  # with 2 per host x 2 hosts: global elements 12.. (second epoch of 8 files)
+    for p in range(process_count):
+        make = functools.partial(
+            train.make_train_dataset, cfg, 2, seed=5, process_index=p, process_count=process_count
+        )
+        skipped = _first(make().skip(start), 2)
+        started = _first(make(start_batch=start), 2)
+        for a, b in zip(skipped, started, strict=True):
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
+        (first,) = _first(make())
+        assert not np.array_equal(first["target_image"], started[0]["target_image"])
+    with pytest.raises(ValueError, match="start_batch"):
+        train.make_train_dataset(cfg, 2, seed=5, start_batch=-1)

@@ -1,0 +1,272 @@
+"""Stage 'prototypes' (§1.4): class centroids of a model's decode-head feature on the target.
+
+The model in ``config.checkpoint`` runs in inference mode over the target training set
+with its training augmentation (crop, flip), ``config.prototypes.num_passes`` passes in
+file order (the reference's ``tools/cal_prototypes`` reads it with a non-shuffling
+loader). Per image, logits and features are resized to the image size; each class
+predicted on at least ``min_pixels`` pixels contributes its mean feature to a running-mean
+table whose count is capped (then an EMA). One jitted function per batch does all of it,
+table and counts in and out, so a pass stays on the device.
+
+Order: the reference updates image by image. The last partial batch is padded and the
+padding masked (``make_target_train_dataset(pad_last=True)``), so each image of each pass
+counts exactly once. With several processes, host p feeds stream positions k = p, p+P, ...;
+global batch s then holds exactly k in [s*B, (s+1)*B), and the jitted step sorts the
+batch's per-image vectors by k (XLA gathers the sharded batch axis) before the update, so
+the table is the sequential one whatever the number of hosts or devices.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from ddb_jax import checkpoints, evaluate, models, prototype_io, prototypes
+from ddb_jax.ops import resize_bilinear
+from input_pipeline import datasets, sharding
+from input_pipeline import train as train_data
+
+
+class PrototypeStageError(ValueError):
+    """A prototypes-stage setting is unusable; the message names the config key."""
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Fails on unusable settings before any file is read."""
+    cfg = config.prototypes
+    for key in ("num_passes", "batch_size", "min_pixels", "count_cap"):
+        if int(cfg[key]) < 1:
+            raise PrototypeStageError(f"config.prototypes.{key}={cfg[key]} must be >= 1")
+    if not config.checkpoint:
+        raise PrototypeStageError(
+            "stage 'prototypes' needs a model: --config.checkpoint=MODEL_DIR "
+            "(a self-training stage's export/ or a converted checkpoint)"
+        )
+    processes = jax.process_count()
+    if cfg.batch_size % processes:
+        raise PrototypeStageError(
+            f"config.prototypes.batch_size={cfg.batch_size} is not divisible by the "
+            f"{processes} processes"
+        )
+    if num_devices is not None and cfg.batch_size % num_devices:
+        raise PrototypeStageError(
+            f"config.prototypes.batch_size={cfg.batch_size} is not divisible by the "
+            f"{num_devices} devices of the mesh; change it or set config.mesh_devices"
+        )
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
+    """1-D 'data' mesh over all devices (or the first ``config.mesh_devices``)."""
+    devices = jax.devices()
+    if config.mesh_devices:
+        devices = devices[: config.mesh_devices]
+    check_config(config, len(devices))
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def check_model_dir(model_dir: str, config: ml_collections.ConfigDict):
+    """The stored model config, after the cheap checks (no variables read).
+
+    Refuses a missing or non-model directory, a backbone-only (ImageNet) directory and a
+    class count other than ``config.model.num_classes``.
+    """
+    if not os.path.isdir(model_dir):
+        raise checkpoints.CheckpointError(f"model directory {model_dir} does not exist")
+    stored, provenance = checkpoints.read_model_config(model_dir)
+    if provenance.get("kind") == "backbone":
+        raise _backbone_only(model_dir)
+    if stored.num_classes != config.model.num_classes:
+        raise checkpoints.CheckpointError(
+            f"{model_dir} predicts {stored.num_classes} classes but config.model.num_classes "
+            f"is {config.model.num_classes}"
+        )
+    return stored
+
+
+def _backbone_only(model_dir: str) -> checkpoints.CheckpointError:
+    return checkpoints.CheckpointError(
+        f"{model_dir} holds only a backbone (an ImageNet file?); prototypes need a trained "
+        "segmentor (a self-training stage's export/)"
+    )
+
+
+def load_model(model_dir: str, config: ml_collections.ConfigDict) -> tuple[Callable, dict]:
+    """(apply_fn, numpy variables) of a segmentor model directory, checked as above."""
+    stored = check_model_dir(model_dir, config)
+    variables, stored = checkpoints.load_model_dir(model_dir)
+    if "decode_head" not in variables.get("params", {}):
+        raise _backbone_only(model_dir)
+    stored.dtype = config.model.dtype
+    return models.build_model(stored).apply, variables
+
+
+def image_outputs(
+    apply_fn: Callable, variables: Any, images: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(logits, feature), float32, both resized to the image size as the reference does."""
+    logits, feature = apply_fn(variables, images, train=False)
+    size = images.shape[1:3]
+    return (
+        resize_bilinear(logits.astype(jnp.float32), size),
+        resize_bilinear(feature.astype(jnp.float32), size),
+    )
+
+
+def make_update_step(apply_fn: Callable, min_pixels: int, cap: int, mesh: Mesh | None = None):
+    """jit(step(variables, table, counts, batch) -> (table, counts)) for one global batch.
+
+    ``batch``: 'image' (B, H, W, 3), 'valid' (B,) bool (False: padding, ignored) and
+    'index' (B,) int32, the images' stream positions, which fix the update order.
+    """
+
+    def step(variables, table, counts, batch):
+        logits, feature = image_outputs(apply_fn, variables, batch["image"])
+        vectors, present = prototypes.class_mean_features(feature, logits, min_pixels)
+        present = present & batch["valid"][:, None]
+        order = jnp.argsort(batch["index"])
+        return prototypes.update_prototype_table(table, counts, vectors[order], present[order], cap)
+
+    if mesh is None:
+        return jax.jit(step)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(step, out_shardings=(replicated, replicated))
+
+
+def target_image_count(config: ml_collections.ConfigDict) -> int:
+    """Images in the target training set(s); a missing dataset is a DatasetError."""
+    return sum(
+        len(datasets.list_files(config.data.root, name, "train", False))
+        for name in config.data.target
+    )
+
+
+def make_batches(config: ml_collections.ConfigDict):
+    """This host's padded batches of all passes (file order, training augmentation)."""
+    return train_data.make_target_train_dataset(
+        config.data,
+        config.prototypes.batch_size // jax.process_count(),
+        config.seed,
+        jax.process_index(),
+        jax.process_count(),
+        num_epochs=config.prototypes.num_passes,
+        shuffle=False,
+        pad_last=True,
+    )
+
+
+def _host_value(x: jax.Array) -> np.ndarray:
+    """A replicated array as numpy (works when it spans several processes)."""
+    return np.asarray(x.addressable_data(0))
+
+
+def compute_prototypes(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+    """(table (K, C), counts (K,)) of the model in ``config.checkpoint`` (§1.4).
+
+    Every input is checked (config, model directory, datasets) before the model runs.
+    """
+    mesh = make_mesh(config)
+    check_model_dir(config.checkpoint, config)
+    num_images = target_image_count(config)
+    if num_images == 0:
+        raise datasets.DatasetError(
+            f"target {tuple(config.data.target)} under {config.data.root} has no training images"
+        )
+    dataset = make_batches(config)
+    apply_fn, variables = load_model(config.checkpoint, config)
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    variables = jax.device_put(variables, replicated)
+    crop = tuple(config.data.crop_size)
+    shapes = jax.eval_shape(
+        lambda v: apply_fn(v, jnp.zeros((1, *crop, 3), jnp.float32), train=False), variables
+    )
+    num_classes, channels = shapes[0].shape[-1], shapes[1].shape[-1]
+    table = jax.device_put(jnp.zeros((num_classes, channels), jnp.float32), replicated)
+    counts = jax.device_put(jnp.zeros((num_classes,), jnp.float32), replicated)
+    step = make_update_step(
+        apply_fn, int(config.prototypes.min_pixels), int(config.prototypes.count_cap), mesh
+    )
+    passes = config.prototypes.num_passes
+    num_batches = -(-num_images * passes // config.prototypes.batch_size)
+    logging.info(
+        "prototypes of %s: %d images x %d passes, %d batches of %d",
+        config.checkpoint, num_images, passes, num_batches, config.prototypes.batch_size,
+    )  # fmt: skip
+    progress = tqdm(
+        dataset.as_numpy_iterator(),
+        total=num_batches,
+        desc="prototypes",
+        unit="batch",
+        disable=jax.process_index() != 0,
+    )
+    for batch in progress:
+        batch = {
+            "image": batch["image"],
+            "valid": batch["valid"],
+            "index": batch["index"].astype(np.int32),
+        }
+        table, counts = step(variables, table, counts, sharding.to_global(batch, mesh))
+    return _host_value(table), _host_value(counts)
+
+
+def summary_path(path: str) -> str:
+    """The human-readable summary written beside a prototype file."""
+    return os.path.splitext(path)[0] + "_summary.txt"
+
+
+def format_summary(table: np.ndarray, counts: np.ndarray, title: str = "") -> str:
+    """Per-class counts and prototype norms as a plain-text table."""
+    names = evaluate.CITYSCAPES_CLASSES
+    if len(names) != len(counts):
+        names = tuple(f"class {k}" for k in range(len(counts)))
+    lines = [title] if title else []
+    lines.append(f"{'class':<16}{'count':>8}{'|prototype|':>14}")
+    for name, count, row in zip(names, counts, table, strict=True):
+        shown = "unknown" if count == prototype_io.UNKNOWN_COUNT else f"{int(count)}"
+        lines.append(f"{name:<16}{shown:>8}{float(np.linalg.norm(row)):>14.4f}")
+    unseen = [n for n, c in zip(names, counts, strict=True) if c == 0]
+    if unseen:
+        lines.append(f"never predicted on >= min_pixels pixels (zero rows): {', '.join(unseen)}")
+    return "\n".join(lines)
+
+
+def write_prototypes(
+    path: str, table: np.ndarray, counts: np.ndarray, model_dir: str, title: str = ""
+) -> str:
+    """Writes ``path`` (atomic, prototype_io) and its summary; prints the summary."""
+    text = format_summary(table, counts, title or f"prototypes of {model_dir} -> {path}")
+    prototype_io.save_prototypes(path, table, counts, model_dir)
+    tmp = summary_path(path) + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+    os.replace(tmp, summary_path(path))
+    print(text)
+    return path
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+    """One line saying what a table was computed from (the summary's title)."""
+    return (
+        f"prototypes of {config.checkpoint}: target {', '.join(config.data.target)}, "
+        f"{config.prototypes.num_passes} passes, crop {tuple(config.data.crop_size)}, "
+        f"seed {config.seed}, min_pixels {config.prototypes.min_pixels}, "
+        f"count cap {config.prototypes.count_cap}"
+    )
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Stage entry point: writes ``workdir/prototypes.npz`` (+ summary); returns its path."""
+    table, counts = compute_prototypes(config)
+    path = os.path.join(workdir, prototype_io.PROTOTYPES_FILE)
+    if jax.process_index() == 0:
+        write_prototypes(path, table, counts, config.checkpoint, describe(config))
+    return path
