@@ -23,6 +23,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ops.py
 	$(BIN)/python benchmarks/input_pipeline.py
+	$(BIN)/python benchmarks/train_step.py --depth 18 --size 128 --batch 2 --steps 3 --conv-impl im2col,lax \
+		--torch-threads 1,2
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

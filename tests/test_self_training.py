@@ -1,10 +1,8 @@
 """The self-training step against a PyTorch reference step, and across device counts.
 
-The reference step is written here from DDB's ``ST.forward_train`` semantics with
-the mmseg-named torch model of tests/torch_ref: EMA update at the start of the
-iteration, source CE backward, teacher (train-mode BN) pseudo-labels on the clean
-target, mixing + strong augmentation with the same draws fed to both sides,
-weighted mixed CE backward, one AdamW step with the head at 10x.
+The reference step (tests/torch_ref/self_training.py) is written from DDB's
+``ST.forward_train`` semantics with the mmseg-named torch model of tests/torch_ref;
+the same bridging and augmentation draws are fed to both sides.
 """
 
 import copy
@@ -15,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from configs import default
@@ -25,9 +22,9 @@ from ddb_jax.convert.common import convert_state_dict, path_to_str
 from ddb_jax.train import optim
 from ddb_jax.train import self_training as st
 from ddb_jax.train.state import create_train_state
-from tests.test_augment import fixed_params, torch_strong
-from tests.test_optim import mmcv_lr
+from tests.test_augment import fixed_params
 from tests.torch_ref.resnet_dlv2 import Segmentor, numpy_state_dict, randomize
+from tests.torch_ref.self_training import make_optimizer, nchw, torch_reference_step
 
 H, W = 32, 40
 LR, STEPS = 1e-3, 10
@@ -65,63 +62,6 @@ def make_draws(batch, seed):
     ]
     stacked = {k: jnp.asarray(np.stack([np.asarray(a[k]) for a in augs])) for k in augs[0]}
     return {"masks": jnp.asarray(masks), "aug": stacked}, masks, augs
-
-
-def to_torch(x):
-    return torch.from_numpy(np.ascontiguousarray(x))
-
-
-def nchw(x):
-    return to_torch(x.transpose(0, 3, 1, 2))
-
-
-def torch_ce(logits, labels, weight=None):
-    logits = F.interpolate(logits, size=labels.shape[1:], mode="bilinear", align_corners=False)
-    loss = F.cross_entropy(logits, labels.long(), ignore_index=255, reduction="none")
-    if weight is not None:
-        loss = loss * weight
-    return loss.mean()
-
-
-def torch_reference_step(student, teacher, opt, it, batch, masks, augs, config, use_pseudo=None):
-    """One iteration of DDB's ST.forward_train on the torch models (mutates them).
-
-    ``use_pseudo`` replaces the teacher's argmax in the mixed label: a random teacher has
-    near-ties whose argmax float noise flips (agreement is checked separately), and the
-    loss and gradient comparison should not depend on them.
-    """
-    for group, mult in zip(opt.param_groups, (1.0, config.optim.head_lr_mult), strict=True):
-        group["lr"] = mmcv_lr(it, LR * mult, STEPS, 0, 1e-6)
-    with torch.no_grad():
-        alpha = min(1 - 1 / (it + 1), config.st.ema_alpha)
-        for t_param, s_param in zip(teacher.parameters(), student.parameters(), strict=True):
-            t_param.mul_(alpha).add_((1 - alpha) * s_param)
-    opt.zero_grad()
-    xs, xt = nchw(batch["source_image"]), nchw(batch["target_image"])
-    ys = to_torch(batch["source_label"])
-    src_loss = torch_ce(student(xs)[0], ys)
-    src_loss.backward()
-    with torch.no_grad():
-        t_logits = F.interpolate(teacher(xt)[0], size=(H, W), mode="bilinear", align_corners=False)
-        prob, pseudo = torch.softmax(t_logits, dim=1).max(dim=1)
-        weight = (prob >= config.st.pseudo_threshold).float().mean()
-    m = to_torch(masks)
-    mixed = torch.where(m[:, None], xs, xt)
-    mixed = torch.stack(
-        [
-            to_torch(torch_strong(mixed[i].numpy().transpose(1, 2, 0), augs[i]).transpose(2, 0, 1))
-            for i in range(2)
-        ]
-    )
-    chosen = pseudo if use_pseudo is None else to_torch(use_pseudo).long()
-    mixed_label = torch.where(m, ys.long(), chosen)
-    mixed_weight = torch.where(m, torch.ones_like(prob), weight * torch.ones_like(prob))
-    mix_loss = torch_ce(student(mixed)[0], mixed_label, mixed_weight)
-    mix_loss.backward()
-    grads = {name: p.grad.detach().clone().numpy() for name, p in student.named_parameters()}
-    opt.step()
-    extra = {"pseudo": pseudo.numpy(), "mixed": mixed.numpy().transpose(0, 2, 3, 1)}
-    return float(src_loss), float(mix_loss), grads, float(weight), extra
 
 
 def assert_mostly_close(ours_and_refs, tight: float):
@@ -162,11 +102,7 @@ def setup():
     with torch.no_grad():
         logits = copy.deepcopy(teacher_t).train()(nchw(make_batch(10)["target_image"]))[0]
         config.st.pseudo_threshold = float(torch.softmax(logits, 1).max(1)[0].median())
-    head = [p for n, p in student_t.named_parameters() if n.startswith("decode_head")]
-    body = [p for n, p in student_t.named_parameters() if not n.startswith("decode_head")]
-    opt = torch.optim.AdamW(
-        [{"params": body}, {"params": head}], lr=LR, betas=(0.9, 0.999), weight_decay=0.01
-    )
+    opt = make_optimizer(student_t, config.optim)
     model = models.build_model(config.model)
     shapes = models.variable_shapes(model)
     variables = convert_state_dict(numpy_state_dict(student_t), shapes, resnet_names.torch_name)

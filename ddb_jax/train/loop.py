@@ -2,9 +2,11 @@
 
 CLU writers (TensorBoard + console) and periodic progress; orbax checkpoints
 (async, keep-N) restored on start so a killed run continues; evaluation every K
-steps with the best student exported; a SIGTERM saves the current step and stops
-cleanly. Non-finite losses stop the run before any checkpoint of bad parameters
-is written.
+steps with the best student exported; image summaries every M steps (process 0);
+a SIGTERM saves the current step and stops cleanly. Non-finite losses stop the run
+before any checkpoint of bad parameters is written; a failed checkpoint write (disk
+full) stops it naming the step and directory, the checkpoints before it untouched
+(orbax writes into a temporary directory and renames it only once complete).
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ RESUMABLE_KEYS = (
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, say); the earlier ones are kept."""
 
 
 class WorkdirMismatchError(ValueError):
@@ -78,13 +84,59 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> Non
     os.replace(tmp, path)
 
 
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
 def make_checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+    """Async keep-N manager; temporary directories of an interrupted save are removed."""
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=True
+        max_to_keep=keep, create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True
     )
-    return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"), options=options
-    )
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+class _Checkpoints:
+    """The manager and the step being written in the background, so a failure names it."""
+
+    def __init__(self, workdir: str, keep: int):
+        self.directory = checkpoint_dir(workdir)
+        self.manager = make_checkpoint_manager(workdir, keep)
+        self.pending: int | None = None
+
+    def _error(self, step: int | None, err: BaseException) -> CheckpointWriteError:
+        try:
+            self.manager.reload()
+            kept = self.manager.latest_step()
+        except Exception:  # the listing itself may fail on a broken disk
+            kept = "unknown"
+        return CheckpointWriteError(
+            f"writing the checkpoint of step {step} to {self.directory} failed "
+            f"({type(err).__name__}: {err}); the checkpoints written before it are kept "
+            f"(latest: step {kept}); free space and rerun to continue from it"
+        )
+
+    def wait(self) -> None:
+        """Blocks until the background write is done; raises CheckpointWriteError if it failed."""
+        step, self.pending = self.pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:
+            raise self._error(step, err) from err
+
+    def save(self, step: int, state) -> None:
+        self.wait()  # an earlier write's failure is reported under its own step
+        try:
+            self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        except Exception as err:
+            raise self._error(step, err) from err
+        self.pending = step
+
+    def close(self) -> None:
+        try:
+            self.manager.close()
+        except Exception as err:  # only reached after wait(), i.e. nothing pending
+            logging.warning("closing the checkpoint manager of %s: %s", self.directory, err)
 
 
 def all_finite(tree) -> jax.Array:
@@ -136,8 +188,14 @@ def train_loop(
     export_variables: Callable[[Any], dict],
     preview_fn: Callable[[Any, dict], dict[str, np.ndarray]] | None = None,
 ):
-    """Runs ``train_step`` to ``config.num_steps``, resuming from the latest checkpoint."""
-    manager = make_checkpoint_manager(workdir, config.keep_checkpoints)
+    """Runs ``train_step`` to ``config.num_steps``, resuming from the latest checkpoint.
+
+    ``preview_fn(state, batch)`` (the state after the step that consumed ``batch``) returns
+    uint8 images {tag: (N, H, W, 3)}, written every ``config.image_summary_every`` steps;
+    it runs on every process (it may be a sharded jit), only process 0 writes.
+    """
+    ckpt = _Checkpoints(workdir, config.keep_checkpoints)
+    manager = ckpt.manager
     if manager.latest_step() is not None:
         state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
         logging.info("resumed %s at step %d", workdir, manager.latest_step())
@@ -167,8 +225,14 @@ def train_loop(
                 if last or due_eval or due_ckpt or step % config.log_every == 0:
                     write_metrics(writer, history)
                     history = []
-                if preview_fn is not None and step % config.image_summary_every == 0:
-                    writer.write_images(step, preview_fn(state, batch))
+                if (
+                    preview_fn is not None
+                    and config.image_summary_every > 0
+                    and step % config.image_summary_every == 0
+                ):
+                    images = jax.device_get(preview_fn(state, batch))
+                    if jax.process_index() == 0:
+                        writer.write_images(step, images)
                 if due_eval:
                     result = evaluate_fn(state)
                     writer.write_scalars(step, _flat_scalars(result))
@@ -178,16 +242,27 @@ def train_loop(
                 if due_ckpt:
                     if not bool(jax.device_get(all_finite(state.params))):
                         raise NonFiniteLossError(f"parameters are not finite at step {step}")
-                    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+                    ckpt.save(step, state)
                 if stop.requested:
-                    manager.wait_until_finished()
+                    ckpt.wait()
                     logging.warning("stopped at step %d on request; rerun to continue", step)
                     writer.flush()
+                    ckpt.close()
                     return state, None
-    finally:
-        # Any exit (an error, a NaN) still finalises the checkpoints already started.
-        manager.wait_until_finished()
-    manager.wait_until_finished()
+        ckpt.wait()
+    except BaseException:
+        # Any exit (an error, a NaN) still finalises the checkpoints already started; a
+        # failure there is logged, the first error is the one raised.
+        try:
+            ckpt.wait()
+        except CheckpointWriteError as err:
+            logging.error("%s", err)
+        ckpt.close()
+        raise
+    ckpt.close()
+    if not result and evaluate_fn is not None and config.eval_every > 0:
+        # Resumed at the last step (its export was lost): evaluate again for result.json.
+        result = evaluate_fn(state)
     writer.flush()
     if jax.process_index() == 0:
         checkpoints.save_model_dir(

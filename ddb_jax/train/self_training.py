@@ -18,6 +18,8 @@ import ml_collections
 import optax
 
 from ddb_jax import augment, bridging, losses
+from ddb_jax.ops import resize_bilinear
+from ddb_jax.train import previews
 from ddb_jax.train.state import TrainState, ema_update
 
 
@@ -154,6 +156,58 @@ def self_training_step(
     return new_state, metrics
 
 
+PREVIEW_PANELS = (
+    "source image", "source label", "target image", "pseudo-label", "mixed image",
+    "mixed label", "student prediction on target",
+)  # fmt: skip
+
+
+def preview_images(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    student_apply,
+    teacher_apply,
+    st_cfg: ml_collections.ConfigDict,
+    max_samples: int = 4,
+) -> dict[str, jax.Array]:
+    """The bridging of the step that produced ``state`` from ``batch``, as image panels.
+
+    Recomputed outside the train step (which stays as fast as without summaries): the
+    step drew masks and augmentation from ``fold_in(key, step - 1)`` and ran the teacher
+    with ``state.ema_params`` (stored by that step) in BN-train mode, so the same draw and
+    pseudo-labels come out here. The prediction is the updated student in inference mode.
+    Returns {"bridging": (n, h, 7w + gaps, 3) uint8}, panels in PREVIEW_PANELS order.
+    """
+    step_key = jax.random.fold_in(state.key, state.step - 1)
+    draw_key, _, _ = jax.random.split(step_key, 3)  # as self_training_grads splits it
+    draws = draw_bridging(draw_key, batch["source_label"], st_cfg)
+    (teacher_logits, _), _ = teacher_apply(
+        state.ema_variables(), batch["target_image"], train=True, mutable=["batch_stats"]
+    )
+    image_size = batch["source_label"].shape[1:3]
+    pseudo, pseudo_weight = losses.pseudo_labels(
+        teacher_logits,
+        image_size,
+        st_cfg.pseudo_threshold,
+        st_cfg.pseudo_weight_ignore_top,
+        st_cfg.pseudo_weight_ignore_bottom,
+    )
+    mixed_image, mixed_label, _ = bridge(batch, draws["masks"], draws["aug"], pseudo, pseudo_weight)
+    logits, _ = student_apply(state.variables(), batch["target_image"], train=False)
+    prediction = jnp.argmax(resize_bilinear(logits.astype(jnp.float32), image_size), axis=-1)
+    panels = [
+        previews.denormalize(batch["source_image"]),
+        previews.colorize(batch["source_label"]),
+        previews.denormalize(batch["target_image"]),
+        previews.colorize(pseudo),
+        previews.denormalize(mixed_image),
+        previews.colorize(mixed_label),
+        previews.colorize(prediction),
+    ]
+    return {"bridging": previews.panel_rows(panels, max_samples=max_samples)}
+
+
 def no_dropout(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The same architecture with dropout and drop-path off (the EMA teacher's forward)."""
     cfg = ml_collections.ConfigDict(model_cfg.to_dict())
@@ -183,6 +237,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         out_shardings=(run.replicated, run.replicated),
         donate_argnums=0,
     )
+    preview_fn = None
+    if config.image_summary_every > 0:
+        preview_fn = jax.jit(
+            functools.partial(
+                preview_images,
+                student_apply=run.model.apply,
+                teacher_apply=teacher.apply,
+                st_cfg=config.st,
+            ),
+            in_shardings=(run.replicated, run.batch_sharding),
+            out_shardings=run.replicated,
+        )
     return train_loop(
         config,
         workdir,
@@ -191,4 +257,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         run.make_batches,
         run.evaluate_student,
         lambda state: jax.device_get(state.variables()),
+        preview_fn=preview_fn,
     )
