@@ -15,6 +15,7 @@ def get_model_config() -> ml_collections.ConfigDict:
             backbone="resnet101_v1c",  # resnet{18,34,50,101,152}_v1c | mit_b{0..5}
             head="dlv2",  # dlv2 | segformer | daformer
             num_classes=19,
+            base_channels=64,  # ResNet width (mmseg base/stem channels); 64 in real models
             head_channels=256,  # DLV2: 2 ASPP branches x 128; SegFormer/DAFormer: embed dim
             dropout_ratio=0.1,
             drop_path_rate=0.1,  # MiT only

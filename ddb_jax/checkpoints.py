@@ -27,6 +27,9 @@ MODEL_JSON = "model.json"
 VARIABLES_DIR = "variables"
 
 
+KEY_DEFAULTS = {"base_channels": 64}
+
+
 class CheckpointError(ValueError):
     """A model directory is missing, incomplete or does not fit the config."""
 
@@ -79,6 +82,9 @@ def read_model_config(model_dir: str) -> tuple[ml_collections.ConfigDict, dict[s
         model = meta["model"]
     except (json.JSONDecodeError, KeyError) as err:
         raise CheckpointError(f"{path} is not a valid model description: {err}") from err
+    # Keys added after a directory was written take the value every older model had.
+    for key, value in KEY_DEFAULTS.items():
+        model.setdefault(key, value)
     return ml_collections.ConfigDict(model), meta.get("provenance", {})
 
 
@@ -97,7 +103,9 @@ def load_model_dir(model_dir: str) -> tuple[dict[str, Any], ml_collections.Confi
 
 
 # Keys of config.model that fix the architecture (dtype, remat and dropout do not).
-ARCHITECTURE_KEYS = ("backbone", "head", "num_classes", "head_channels", "mit_layout")
+ARCHITECTURE_KEYS = (
+    "backbone", "head", "num_classes", "base_channels", "head_channels", "mit_layout",
+)  # fmt: skip
 
 
 def check_compatible(

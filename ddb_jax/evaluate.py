@@ -129,6 +129,19 @@ def batch_confusion(
     return confusion_matrix(jnp.argmax(probs, axis=-1), labels, num_classes)
 
 
+@functools.partial(
+    jax.jit, static_argnames=("apply_fn", "mode", "crop", "stride", "flip", "num_classes")
+)
+def batch_prediction(
+    variables, images, labels, *, apply_fn, mode, crop, stride, flip, num_classes
+) -> tuple[jax.Array, jax.Array]:
+    """(predicted train ids at the label's size, confusion matrix) of one batch."""
+    logits_fn = lambda x: apply_fn(variables, x, train=False)[0]
+    probs = predict_probabilities(logits_fn, images, labels.shape[1:3], mode, crop, stride, flip)
+    prediction = jnp.argmax(probs, axis=-1)
+    return prediction, confusion_matrix(prediction, labels, num_classes)
+
+
 def evaluate(
     apply_fn: Callable,
     variables: Mapping,
@@ -138,17 +151,27 @@ def evaluate(
     crop=(512, 512),
     stride=(341, 341),
     flip: bool = False,
+    on_prediction: Callable[[Mapping[str, np.ndarray], np.ndarray], None] | None = None,
 ) -> dict[str, Any]:
-    """Accumulates the confusion matrix over ``batches`` ({'image', 'label'}) and scores it."""
+    """Accumulates the confusion matrix over ``batches`` ({'image', 'label'}) and scores it.
+
+    ``on_prediction(batch, prediction)`` receives each batch's predicted train ids (at the
+    label's size), e.g. to write them as images.
+    """
     static = dict(
         apply_fn=apply_fn, mode=mode, crop=tuple(crop), stride=tuple(stride), flip=flip,
         num_classes=num_classes,
     )  # fmt: skip
     confusion = np.zeros((num_classes, num_classes), np.int64)
     for batch in batches:
-        confusion += np.asarray(
-            batch_confusion(variables, batch["image"], batch["label"], **static)
-        )
+        if on_prediction is None:
+            counts = batch_confusion(variables, batch["image"], batch["label"], **static)
+        else:
+            prediction, counts = batch_prediction(
+                variables, batch["image"], batch["label"], **static
+            )
+            on_prediction(batch, np.asarray(prediction))
+        confusion += np.asarray(counts)
     result = iou_from_confusion(confusion)
     result["confusion"] = confusion
     return result

@@ -66,10 +66,17 @@ def build_model(model_cfg: ml_collections.ConfigDict) -> EncoderDecoder:
     if family == "resnet":
         from ddb_jax.models.resnet import ResNetV1c
 
+        base = model_cfg.get("base_channels", 64)
+        if base < 2 or base % 2:
+            raise ModelConfigError(f"config.model.base_channels={base}; use an even width >= 2")
         backbone = ResNetV1c(
-            depth=size, dtype=dtype, remat=model_cfg.remat, conv_impl=model_cfg.conv_impl
+            depth=size,
+            dtype=dtype,
+            remat=model_cfg.remat,
+            conv_impl=model_cfg.conv_impl,
+            base_channels=base,
         )
-        in_channels = 2048 if size >= 50 else 512
+        in_channels = base * 8 * (4 if size >= 50 else 1)
     else:
         from ddb_jax.models.mit import MixVisionTransformer
 
@@ -115,7 +122,9 @@ def build_model(model_cfg: ml_collections.ConfigDict) -> EncoderDecoder:
 def init_variables(model: nn.Module, rng: jax.Array, image_size: tuple[int, int] = (64, 64)):
     """Random initial variables ({'params', 'batch_stats'}) for ``model``."""
     images = jnp.zeros((1, *image_size, 3), jnp.float32)
-    return model.init({"params": rng, "dropout": rng}, images, train=False)
+    # One compiled program instead of hundreds of eagerly dispatched initialiser ops.
+    init = jax.jit(lambda rngs, x: model.init(rngs, x, train=False))
+    return init({"params": rng, "dropout": rng}, images)
 
 
 def variable_shapes(model: nn.Module, image_size: tuple[int, int] = (64, 64)):

@@ -25,7 +25,6 @@ ARCH_SETTINGS = {
 # DeepLabV2 in the reference configs: output stride 8.
 STAGE_STRIDES = (1, 2, 1, 1)
 STAGE_DILATIONS = (1, 1, 2, 4)
-STEM_CHANNELS = 64
 BASE_CHANNELS = 64
 
 # mmseg's kaiming init (fan_out, relu) for random initialisation.
@@ -215,6 +214,9 @@ class ResNetV1c(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     conv_impl: str = "lax"  # "im2col" is ~2x faster on CPU (design §3)
+    # mmseg's stem_channels = base_channels (64 in every published model); smaller widths
+    # make the tiny models of the tests and the toy demo.
+    base_channels: int = BASE_CHANNELS
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> list[jax.Array]:
@@ -226,10 +228,10 @@ class ResNetV1c(nn.Module):
             # self is argument 0, x is 1, train (a Python bool) is 2.
             block_cls = nn.remat(block_cls, static_argnums=(2,))
         x = self.stem(x, train)
-        in_channels = STEM_CHANNELS
+        in_channels = self.base_channels
         outputs = []
         for stage, num_blocks in enumerate(stage_blocks):
-            planes = BASE_CHANNELS * 2**stage
+            planes = self.base_channels * 2**stage
             stride = STAGE_STRIDES[stage]
             out_channels = planes * block_cls_expansion(bottleneck)
             for index, dilation in enumerate(block_dilations(num_blocks, STAGE_DILATIONS[stage])):
@@ -249,11 +251,11 @@ class ResNetV1c(nn.Module):
         return outputs
 
     def stem(self, x: jax.Array, train: bool) -> jax.Array:
-        """Three 3x3 convs (32, 32, 64; the first strided), then a 3x3/2 max-pool."""
+        """Three 3x3 convs (32, 32, 64 at width 64; the first strided), then a 3x3/2 max-pool."""
         conv = functools.partial(
             make_conv, kernel=3, dilation=1, dtype=self.dtype, impl=self.conv_impl
         )
-        widths = (STEM_CHANNELS // 2, STEM_CHANNELS // 2, STEM_CHANNELS)
+        widths = (self.base_channels // 2, self.base_channels // 2, self.base_channels)
         for i, (width, stride) in enumerate(zip(widths, (2, 1, 1), strict=True)):
             x = conv(width, stride=stride, name=f"stem_{3 * i}")(x)
             x = nn.relu(make_norm(train, self.dtype, f"stem_{3 * i + 1}")(x))
