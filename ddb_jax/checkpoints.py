@@ -30,6 +30,17 @@ VARIABLES_DIR = "variables"
 KEY_DEFAULTS = {"base_channels": 64}
 
 
+def _local_checkpointer() -> ocp.StandardCheckpointer:
+    """A checkpointer of this process alone: model directories are written by process 0
+    only and read by each process on its own, so no cross-process barrier may run."""
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"model_dir_{me}"
+        )
+    )
+
+
 class CheckpointError(ValueError):
     """A model directory is missing, incomplete or does not fit the config."""
 
@@ -49,7 +60,7 @@ def save_model_dir(
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
-        checkpointer = ocp.StandardCheckpointer()
+        checkpointer = _local_checkpointer()
         checkpointer.save(os.path.join(staging, VARIABLES_DIR), jax.device_get(variables))
         checkpointer.wait_until_finished()
         checkpointer.close()
@@ -95,7 +106,7 @@ def load_model_dir(model_dir: str) -> tuple[dict[str, Any], ml_collections.Confi
     if not os.path.isdir(path):
         raise CheckpointError(f"{model_dir}: missing {VARIABLES_DIR}/ (incomplete write?)")
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        with _local_checkpointer() as checkpointer:
             variables = checkpointer.restore(path)
     except Exception as err:
         raise CheckpointError(f"{path} could not be restored: {err}") from err

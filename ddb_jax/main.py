@@ -8,48 +8,26 @@ does not exist fails with its name before anything runs.
 
 from __future__ import annotations
 
-import importlib
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddb_jax import models
+from ddb_jax import distributed, models
+from ddb_jax.stages import StageNotAvailable, resolve_stage
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results of this run.")
 config_flags.DEFINE_config_file("config", None, "A stage config file under configs/.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-# stage name -> "module:function(config, workdir)"
-STAGES = {
-    "self_training": "ddb_jax.train.self_training:train_and_evaluate",
-    "supervised": "ddb_jax.train.supervised:train_and_evaluate",
-    "ckd": "ddb_jax.train.distillation:train_and_evaluate",
-    "prototypes": "ddb_jax.prototype_stage:run",
-    "evaluate": "ddb_jax.eval_stage:run",
-    "pipeline": "ddb_jax.pipeline:run",
-}
-
-
-class StageNotAvailable(RuntimeError):
-    """The config names a stage this build does not have yet."""
-
-
-def resolve_stage(stage: str):
-    """The function that runs ``stage``; a clear error for unknown or missing stages."""
-    if stage not in STAGES:
-        raise app.UsageError(f"config.stage={stage!r} is not a stage; known: {sorted(STAGES)}")
-    module_name, function_name = STAGES[stage].split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name != module_name:
-            raise
-        raise StageNotAvailable(
-            f"config.stage={stage!r} is not implemented in this version of ddb-jax "
-            f"({module_name} does not exist yet); see the README's status section"
-        ) from err
-    return getattr(module, function_name)
+# Multi-host (see ddb_jax/distributed.py and the README's 'Running at scale').
+flags.DEFINE_enum(
+    "distributed", "auto", list(distributed.MODES),
+    "auto: initialise jax.distributed when flags, JAX_COORDINATOR_ADDRESS or a cluster "
+    "(SLURM, Open MPI, Cloud TPU) say there are several processes; on: always; off: never.",
+)  # fmt: skip
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for all processes to join.")
 
 
 def validate(config) -> None:
@@ -60,13 +38,24 @@ def validate(config) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        settings = distributed.resolve(
+            FLAGS.distributed,
+            FLAGS.coordinator_address,
+            FLAGS.num_processes,
+            FLAGS.process_id,
+            FLAGS.distributed_timeout,
+        )
+    except distributed.DistributedConfigError as err:
+        raise app.UsageError(str(err)) from err
+    distributed.initialize(settings)
     config = FLAGS.config
     try:
         validate(config)
         run = resolve_stage(config.stage)
     except (models.ModelConfigError, StageNotAvailable) as err:
         raise app.UsageError(str(err)) from err
-    logging.info("stage %s, workdir %s", config.stage, FLAGS.workdir)
+    logging.info("stage %s, workdir %s, %s", config.stage, FLAGS.workdir, distributed.describe())
     run(config, FLAGS.workdir)
 
 

@@ -54,15 +54,28 @@ def read_image(path: tf.Tensor, is_jpeg: bool | tf.Tensor = False) -> tf.Tensor:
     """RGB uint8 (H, W, 3) from a PNG or JPEG file; truncated files raise naming ``path``."""
     contents = tf.io.read_file(path)
     with tf.control_dependencies(_assert_complete(contents, path, is_jpeg)):
-        image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+        image = tf.py_function(_decode_naming_file, [contents, path], tf.uint8)
     image.set_shape([None, None, 3])
     return image
+
+
+def _decode_naming_file(contents: tf.Tensor, path: tf.Tensor) -> tf.Tensor:
+    """Eager decode whose error names the file (graph decode errors cannot be caught)."""
+    try:
+        return tf.io.decode_image(contents, channels=3, expand_animations=False)
+    except tf.errors.InvalidArgumentError as err:
+        raise ValueError(f"corrupt image file {path.numpy().decode()}: {err.message}") from None
 
 
 def read_label(path: tf.Tensor) -> tf.Tensor:
     """Train-id uint8 (H, W) from an 8-bit grayscale PNG; checks it is one and its ids."""
     contents = tf.io.read_file(path)
-    with tf.control_dependencies(_assert_complete(contents, path, False)):
+    # PNG IHDR bit depth (byte 24): decode_png(dtype=uint8) silently rescales 16-bit files.
+    eight_bit = tf.debugging.Assert(
+        tf.equal(tf.strings.substr(contents, 24, 1), b"\x08"),
+        ["label is not an 8-bit PNG (16-bit?); convert it with tools/convert_datasets:", path],
+    )
+    with tf.control_dependencies([*_assert_complete(contents, path, False), eight_bit]):
         label = tf.io.decode_png(contents, channels=0, dtype=tf.uint8)
     checks = [
         tf.debugging.Assert(

@@ -91,8 +91,8 @@ def test_each_epoch_is_a_permutation_and_hosts_take_disjoint_slices(root):
         for p in range(2)
     ]
     for p, batch in enumerate(hosts):
-        for k in batch:  # host p holds global elements p, p + 2, ...
-            np.testing.assert_array_equal(batch[k], whole[k][p::2])
+        for k in batch:  # host p holds the p-th contiguous block of the global batch
+            np.testing.assert_array_equal(batch[k], whole[k][4 * p : 4 * (p + 1)])
     assert not set(_ids(hosts[0]["source_image"])) & set(_ids(hosts[1]["source_image"]))
 
 

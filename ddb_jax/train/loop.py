@@ -78,7 +78,7 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> Non
                 "use a new --workdir or delete the old run"
             )
         return
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.tmp{jax.process_index()}"  # every process writes the same file
     with open(tmp, "w") as f:
         json.dump(current, f, indent=2)
     os.replace(tmp, path)
@@ -139,6 +139,20 @@ class _Checkpoints:
             logging.warning("closing the checkpoint manager of %s: %s", self.directory, err)
 
 
+def latest_complete_step(manager: ocp.CheckpointManager) -> int | None:
+    """The newest step whose directory orbax finalised (it has its metadata file).
+
+    Orbax skips its own temporary directories, but a step directory cut off some other
+    way (a partial copy, a filesystem without atomic rename) would otherwise be chosen.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        path = os.path.join(str(manager.directory), str(step))
+        if os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")):
+            return step
+        logging.warning("skipping incomplete checkpoint %s", path)
+    return None
+
+
 def all_finite(tree) -> jax.Array:
     leaves = jax.tree_util.tree_leaves(tree)
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
@@ -157,6 +171,16 @@ class StopRequested:
         except ValueError:  # not the main thread
             self._previous = None
         return self
+
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop: all processes must stop (and save) at the
+        same step, and a signal may reach only some of them. One tiny collective a step."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(self.requested))
+        return bool(np.max(flags))
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM: saving a checkpoint and stopping")
@@ -196,9 +220,10 @@ def train_loop(
     """
     ckpt = _Checkpoints(workdir, config.keep_checkpoints)
     manager = ckpt.manager
-    if manager.latest_step() is not None:
-        state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
-        logging.info("resumed %s at step %d", workdir, manager.latest_step())
+    latest = latest_complete_step(manager)
+    if latest is not None:
+        state = manager.restore(latest, args=ocp.args.StandardRestore(state))
+        logging.info("resumed %s at step %d", workdir, latest)
     start = int(jax.device_get(state.step))
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     progress = periodic_actions.ReportProgress(
@@ -221,7 +246,8 @@ def train_loop(
                     and config.eval_every > 0
                     and (last or step % config.eval_every == 0)
                 )
-                due_ckpt = last or step % config.checkpoint_every == 0 or stop.requested
+                stopping = stop.agreed()
+                due_ckpt = last or step % config.checkpoint_every == 0 or stopping
                 if last or due_eval or due_ckpt or step % config.log_every == 0:
                     write_metrics(writer, history)
                     history = []
@@ -243,7 +269,7 @@ def train_loop(
                     if not bool(jax.device_get(all_finite(state.params))):
                         raise NonFiniteLossError(f"parameters are not finite at step {step}")
                     ckpt.save(step, state)
-                if stop.requested:
+                if stopping:
                     ckpt.wait()
                     logging.warning("stopped at step %d on request; rerun to continue", step)
                     writer.flush()
