@@ -120,18 +120,6 @@ def predict_probabilities(
 @functools.partial(
     jax.jit, static_argnames=("apply_fn", "mode", "crop", "stride", "flip", "num_classes")
 )
-def batch_confusion(
-    variables, images, labels, *, apply_fn, mode, crop, stride, flip, num_classes
-) -> jax.Array:
-    """Confusion matrix of one batch; jitted once per model and batch shape, across calls."""
-    logits_fn = lambda x: apply_fn(variables, x, train=False)[0]
-    probs = predict_probabilities(logits_fn, images, labels.shape[1:3], mode, crop, stride, flip)
-    return confusion_matrix(jnp.argmax(probs, axis=-1), labels, num_classes)
-
-
-@functools.partial(
-    jax.jit, static_argnames=("apply_fn", "mode", "crop", "stride", "flip", "num_classes")
-)
 def batch_prediction(
     variables, images, labels, *, apply_fn, mode, crop, stride, flip, num_classes
 ) -> tuple[jax.Array, jax.Array]:
@@ -140,6 +128,19 @@ def batch_prediction(
     probs = predict_probabilities(logits_fn, images, labels.shape[1:3], mode, crop, stride, flip)
     prediction = jnp.argmax(probs, axis=-1)
     return prediction, confusion_matrix(prediction, labels, num_classes)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("apply_fn", "mode", "crop", "stride", "flip", "num_classes")
+)
+def batch_confusion(
+    variables, images, labels, *, apply_fn, mode, crop, stride, flip, num_classes
+) -> jax.Array:
+    """Confusion matrix of one batch (the prediction stays on the device); jitted once per
+    model and batch shape, across calls."""
+    static = dict(apply_fn=apply_fn, mode=mode, crop=crop, stride=stride, flip=flip,
+                  num_classes=num_classes)  # fmt: skip
+    return batch_prediction(variables, images, labels, **static)[1]
 
 
 def evaluate(

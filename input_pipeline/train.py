@@ -142,13 +142,22 @@ def _source_fn(data_cfg, table, sampler: _RareClassSampler | None, seed: tf.Tens
     return fn
 
 
-def _target_fn(data_cfg, table, seed: tf.Tensor, shuffled: bool):
+TARGET_ORDERS = ("uniform", "shuffled", "sequential")
+
+
+def _target_fn(data_cfg, table, seed: tf.Tensor, order: str):
+    """Element k: a target image picked by ``order`` (an independent uniform draw per
+    element, a per-epoch permutation, or file order), cropped and flipped by (seed, k)."""
+    if order not in TARGET_ORDERS:
+        raise ValueError(f"target order {order!r}; known: {TARGET_ORDERS}")
     crop_size = tuple(data_cfg.crop_size)
     n = len(table["image"])
 
     def fn(k: tf.Tensor) -> tf.Tensor:
-        if shuffled:
+        if order == "shuffled":
             index = _shuffled_index(k, n, transforms.fold_seed(seed, TARGET_STREAM))
+        elif order == "sequential":
+            index = k % n
         else:
             index = tf.random.stateless_uniform(
                 [], transforms.fold_seed(seed, TARGET_STREAM, k), maxval=n, dtype=tf.int64
@@ -200,7 +209,7 @@ def make_train_dataset(
     sampler = _RareClassSampler(data_cfg, source_files) if data_cfg.rare_class_sampling else None
     base = tf.constant([seed, 0], tf.int64)
     source_fn = _source_fn(data_cfg, source_table, sampler, base)
-    target_fn = _target_fn(data_cfg, target_table, base, shuffled=False)
+    target_fn = _target_fn(data_cfg, target_table, base, order="uniform")
 
     def element(k):
         image, label = source_fn(k)
@@ -246,19 +255,8 @@ def make_target_train_dataset(
         raise ValueError("make_target_train_dataset: pad_last needs a finite num_epochs")
     table = _concat(_list(data_cfg, data_cfg.target, False), False)
     n = len(table["image"])
-    base = tf.constant([seed, 1], tf.int64)
-    if shuffle:
-        target_fn = _target_fn(data_cfg, table, base, shuffled=True)
-    else:
-
-        def target_fn(k: tf.Tensor) -> tf.Tensor:
-            # As _target_fn (same augmentation seeds), with file index k mod n.
-            image, _ = _load(_gather(table, k % n), False)
-            elem_seed = transforms.fold_seed(base, TARGET_STREAM + 100, k)
-            image, _ = transforms.crop_flip_pad(
-                image, None, tuple(data_cfg.crop_size), 1.0, elem_seed
-            )
-            return image
+    order = "shuffled" if shuffle else "sequential"
+    target_fn = _target_fn(data_cfg, table, tf.constant([seed, 1], tf.int64), order)
 
     count = total = None
     if num_epochs is not None:

@@ -27,7 +27,7 @@ import optax
 from ddb_jax import augment, bridging, checkpoints, losses, models, prototype_io, prototypes
 from ddb_jax.ops import resize_bilinear
 from ddb_jax.train.self_training import draw_bridging, no_dropout
-from ddb_jax.train.state import TrainState
+from ddb_jax.train.state import TrainState, apply_gradients, student_forward
 
 PATHS = ("cu", "ca")
 # What writes each CKD input, for the error messages (the one-command pipeline's stage names).
@@ -269,20 +269,12 @@ def distillation_grads(
     student_image = jax.vmap(augment.apply_strong)(student_image, draws["aug"])
 
     def loss_fn(params):
-        (src_logits, _), updates = student_apply(
-            {"params": params, "batch_stats": state.batch_stats},
-            batch["source_image"],
-            train=True,
-            mutable=["batch_stats"],
-            rngs={"dropout": drop_src_key},
+        (src_logits, _), batch_stats = student_forward(
+            student_apply, params, state.batch_stats, batch["source_image"], drop_src_key
         )
         src_loss = losses.cross_entropy(src_logits, batch["source_label"])
-        (tgt_logits, _), updates = student_apply(
-            {"params": params, "batch_stats": updates["batch_stats"]},
-            student_image,
-            train=True,
-            mutable=["batch_stats"],
-            rngs={"dropout": drop_tgt_key},
+        (tgt_logits, _), batch_stats = student_forward(
+            student_apply, params, batch_stats, student_image, drop_tgt_key
         )
         if ckd_cfg.soft_distill:
             # The reference's encode_decode: student logits resized to the image size.
@@ -295,7 +287,7 @@ def distillation_grads(
                 tgt_logits, targets["pseudo_labels"], targets["pseudo_weight"]
             )
         aux = {
-            "batch_stats": updates["batch_stats"],
+            "batch_stats": batch_stats,
             "loss_source": src_loss,
             "loss_target": tgt_loss,
             "acc_source": losses.pixel_accuracy(src_logits, batch["source_label"]),
@@ -350,19 +342,6 @@ def step_metrics(aux: dict[str, Any], grads: Any) -> dict[str, jax.Array]:
     metrics = {k: aux[k] for k in METRICS if k in aux}
     metrics["grad_norm"] = optax.tree.norm(grads)
     return metrics
-
-
-def apply_gradients(
-    state: TrainState, grads: Any, batch_stats: Any, *, tx: optax.GradientTransformation
-) -> TrainState:
-    """The optimiser update of the student and its new BN statistics; the step advances."""
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return state.replace(
-        step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
-        batch_stats=batch_stats,
-        opt_state=opt_state,
-    )
 
 
 PREVIEW_PANELS = (

@@ -172,11 +172,15 @@ class StopRequested:
             self._previous = None
         return self
 
-    def agreed(self) -> bool:
+    def agreed(self, step: int, every: int) -> bool:
         """Whether any process was asked to stop: all processes must stop (and save) at the
-        same step, and a signal may reach only some of them. One tiny collective a step."""
+        same step, and a signal may reach only some of them. With several processes they
+        compare flags every ``every`` steps only (the steps that already wait for metrics),
+        so the collective never stalls asynchronous dispatch of the steps between."""
         if jax.process_count() == 1:
             return self.requested
+        if step % max(every, 1):
+            return False
         from jax.experimental import multihost_utils
 
         flags = multihost_utils.process_allgather(np.int32(self.requested))
@@ -246,7 +250,7 @@ def train_loop(
                     and config.eval_every > 0
                     and (last or step % config.eval_every == 0)
                 )
-                stopping = stop.agreed()
+                stopping = stop.agreed(step, config.log_every)
                 due_ckpt = last or step % config.checkpoint_every == 0 or stopping
                 if last or due_eval or due_ckpt or step % config.log_every == 0:
                     write_metrics(writer, history)

@@ -20,7 +20,7 @@ import optax
 from ddb_jax import augment, bridging, losses
 from ddb_jax.ops import resize_bilinear
 from ddb_jax.train import previews
-from ddb_jax.train.state import TrainState, ema_update
+from ddb_jax.train.state import TrainState, apply_gradients, ema_update, student_forward
 
 
 def draw_bridging(key: jax.Array, source_labels: jax.Array, st_cfg) -> dict[str, Any]:
@@ -85,24 +85,16 @@ def self_training_grads(
     )
 
     def loss_fn(params):
-        (src_logits, _), updates = student_apply(
-            {"params": params, "batch_stats": state.batch_stats},
-            batch["source_image"],
-            train=True,
-            mutable=["batch_stats"],
-            rngs={"dropout": drop_src_key},
+        (src_logits, _), batch_stats = student_forward(
+            student_apply, params, state.batch_stats, batch["source_image"], drop_src_key
         )
         src_loss = losses.cross_entropy(src_logits, batch["source_label"])
-        (mix_logits, _), updates = student_apply(
-            {"params": params, "batch_stats": updates["batch_stats"]},
-            mixed_image,
-            train=True,
-            mutable=["batch_stats"],
-            rngs={"dropout": drop_mix_key},
+        (mix_logits, _), batch_stats = student_forward(
+            student_apply, params, batch_stats, mixed_image, drop_mix_key
         )
         mix_loss = losses.cross_entropy(mix_logits, mixed_label, mixed_weight)
         aux = {
-            "batch_stats": updates["batch_stats"],
+            "batch_stats": batch_stats,
             "loss_source": src_loss,
             "loss_mixed": mix_loss,
             "acc_source": losses.pixel_accuracy(src_logits, batch["source_label"]),
@@ -141,14 +133,8 @@ def self_training_step(
         st_cfg=st_cfg,
         draws=draws,
     )
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
-        batch_stats=aux["batch_stats"],
-        opt_state=opt_state,
-        ema_params=aux["ema_params"],
-        ema_batch_stats=aux["ema_batch_stats"],
+    new_state = apply_gradients(state, grads, aux["batch_stats"], tx).replace(
+        ema_params=aux["ema_params"], ema_batch_stats=aux["ema_batch_stats"]
     )
     scalars = ("loss", "loss_source", "loss_mixed", "acc_source", "pseudo_weight")
     metrics = {k: aux[k] for k in scalars}

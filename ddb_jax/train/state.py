@@ -69,3 +69,28 @@ def ema_update(ema_params, params, step: jax.Array, alpha_max: float):
     """EMA over parameters only (BN running statistics are not averaged)."""
     alpha = ema_alpha(step, alpha_max)
     return jax.tree_util.tree_map(lambda e, p: alpha * e + (1.0 - alpha) * p, ema_params, params)
+
+
+def apply_gradients(
+    state: TrainState, grads: Any, batch_stats: Any, tx: optax.GradientTransformation
+) -> TrainState:
+    """One optimiser update of the student and its new BN statistics; the step advances."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+    )
+
+
+def student_forward(apply_fn, params, batch_stats, images: jax.Array, dropout_key: jax.Array):
+    """The student in training mode: (logits, feature), and its updated BN statistics."""
+    outputs, updates = apply_fn(
+        {"params": params, "batch_stats": batch_stats},
+        images,
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": dropout_key},
+    )
+    return outputs, updates["batch_stats"]

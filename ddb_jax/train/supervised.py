@@ -15,7 +15,7 @@ import ml_collections
 import optax
 
 from ddb_jax import losses
-from ddb_jax.train.state import TrainState
+from ddb_jax.train.state import TrainState, apply_gradients, student_forward
 
 
 def supervised_step(
@@ -25,25 +25,15 @@ def supervised_step(
     dropout_key = jax.random.fold_in(state.key, state.step)
 
     def loss_fn(params):
-        (logits, _), updates = apply_fn(
-            {"params": params, "batch_stats": state.batch_stats},
-            batch["source_image"],
-            train=True,
-            mutable=["batch_stats"],
-            rngs={"dropout": dropout_key},
+        (logits, _), batch_stats = student_forward(
+            apply_fn, params, state.batch_stats, batch["source_image"], dropout_key
         )
         loss = losses.cross_entropy(logits, batch["source_label"])
         accuracy = losses.pixel_accuracy(logits, batch["source_label"])
-        return loss, (updates["batch_stats"], accuracy)
+        return loss, (batch_stats, accuracy)
 
     (loss, (batch_stats, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
-        batch_stats=batch_stats,
-        opt_state=opt_state,
-    )
+    new_state = apply_gradients(state, grads, batch_stats, tx)
     metrics = {"loss": loss, "acc_source": accuracy, "grad_norm": optax.tree.norm(grads)}
     return new_state, metrics
 
