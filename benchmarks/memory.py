@@ -37,6 +37,10 @@ VARIANTS = [(False, "float32"), (True, "float32"), (False, "bfloat16"), (True, "
 GIB = 2.0**30
 
 
+def _variant_name(remat: bool, dtype: str) -> str:
+    return f"remat_{'on' if remat else 'off'}-{dtype}"
+
+
 def _default_config():
     spec = importlib.util.spec_from_file_location("configs_default", ROOT / "configs/default.py")
     module = importlib.util.module_from_spec(spec)
@@ -156,17 +160,50 @@ def residual_bytes(model: str, remat: bool, dtype: str, size: int, batch: int) -
     )
 
 
+def _vm_hwm_bytes(pid: int) -> int | None:
+    """VmHWM of a running process, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def run_isolated(args: argparse.Namespace, model: str, remat: bool, dtype: str) -> dict:
-    """Runs one configuration in a fresh interpreter and parses its JSON line."""
+    """Runs one configuration in a fresh interpreter and parses its JSON line.
+
+    The child's peak RSS is also sampled from outside (every second), so a configuration
+    the kernel kills for lack of memory still reports how far it got.
+    """
     cmd = [
         sys.executable, __file__, "--child", model, str(int(remat)), dtype,
         "--size", str(args.size), "--batch", str(args.batch),
     ] + (["--run"] if args.run else [])  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, peak = time.monotonic() + args.timeout, 0
+    while True:
+        peak = max(peak, _vm_hwm_bytes(proc.pid) or 0)
+        try:
+            stdout, stderr = proc.communicate(timeout=1)
+            break
+        except subprocess.TimeoutExpired:
+            if time.monotonic() > deadline:
+                proc.kill()
+                stdout, stderr = proc.communicate()
+                break
     if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-3:]
-        return {"model": model, "remat": remat, "dtype": dtype, "error": " | ".join(tail)}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        why = f"exited {proc.returncode}"
+        if proc.returncode == -9:
+            why += " (SIGKILL: out of memory or --timeout)"
+        tail = " | ".join(stderr.strip().splitlines()[-3:])
+        return {
+            "model": model, "remat": remat, "dtype": dtype,
+            "error": f"{why} {tail}".strip(), "host_peak_rss_bytes": peak,
+        }  # fmt: skip
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def gib(value: int | None) -> str:
@@ -181,7 +218,10 @@ def table(rows: list[dict]) -> str:
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['remat']} | {r['dtype']} | error: {r['error']} |")
+            lines.append(
+                f"| {r['model']} | {'on' if r['remat'] else 'off'} | {r['dtype']} | | "
+                f"| >= {gib(r.get('host_peak_rss_bytes'))} when stopped | | | {r['error']} |"
+            )
             continue
         lines.append(
             f"| {r['model']} | {'on' if r['remat'] else 'off'} | {r['dtype']} "
@@ -198,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512, help="square crop side")
     parser.add_argument("--batch", type=int, default=4, help="global batch (one device)")
     parser.add_argument("--run", action="store_true", help="execute one step (else compile)")
+    parser.add_argument(
+        "--variants",
+        default=",".join(_variant_name(*v) for v in VARIANTS),
+        help="comma-separated remat/dtype variants, e.g. 'remat_off-float32,remat_on-bfloat16'",
+    )
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per configuration")
     parser.add_argument("--json", default="", help="also write the rows to this file")
     parser.add_argument(
@@ -214,18 +259,23 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in args.models.split(",") if m not in MODELS]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; known: {sorted(MODELS)}")
+    by_name = {_variant_name(*v): v for v in VARIANTS}
+    unknown = [v for v in args.variants.split(",") if v not in by_name]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; known: {list(by_name)}")
+    variants = [by_name[v] for v in args.variants.split(",")]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.residuals:
         print("| model | remat | dtype | activations kept for backward, one forward, GiB |")
         print("|---|---|---|---|")
         for model in args.models.split(","):
-            for remat, dtype in VARIANTS:
+            for remat, dtype in variants:
                 kept = residual_bytes(model, remat, dtype, args.size, args.batch)
                 print(f"| {model} | {'on' if remat else 'off'} | {dtype} | {gib(kept)} |")
         return 0
     rows = []
     for model in args.models.split(","):
-        for remat, dtype in VARIANTS:
+        for remat, dtype in variants:
             row = run_isolated(args, model, remat, dtype)
             print(json.dumps(row), flush=True)
             rows.append(row)

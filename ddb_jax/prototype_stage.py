@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from ddb_jax import checkpoints, evaluate, models, prototype_io, prototypes
 from ddb_jax.ops import resize_bilinear
+from ddb_jax.train import setup
 from input_pipeline import datasets, sharding
 from input_pipeline import train as train_data
 
@@ -40,7 +41,7 @@ class PrototypeStageError(ValueError):
     """A prototypes-stage setting is unusable; the message names the config key."""
 
 
-def check_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+def check_config(config: ml_collections.ConfigDict) -> None:
     """Fails on unusable settings before any file is read."""
     cfg = config.prototypes
     for key in ("num_passes", "batch_size", "min_pixels", "count_cap"):
@@ -51,26 +52,16 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
             "stage 'prototypes' needs a model: --config.checkpoint=MODEL_DIR "
             "(a self-training stage's export/ or a converted checkpoint)"
         )
-    processes = jax.process_count()
-    if cfg.batch_size % processes:
-        raise PrototypeStageError(
-            f"config.prototypes.batch_size={cfg.batch_size} is not divisible by the "
-            f"{processes} processes"
-        )
-    if num_devices is not None and cfg.batch_size % num_devices:
-        raise PrototypeStageError(
-            f"config.prototypes.batch_size={cfg.batch_size} is not divisible by the "
-            f"{num_devices} devices of the mesh; change it or set config.mesh_devices"
-        )
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
-    """1-D 'data' mesh over all devices (or the first ``config.mesh_devices``)."""
-    devices = jax.devices()
-    if config.mesh_devices:
-        devices = devices[: config.mesh_devices]
-    check_config(config, len(devices))
-    return Mesh(np.asarray(devices), ("data",))
+    """The training stages' mesh (same device choice with several processes), checked
+    against ``config.prototypes.batch_size``."""
+    check_config(config)
+    try:
+        return setup.make_mesh(config, batch_key="prototypes.batch_size")
+    except ValueError as err:
+        raise PrototypeStageError(str(err)) from err
 
 
 def check_model_dir(model_dir: str, config: ml_collections.ConfigDict):

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from ddb_jax import checkpoints, distributed
+from ddb_jax import checkpoints, distributed, prototype_io
 from input_pipeline import evaluation, toy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,6 +112,14 @@ def stage_args(root, workdir) -> list[str]:
     ]  # fmt: skip
 
 
+def prototype_args(root, workdir, model: str) -> list[str]:
+    """The prototypes stage over the toy target with ``model``: 12 images, one pass."""
+    return stage_args(root, workdir) + [
+        "--config.stage=prototypes", f"--config.checkpoint={model}",
+        "--config.prototypes.num_passes=1", "--config.prototypes.batch_size=4",
+    ]  # fmt: skip
+
+
 def run_processes(commands: list[list[str]], devices: int, logs: list[str]) -> None:
     """Starts every command at once; all must exit 0 within TIMEOUT_S (else all are killed)."""
     env = dict(
@@ -169,3 +177,20 @@ def test_two_processes_match_one_process_with_two_devices(toy_root, tmp_path):
     # Written once: one TensorBoard file, checkpoints of steps 1 and 2 in one directory.
     assert len([f for f in os.listdir(two) if f.startswith("events.out")]) == 1
     assert sorted(os.listdir(two / "checkpoints")) == ["1", "2"]
+
+    # Prototypes of that student: each host feeds its slice of every batch; the running
+    # mean over the gathered batch equals the one-process table (written once, by host 0).
+    model = str(one / "export")
+    run_processes([prototype_args(toy_root, tmp_path / "p1", model)], 2, [str(tmp_path / "p1.log")])
+    port = free_port()
+    commands = [
+        prototype_args(toy_root, tmp_path / "p2", model)
+        + [f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"]
+        for i in range(2)
+    ]
+    run_processes(commands, 1, [str(tmp_path / f"p2_{i}.log") for i in range(2)])
+    table_1, counts_1 = prototype_io.load_prototypes(str(tmp_path / "p1/prototypes.npz"), 19)
+    table_2, counts_2 = prototype_io.load_prototypes(str(tmp_path / "p2/prototypes.npz"), 19)
+    assert counts_1.sum() > 0
+    np.testing.assert_array_equal(counts_1, counts_2)
+    np.testing.assert_allclose(table_1, table_2, rtol=1e-5, atol=1e-6)

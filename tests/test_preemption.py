@@ -22,9 +22,11 @@ import pytest
 from ddb_jax import checkpoints
 from ddb_jax.train import loop
 from input_pipeline import toy
+from tests.test_multihost import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 100  # tiny steps can take ~10 ms: the signal must land before the run ends
+STEPS_2P = 24  # two processes agree on the stop flag every step over gloo (~0.7 s a step here)
 TIMEOUT_S = 600
 STEP_LINE = re.compile(r"\] \[(\d+)\] .*loss=")
 
@@ -36,14 +38,14 @@ def toy_root(tmp_path_factory):
     return root
 
 
-def command(root, workdir, checkpoint_every: int) -> list[str]:
+def command(root, workdir, checkpoint_every: int, steps: int = NUM_STEPS) -> list[str]:
     return [
         sys.executable, "-m", "ddb_jax.main", "--config=configs/demo_r1_cu.py",
         f"--workdir={workdir}", f"--config.data.root={root}",
         "--config.model.base_channels=8", "--config.model.head_channels=16",
         "--config.model.conv_impl=lax",
         "--config.data.crop_size=(32,32)", "--config.batch_size=2", "--config.mesh_devices=1",
-        f"--config.num_steps={NUM_STEPS}", f"--config.checkpoint_every={checkpoint_every}",
+        f"--config.num_steps={steps}", f"--config.checkpoint_every={checkpoint_every}",
         "--config.eval_every=0", "--config.log_every=1",
     ]  # fmt: skip
 
@@ -64,9 +66,10 @@ def compilation_cache(tmp_path_factory):
     del ENV["JAX_COMPILATION_CACHE_DIR"]
 
 
-def start(cmd: list[str], log: str) -> subprocess.Popen:
+def start(cmd: list[str], log: str, devices: int = 1) -> subprocess.Popen:
+    env = dict(ENV, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     with open(log, "w") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=out, stderr=out)
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=out)
 
 
 def finish(proc: subprocess.Popen, log: str) -> int:
@@ -96,8 +99,8 @@ def wait_for_step(proc: subprocess.Popen, log: str, step: int) -> int:
     pytest.fail(f"step {step} not reached in {TIMEOUT_S}s")
 
 
-def run_to_end(cmd: list[str], log: str) -> None:
-    proc = start(cmd, log)
+def run_to_end(cmd: list[str], log: str, devices: int = 1) -> None:
+    proc = start(cmd, log, devices)
     assert finish(proc, log) == 0, open(log).read()[-3000:]
 
 
@@ -153,3 +156,49 @@ def test_sigkill_loses_only_steps_since_the_last_checkpoint(toy_root, tmp_path, 
     run_to_end(command(toy_root, workdir, 4), log2)
     assert logged_steps(log2)[0] == latest + 1
     assert_same(export_leaves(workdir), straight)
+
+
+def stopped_step(log: str) -> int:
+    return int(re.search(r"stopped at step (\d+) on request", open(log).read()).group(1))
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(toy_root, tmp_path):
+    """A preemption notice may reach one host only: both hosts stop at the same step,
+    save it together, and the rerun ends as one process with both devices would."""
+    reference = tmp_path / "one"
+    wide = ["--config.mesh_devices=0"]  # after command()'s 1: the two devices of the run
+    run_to_end(command(toy_root, reference, 1000, STEPS_2P) + wide, f"{reference}.log", devices=2)
+
+    workdir = tmp_path / "two"
+
+    def both(tag: str) -> tuple[list[subprocess.Popen], list[str]]:
+        port = free_port()
+        logs = [str(tmp_path / f"{tag}{i}.log") for i in range(2)]
+        procs = [
+            start(
+                command(toy_root, workdir, 1000, STEPS_2P)
+                + wide
+                + [f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+                + [f"--process_id={i}"],
+                log,
+            )
+            for i, log in enumerate(logs)
+        ]
+        return procs, logs
+
+    procs, logs = both("first")
+    wait_for_step(procs[1], logs[1], 3)
+    procs[1].send_signal(signal.SIGTERM)
+    for proc, log in zip(procs, logs, strict=True):
+        assert finish(proc, log) == 0, open(log).read()[-3000:]
+    stopped = {stopped_step(log) for log in logs}
+    assert len(stopped) == 1, stopped
+    (stopped,) = stopped
+    assert 3 <= stopped < STEPS_2P
+    assert loop.make_checkpoint_manager(str(workdir), 3).latest_step() == stopped
+
+    procs, logs = both("second")
+    for proc, log in zip(procs, logs, strict=True):
+        assert finish(proc, log) == 0, open(log).read()[-3000:]
+    assert logged_steps(logs[0])[0] == stopped + 1
+    assert_same(export_leaves(workdir), export_leaves(reference))

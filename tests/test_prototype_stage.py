@@ -221,6 +221,12 @@ def test_cli_bad_input_fails_with_one_line_and_writes_nothing(
     batch = ["--batch-size", str(jax.device_count()), "--out", str(out)]
     common = ["--data-root", str(toy_root), "--target", "toy_target", *batch]
     _fails(["--model", str(tmp_path / "nope"), *common], capsys, str(tmp_path / "nope"))
+    odd = ["--data-root", str(toy_root), "--target", "toy_target", "--out", str(out)]
+    odd += ["--batch-size", str(jax.device_count() + 1)]
+    _fails(
+        ["--model", str(model_dir), *odd], capsys,
+        f"config.prototypes.batch_size={jax.device_count() + 1}", "devices of the mesh",
+    )  # fmt: skip
 
     # Backbone-only (ImageNet) directory: by provenance, and by its variables alone.
     variables, cfg = checkpoints.load_model_dir(str(model_dir))

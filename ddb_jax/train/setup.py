@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,13 +32,14 @@ def build(model_cfg: ml_collections.ConfigDict):
     return models.build_model(model_cfg)
 
 
-def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
+def make_mesh(config: ml_collections.ConfigDict, batch_key: str = "batch_size") -> Mesh:
     """1-D 'data' mesh over all devices (or the first ``config.mesh_devices``).
 
     With several processes the mesh must hold the same number of devices of every
     process (each feeds its slice of the batch to its own devices), so
     ``config.mesh_devices`` is then 0 (all) or a multiple of the process count that
-    takes the first devices of each process.
+    takes the first devices of each process. ``batch_key`` (dotted, under ``config``)
+    names the global batch the mesh must divide: every stage shares this one mesh.
     """
     count = jax.process_count()
     if config.mesh_devices < 0:
@@ -60,9 +62,10 @@ def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
         for device in jax.devices():
             by_process.setdefault(device.process_index, []).append(device)
         devices = [d for p in sorted(by_process) for d in by_process[p][:per_process]]
-    if config.batch_size % len(devices):
+    batch_size = functools.reduce(getattr, batch_key.split("."), config)
+    if batch_size % len(devices):
         raise ValueError(
-            f"config.batch_size={config.batch_size} is not divisible by the {len(devices)} "
+            f"config.{batch_key}={batch_size} is not divisible by the {len(devices)} "
             "devices of the mesh; change the batch size or set config.mesh_devices"
         )
     return Mesh(devices, ("data",))
