@@ -124,40 +124,15 @@ def child(model: str, remat: bool, dtype: str, size: int, batch: int, run: bool)
 
 
 def residual_bytes(model: str, remat: bool, dtype: str, size: int, batch: int) -> int:
-    """Bytes one student forward keeps for its backward pass (JAX-level, any device).
-
-    Traced only (``saved_residuals``), nothing allocated: the direct effect of remat and
-    bfloat16, independent of how a backend's scheduler orders the step.
-    """
+    """Bytes one student forward keeps for its backward pass (traced, any device)."""
     sys.path.insert(0, str(ROOT))
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from jax._src.ad_checkpoint import saved_residuals
-
     from ddb_jax import models
+    from ddb_jax.models.residuals import kept_for_backward_bytes
 
     config = _default_config()
     config.model.update(MODELS[model])
     config.model.remat, config.model.dtype = remat, dtype
-    net = models.build_model(config.model)
-    shapes = jax.eval_shape(lambda: models.init_variables(net, jax.random.PRNGKey(0)))
-    images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
-
-    def loss(params, batch_stats, x):
-        (logits, _), _ = net.apply(
-            {"params": params, "batch_stats": batch_stats},
-            x,
-            train=True,
-            mutable=["batch_stats"],
-            rngs={"dropout": jax.random.PRNGKey(0)},
-        )
-        return logits.astype(jnp.float32).sum()
-
-    saved = saved_residuals(loss, shapes["params"], shapes["batch_stats"], images)
-    return int(
-        sum(np.prod(a.shape) * a.dtype.itemsize for a, why in saved if "argument" not in why)
-    )
+    return kept_for_backward_bytes(models.build_model(config.model), (batch, size, size, 3))
 
 
 def _vm_hwm_bytes(pid: int) -> int | None:
