@@ -19,7 +19,6 @@ reports
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.util
 import json
 import os
@@ -83,16 +82,7 @@ def child(model: str, remat: bool, dtype: str, size: int, batch: int, run: bool)
         "target_image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
         "source_label": rng.integers(0, 19, (batch, size, size)).astype(np.int32),
     }
-    step = jax.jit(
-        functools.partial(
-            st.self_training_step,
-            student_apply=student.apply,
-            teacher_apply=teacher.apply,
-            tx=tx,
-            st_cfg=config.st,
-        ),
-        donate_argnums=0,
-    )
+    step = st.make_train_step(config, student.apply, teacher.apply, tx)
     start = time.perf_counter()
     compiled = step.lower(state, batch_arrays).compile()
     compile_s = time.perf_counter() - start

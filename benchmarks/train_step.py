@@ -19,7 +19,6 @@ float32 and ``im2col`` convs (configs/default.py documents both switches).
 from __future__ import annotations
 
 import argparse
-import functools
 import pathlib
 import statistics
 import sys
@@ -143,18 +142,7 @@ def time_jax(config, student_torch, batch_np, args, counter: CompileCounter) -> 
     mesh = setup.make_mesh(config)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    step = jax.jit(
-        functools.partial(
-            st.self_training_step,
-            student_apply=model.apply,
-            teacher_apply=teacher.apply,
-            tx=tx,
-            st_cfg=config.st,
-        ),
-        in_shardings=(replicated, sharded),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
+    step = st.make_train_step(config, model.apply, teacher.apply, tx, replicated, sharded)
     state = jax.device_put(state, replicated)
     batch = jax.device_put(batch_np, sharded)
 

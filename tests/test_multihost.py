@@ -100,16 +100,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stage_args(root, workdir) -> list[str]:
+def toy_stage_command(root, workdir, **config) -> list[str]:
+    """``python -m ddb_jax.main`` on the demo's r1_cu stage with a tiny model on 32x32
+    crops; ``config`` adds top-level ``--config.KEY=VALUE`` overrides."""
     return [
         sys.executable, "-m", "ddb_jax.main", "--config=configs/demo_r1_cu.py",
         f"--workdir={workdir}", f"--config.data.root={root}",
         "--config.model.base_channels=8", "--config.model.head_channels=16",
-        "--config.model.conv_impl=lax",
-        "--config.data.crop_size=(32,32)", "--config.batch_size=4", "--config.mesh_devices=0",
-        "--config.num_steps=2", "--config.checkpoint_every=1", "--config.eval_every=2",
-        "--config.log_every=1",
-    ]  # fmt: skip
+        "--config.model.conv_impl=lax", "--config.data.crop_size=(32,32)",
+    ] + [f"--config.{key}={value}" for key, value in config.items()]  # fmt: skip
+
+
+def stage_args(root, workdir) -> list[str]:
+    return toy_stage_command(
+        root, workdir, batch_size=4, mesh_devices=0, num_steps=2, checkpoint_every=1,
+        eval_every=2, log_every=1,
+    )  # fmt: skip
 
 
 def prototype_args(root, workdir, model: str) -> list[str]:

@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -22,7 +21,7 @@ import pytest
 from ddb_jax import checkpoints
 from ddb_jax.train import loop
 from input_pipeline import toy
-from tests.test_multihost import free_port
+from tests.test_multihost import free_port, toy_stage_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 100  # tiny steps can take ~10 ms: the signal must land before the run ends
@@ -38,16 +37,13 @@ def toy_root(tmp_path_factory):
     return root
 
 
-def command(root, workdir, checkpoint_every: int, steps: int = NUM_STEPS) -> list[str]:
-    return [
-        sys.executable, "-m", "ddb_jax.main", "--config=configs/demo_r1_cu.py",
-        f"--workdir={workdir}", f"--config.data.root={root}",
-        "--config.model.base_channels=8", "--config.model.head_channels=16",
-        "--config.model.conv_impl=lax",
-        "--config.data.crop_size=(32,32)", "--config.batch_size=2", "--config.mesh_devices=1",
-        f"--config.num_steps={steps}", f"--config.checkpoint_every={checkpoint_every}",
-        "--config.eval_every=0", "--config.log_every=1",
-    ]  # fmt: skip
+def command(
+    root, workdir, checkpoint_every: int, steps: int = NUM_STEPS, mesh_devices: int = 1
+) -> list[str]:
+    return toy_stage_command(
+        root, workdir, batch_size=2, mesh_devices=mesh_devices, num_steps=steps,
+        checkpoint_every=checkpoint_every, eval_every=0, log_every=1,
+    )  # fmt: skip
 
 
 ENV = dict(
@@ -83,6 +79,10 @@ def finish(proc: subprocess.Popen, log: str) -> int:
 def logged_steps(log: str) -> list[int]:
     with open(log) as f:
         return [int(m.group(1)) for m in STEP_LINE.finditer(f.read())]
+
+
+def stopped_step(log: str) -> int:
+    return int(re.search(r"stopped at step (\d+) on request", open(log).read()).group(1))
 
 
 def wait_for_step(proc: subprocess.Popen, log: str, step: int) -> int:
@@ -128,7 +128,7 @@ def test_sigterm_saves_the_current_step_and_resumes_identically(toy_root, tmp_pa
     wait_for_step(proc, log, 3)
     proc.send_signal(signal.SIGTERM)
     assert finish(proc, log) == 0, open(log).read()[-3000:]
-    stopped = int(re.search(r"stopped at step (\d+) on request", open(log).read()).group(1))
+    stopped = stopped_step(log)
     assert 3 <= stopped < NUM_STEPS
     assert loop.make_checkpoint_manager(str(workdir), 3).latest_step() == stopped
     assert not os.path.exists(workdir / loop.EXPORT_DIR)
@@ -158,16 +158,11 @@ def test_sigkill_loses_only_steps_since_the_last_checkpoint(toy_root, tmp_path, 
     assert_same(export_leaves(workdir), straight)
 
 
-def stopped_step(log: str) -> int:
-    return int(re.search(r"stopped at step (\d+) on request", open(log).read()).group(1))
-
-
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(toy_root, tmp_path):
     """A preemption notice may reach one host only: both hosts stop at the same step,
     save it together, and the rerun ends as one process with both devices would."""
     reference = tmp_path / "one"
-    wide = ["--config.mesh_devices=0"]  # after command()'s 1: the two devices of the run
-    run_to_end(command(toy_root, reference, 1000, STEPS_2P) + wide, f"{reference}.log", devices=2)
+    run_to_end(command(toy_root, reference, 1000, STEPS_2P, 0), f"{reference}.log", devices=2)
 
     workdir = tmp_path / "two"
 
@@ -176,8 +171,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(toy_root, tmp_pa
         logs = [str(tmp_path / f"{tag}{i}.log") for i in range(2)]
         procs = [
             start(
-                command(toy_root, workdir, 1000, STEPS_2P)
-                + wide
+                command(toy_root, workdir, 1000, STEPS_2P, 0)
                 + [f"--coordinator_address=localhost:{port}", "--num_processes=2"]
                 + [f"--process_id={i}"],
                 log,

@@ -10,6 +10,7 @@ AdamW step. Masks and augmentation are drawn inside the step from the step's key
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -202,6 +203,36 @@ def no_dropout(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     return cfg
 
 
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    student_apply: Callable,
+    teacher_apply: Callable,
+    tx: optax.GradientTransformation,
+    replicated: Any = None,
+    batch_sharding: Any = None,
+) -> Callable:
+    """The stage's jitted step, state donated; the benchmarks time and measure this one.
+
+    With ``replicated``/``batch_sharding`` (NamedShardings of the mesh) the state is
+    replicated and the batch split over 'data'; without, jit places by its inputs.
+    """
+    step = functools.partial(
+        self_training_step,
+        student_apply=student_apply,
+        teacher_apply=teacher_apply,
+        tx=tx,
+        st_cfg=config.st,
+    )
+    if replicated is None:
+        return jax.jit(step, donate_argnums=0)
+    return jax.jit(
+        step,
+        in_shardings=(replicated, batch_sharding),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     """Stage 'self_training': trains one bridging path (config.st.mask = cut | class)."""
     from ddb_jax.train import setup
@@ -210,18 +241,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     check_workdir_config(workdir, config)
     run = setup.prepare_run(config)
     teacher = setup.build(no_dropout(config.model))
-    step = functools.partial(
-        self_training_step,
-        student_apply=run.model.apply,
-        teacher_apply=teacher.apply,
-        tx=run.tx,
-        st_cfg=config.st,
-    )
-    train_step = jax.jit(
-        step,
-        in_shardings=(run.replicated, run.batch_sharding),
-        out_shardings=(run.replicated, run.replicated),
-        donate_argnums=0,
+    train_step = make_train_step(
+        config, run.model.apply, teacher.apply, run.tx, run.replicated, run.batch_sharding
     )
     preview_fn = None
     if config.image_summary_every > 0:
