@@ -6,7 +6,7 @@ rectification (prototype weights of two teachers + rectified ensemble), then a D
 forward+backward built from configs/default.py, and prints each op's share of the model
 step and the totals of the self-training step's ops (bridging + augmentation +
 pseudo-labels) and of the CKD step's (zero bridging + augmentation + rectification). The
-same ops are timed in PyTorch (the transcriptions of the reference in tests/) on the same
+same ops are timed in PyTorch (the transcriptions of the reference in torch_ref/) on the same
 inputs. Every figure is the best of ``--repeats`` warm calls (the model: of repeats // 3):
 on a shared machine the minimum is the least noisy estimate.
 
@@ -115,12 +115,10 @@ def torch_ops(size: int, classes: int):
     import torch
     import torch.nn.functional as F
 
-    from tests.test_augment import torch_strong
-    from tests.test_bridging import reference_cut_mask  # noqa: F401  (cut mode: same cost)
-    from tests.test_prototypes import torch_proto_weights, torch_rectified_labels
-
-    def nchw(a):
-        return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+    from torch_ref.augment import strong as torch_strong
+    from torch_ref.common import nchw
+    from torch_ref.prototypes import prototype_weight as torch_proto_weights
+    from torch_ref.prototypes import rectified_ensemble as torch_rectified_labels
 
     def pseudo(x):
         logits = F.interpolate(nchw(x["logits_a"]), (size, size), mode="bilinear")

@@ -2,7 +2,7 @@
 
 One run times DDB's self-training iteration (EMA update, source CE, teacher pseudo-labels,
 bridging + strong augmentation, mixed CE, AdamW) as ``train_and_evaluate`` jits it, and the
-PyTorch transcription of the same iteration (tests/torch_ref/self_training.py, mmseg-style
+PyTorch transcription of the same iteration (torch_ref/self_training.py, mmseg-style
 ResNetV1c + DLV2 head) on the same weights and inputs. Reports ms/step and images/s (source +
 target pairs), XLA's FLOP count of the compiled step and the achieved FLOP/s against a matmul
 peak measured in the same run, the host-side dispatch time, and the number of compilations
@@ -113,7 +113,7 @@ def torch_matmul_peak(n: int, device: str, repeats: int = 5) -> float:
 def torch_models(depth: int, seed: int = 3):
     import copy
 
-    from tests.torch_ref.resnet_dlv2 import Segmentor, randomize
+    from torch_ref.resnet_dlv2 import Segmentor, randomize
 
     student = randomize(Segmentor(depth, num_classes=19, dropout=0.1), seed=seed)
     return student, copy.deepcopy(student)
@@ -123,7 +123,7 @@ def jax_state(config, student_torch):
     """Our train state on the torch student's weights (the same model on both sides)."""
     from ddb_jax.convert import resnet as resnet_names
     from ddb_jax.convert.common import convert_state_dict
-    from tests.torch_ref.resnet_dlv2 import numpy_state_dict
+    from torch_ref.common import numpy_state_dict
 
     model = models.build_model(config.model)
     shapes = models.variable_shapes(model)
@@ -186,8 +186,9 @@ def time_torch(config, student, teacher, batch_np, args) -> dict:
     import torch
 
     from ddb_jax import bridging
-    from tests.test_augment import fixed_params
-    from tests.torch_ref.self_training import make_optimizer, torch_reference_step
+    from torch_ref.augment import random_draw as fixed_params
+    from torch_ref.optim import make_optimizer
+    from torch_ref.self_training import torch_reference_step
 
     masks = np.asarray(
         bridging.make_masks(jax.random.key(1), batch_np["source_label"], config.st.mask)

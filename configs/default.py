@@ -49,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
             target=("cityscapes",),
             crop_size=(512, 512),
             cat_max_ratio=0.75,
+            # mmseg's PhotoMetricDistortion on the source images (the reference's CKD
+            # stages; DDB's self-training stages do not use it).
+            photometric_distortion=False,
             rare_class_sampling=False,
             rcs_temperature=0.01,
             rcs_min_pixels=3000,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ddb_jax.ops import IGNORE_LABEL
+from ddb_jax.labels import IGNORE_LABEL
 
 MASK_MODES = ("cut", "class", "zero")
 

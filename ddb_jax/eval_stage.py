@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ddb_jax import checkpoints, evaluate, models
+from ddb_jax import checkpoints, evaluate, labels, models
 
 
 def load_for_evaluation(model_dir: str, config: ml_collections.ConfigDict):
@@ -68,17 +68,14 @@ def prediction_writer(out_dir: str):
     PNG ``out_dir/<image name>`` (every process writes the files of its own slice)."""
     from PIL import Image
 
-    from ddb_jax.train import previews
-
-    palette = np.zeros((256, 3), np.uint8)  # ignore and unknown ids stay black
-    palette[: len(previews.CITYSCAPES_PALETTE)] = np.asarray(previews.CITYSCAPES_PALETTE)
+    palette = labels.palette_256()
     os.makedirs(out_dir, exist_ok=True)
 
     def write(batch, prediction: np.ndarray) -> None:
-        for name, labels in zip(batch["name"], prediction, strict=True):
+        for name, train_ids in zip(batch["name"], prediction, strict=True):
             base = os.path.splitext(name.decode() if isinstance(name, bytes) else str(name))[0]
             path = os.path.join(out_dir, f"{base}.png")
-            Image.fromarray(palette[labels.astype(np.uint8)]).save(f"{path}.tmp.png")
+            Image.fromarray(palette[train_ids.astype(np.uint8)]).save(f"{path}.tmp.png")
             os.replace(f"{path}.tmp.png", path)
 
     return write
@@ -132,7 +129,7 @@ def summarize(results: dict) -> dict:
         name: {
             "miou": r["miou"],
             "aacc": r["aacc"],
-            "iou": dict(zip(evaluate.CITYSCAPES_CLASSES, map(float, r["iou"]), strict=False)),
+            "iou": dict(zip(labels.CITYSCAPES_CLASSES, map(float, r["iou"]), strict=False)),
         }
         for name, r in results.items()
     }

@@ -15,13 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddb_jax.ops import IGNORE_LABEL, resize_bilinear
-
-CITYSCAPES_CLASSES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
-    "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
-    "truck", "bus", "train", "motorcycle", "bicycle",
-)  # fmt: skip
+from ddb_jax.labels import CITYSCAPES_CLASSES, IGNORE_LABEL
+from ddb_jax.ops import resize_bilinear
 
 # Forward pass: normalised NHWC images -> logits at the head's stride.
 LogitsFn = Callable[[jax.Array], jax.Array]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ddb_jax.ops import IGNORE_LABEL, resize_bilinear
+from ddb_jax.labels import IGNORE_LABEL
+from ddb_jax.ops import resize_bilinear
 
 
 def _to_label_size(logits: jax.Array, labels: jax.Array) -> jax.Array:

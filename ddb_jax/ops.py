@@ -15,7 +15,13 @@ import numpy as np
 # Cityscapes mean/std in RGB, 0-255 scale (mmseg img_norm_cfg).
 IMAGE_MEAN = (123.675, 116.28, 103.53)
 IMAGE_STD = (58.395, 57.12, 57.375)
-IGNORE_LABEL = 255
+
+
+def upcast(x: jax.Array) -> jax.Array:
+    """``x`` in float32, or as it is when wider: bfloat16 activations are summed and
+    compared in float32, and the float64 parity tests keep float64 throughout."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:

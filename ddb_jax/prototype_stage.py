@@ -30,7 +30,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from ddb_jax import checkpoints, evaluate, models, prototype_io, prototypes
+from ddb_jax import checkpoints, labels, models, prototype_io, prototypes
 from ddb_jax.ops import resize_bilinear
 from ddb_jax.train import setup
 from input_pipeline import datasets, sharding
@@ -216,7 +216,7 @@ def summary_path(path: str) -> str:
 
 def format_summary(table: np.ndarray, counts: np.ndarray, title: str = "") -> str:
     """Per-class counts and prototype norms as a plain-text table."""
-    names = evaluate.CITYSCAPES_CLASSES
+    names = labels.CITYSCAPES_CLASSES
     if len(names) != len(counts):
         names = tuple(f"class {k}" for k in range(len(counts)))
     lines = [title] if title else []

@@ -105,7 +105,7 @@ def base_parser(description: str, dataset: str) -> argparse.ArgumentParser:
 
 def cityscapes_ids_to_train_ids(path: str, unknown_to_ignore: bool) -> np.ndarray:
     """A label PNG in Cityscapes ids (Cityscapes, GTA, Synscapes) -> the 19 train ids."""
-    from input_pipeline import label_tables
+    from ddb_jax import labels as label_tables
 
     return label_tables.map_ids(
         read_label_png(path),

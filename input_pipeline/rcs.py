@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from input_pipeline.label_tables import IGNORE
+from ddb_jax.labels import IGNORE_LABEL as IGNORE
 
 STATS_FILE = "sample_class_stats.json"
 STATS_DICT_FILE = "sample_class_stats_dict.json"

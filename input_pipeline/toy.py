@@ -23,12 +23,13 @@ import os
 import numpy as np
 from PIL import Image, ImageFilter
 
-from input_pipeline import conversion, label_tables, rcs
+from ddb_jax import labels as label_tables
+from input_pipeline import conversion, rcs
 
 WIDTH, HEIGHT = 256, 128
 ROAD, SIDEWALK, BUILDING, FENCE, POLE, LIGHT, SIGN, VEGETATION = 0, 1, 2, 4, 5, 6, 7, 8
 TERRAIN, SKY, PERSON, CAR = 9, 10, 11, 13
-IGNORE = label_tables.IGNORE
+IGNORE = label_tables.IGNORE_LABEL
 EGO_VEHICLE_ID = 1  # Cityscapes id of the ego vehicle (no train id)
 
 SOURCE_PALETTE = {

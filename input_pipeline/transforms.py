@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from ddb_jax.ops import IGNORE_LABEL, IMAGE_MEAN, IMAGE_STD
+from ddb_jax.labels import IGNORE_LABEL
+from ddb_jax.ops import IMAGE_MEAN, IMAGE_STD
 
 NUM_CLASSES = 19
 CAT_MAX_RATIO_TRIES = 10

@@ -1,108 +1,19 @@
 """Strong augmentation vs a PyTorch transcription of kornia 0.5.8 and DDB's STDataset."""
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ddb_jax import augment
 from ddb_jax.ops import IMAGE_MEAN, IMAGE_STD
+from torch_ref.augment import blur as torch_blur
+from torch_ref.augment import color_jitter as torch_color_jitter
+from torch_ref.augment import random_draw as fixed_params
+from torch_ref.augment import rgb_to_hsv as torch_rgb_to_hsv
+from torch_ref.augment import strong as torch_strong
 
 H, W = 48, 40  # blur length 5 for 48 rows
-
-# --- PyTorch reference (kornia 0.5.8 semantics, written from its source) --------------------
-
-
-def torch_rgb_to_hsv(image, eps=1e-6):
-    maxc, _ = image.max(-3)
-    maxc_mask = image == maxc.unsqueeze(-3)
-    _, max_indices = ((maxc_mask.cumsum(-3) == 1) & maxc_mask).max(-3)
-    minc = image.min(-3)[0]
-    deltac = maxc - minc
-    s = deltac / (maxc + eps)
-    deltac = torch.where(deltac == 0, torch.ones_like(deltac), deltac)
-    maxc_tmp = maxc.unsqueeze(-3) - image
-    rc, gc, bc = maxc_tmp[..., 0, :, :], maxc_tmp[..., 1, :, :], maxc_tmp[..., 2, :, :]
-    h = torch.stack([bc - gc, 2.0 * deltac + rc - bc, 4.0 * deltac + gc - rc], dim=-3)
-    h = torch.gather(h, dim=-3, index=max_indices[..., None, :, :]).squeeze(-3)
-    h = ((h / deltac) / 6.0) % 1.0
-    return torch.stack([2 * math.pi * h, s, maxc], dim=-3)
-
-
-def torch_hsv_to_rgb(image):
-    h = image[..., 0, :, :] / (2 * math.pi)
-    s, v = image[..., 1, :, :], image[..., 2, :, :]
-    hi = torch.floor(h * 6) % 6
-    f = ((h * 6) % 6) - hi
-    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    hi = hi.long()
-    indices = torch.stack([hi, hi + 6, hi + 12], dim=-3)
-    out = torch.stack((v, q, p, p, t, v, t, v, v, q, p, p, p, p, t, v, v, q), dim=-3)
-    return torch.gather(out, -3, indices)
-
-
-def torch_color_jitter(img, p):
-    """kornia 0.5.8 ColorJitter.apply_transform on a (1, 3, H, W) tensor."""
-
-    def saturation(x):
-        hsv = torch_rgb_to_hsv(x)
-        h, s, v = torch.chunk(hsv, 3, dim=-3)
-        return torch_hsv_to_rgb(torch.cat([h, torch.clamp(s * p["saturation"], 0, 1), v], -3))
-
-    def hue(x):
-        hsv = torch_rgb_to_hsv(x)
-        h, s, v = torch.chunk(hsv, 3, dim=-3)
-        h = torch.fmod(h + p["hue"] * 2 * math.pi, 2 * math.pi)
-        return torch_hsv_to_rgb(torch.cat([h, s, v], -3))
-
-    ops = [
-        lambda x: torch.clamp(x + (p["brightness"] - 1), 0, 1),
-        lambda x: torch.clamp(x * p["contrast"], 0, 1),
-        saturation,
-        hue,
-    ]
-    for idx in p["order"]:
-        img = ops[idx](img)
-    return img
-
-
-def torch_blur(img, sigma):
-    """STDataset.gaussian_blur: GaussianBlur2d with the (quirky) kernel sizes, on (3, H, W)."""
-    data = img.unsqueeze(0)
-    sizes = [
-        int(np.floor(np.ceil(0.1 * data.shape[d]) - 0.5 + np.ceil(0.1 * data.shape[d]) % 2))
-        for d in (1, 2)
-    ]
-
-    def gauss(size):
-        x = torch.arange(size, dtype=torch.float32) - size // 2
-        g = torch.exp(-(x**2) / (2 * sigma**2))
-        return g / g.sum()
-
-    kernel = torch.matmul(gauss(sizes[0]).unsqueeze(-1), gauss(sizes[1]).unsqueeze(-1).t())
-    kh, kw = kernel.shape
-    padded = F.pad(data, [kw // 2, kw // 2, kh // 2, kh // 2], mode="reflect")
-    weight = kernel.expand(3, 1, kh, kw)
-    return F.conv2d(padded, weight, groups=3)[0]
-
-
-def torch_strong(img_hwc, p):
-    """STDataset.post_process on one normalised image (given coin flips and factors)."""
-    img = torch.from_numpy(np.ascontiguousarray(img_hwc.transpose(2, 0, 1)))
-    mean = torch.as_tensor(IMAGE_MEAN).view(3, 1, 1)
-    std = torch.as_tensor(IMAGE_STD).view(3, 1, 1)
-    if p["jitter"]:
-        img = img * std + mean
-        img = img / 255.0
-        img = torch_color_jitter(img.unsqueeze(0), p).squeeze(0)
-        img = (img * 255.0 - mean) / std
-    if p["blur"]:
-        img = torch_blur(img.float(), float(p["sigma"]))
-    return img.numpy().transpose(1, 2, 0)
-
 
 # --- tests -----------------------------------------------------------------------------------
 
@@ -115,20 +26,6 @@ def random_rgb(seed, shape=(H, W)):
     rgb[1, :5, 1] = rgb[1, :5, 0]  # max tie between R and G
     rgb[2, :5] = [1.0, 0.0, 0.5]
     return rgb
-
-
-def fixed_params(seed, jitter=True, blur=True):
-    rng = np.random.default_rng(seed)
-    return dict(
-        jitter=jitter,
-        brightness=np.float32(rng.uniform(0.8, 1.2)),
-        contrast=np.float32(rng.uniform(0.8, 1.2)),
-        saturation=np.float32(rng.uniform(0.8, 1.2)),
-        hue=np.float32(rng.uniform(-0.2, 0.2)),
-        order=rng.permutation(4),
-        blur=blur,
-        sigma=np.float32(rng.uniform(0.15, 1.15)),
-    )
 
 
 def to_jax(params):

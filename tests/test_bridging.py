@@ -9,21 +9,9 @@ import pytest
 import torch
 
 from ddb_jax import bridging
+from torch_ref.bridging import cut_mask as reference_cut_mask
 
 H, W = 24, 40
-
-
-def reference_cut_mask(uniforms, shape, area_ratio=0.4):
-    """DDB STDataset.get_cut_mask with its three numpy uniforms given (float64)."""
-    h, w = shape
-    y_props = np.exp(np.array([uniforms[0]]) * np.log(area_ratio))
-    x_props = area_ratio / y_props
-    sizes = np.round(np.stack([y_props, x_props], axis=1) * np.array((h, w))[None, :])
-    positions = np.round((np.array((h, w)) - sizes) * np.array([uniforms[1:3]]))
-    y0, x0, y1, x1 = np.append(positions, positions + sizes, axis=1)[0]
-    mask = torch.zeros((h, w), dtype=torch.long)
-    mask[int(y0) : int(y1), int(x0) : int(x1)] = 1
-    return mask.numpy()
 
 
 def test_cut_mask_matches_reference_formula_and_area():

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ddb_jax import checkpoints, models
-from tests.torch_ref.resnet_dlv2 import Segmentor, center_classifier, randomize
 from tools import convert_checkpoint
+from torch_ref.resnet_dlv2 import Segmentor, center_classifier, randomize
 
 
 @pytest.fixture(scope="module")

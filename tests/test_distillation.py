@@ -1,6 +1,6 @@
 """The CKD step against a PyTorch reference step, CKD's input checks, and a toy stage run.
 
-The reference step (tests/torch_ref/ckd.py) follows DDB's ``CKD.forward_train``: source
+The reference step (torch_ref/ckd.py) follows DDB's ``CKD.forward_train``: source
 CE backward; both teachers in eval mode on the clean target, logits and features resized
 to the image size; prototype weights and the rectified ensemble (on probabilities or on
 logits) or the soft KL target; target loss backward; one AdamW step with the head at 10x.
@@ -27,14 +27,15 @@ from ddb_jax.train import distillation as ckd
 from ddb_jax.train import loop, optim
 from ddb_jax.train.state import create_train_state
 from input_pipeline import toy
-from tests.test_augment import fixed_params, torch_strong
-from tests.test_optim import mmcv_lr
-from tests.test_self_training import LR, STEPS, assert_mostly_close, flat_with_names, nchw
-from tests.torch_ref import ckd as torch_ckd
-from tests.torch_ref.resnet_dlv2 import (
+from tests.test_self_training import LR, STEPS, assert_mostly_close, flat_with_names
+from torch_ref import ckd as torch_ckd
+from torch_ref.augment import random_draw as fixed_params
+from torch_ref.augment import strong as torch_strong
+from torch_ref.common import nchw, numpy_state_dict
+from torch_ref.optim import mmcv_lr
+from torch_ref.resnet_dlv2 import (
     Segmentor,
     center_classifier,
-    numpy_state_dict,
     randomize,
 )
 

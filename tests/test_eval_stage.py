@@ -11,8 +11,7 @@ import pytest
 from PIL import Image
 
 from configs import test_cityscapes
-from ddb_jax import checkpoints, eval_stage, evaluate, models
-from ddb_jax.train import previews
+from ddb_jax import checkpoints, eval_stage, evaluate, labels, models
 from input_pipeline import evaluation, toy
 
 
@@ -46,7 +45,7 @@ def test_tables_json_and_predictions_that_score_the_reported_miou(setup, tmp_pat
         assert json.load(f)["toy_target"]["miou"] == pytest.approx(summary["toy_target"]["miou"])
     # Read the PNGs back into train ids (palette lookup) and score them against the labels.
     code = np.array([65536, 256, 1])
-    colours = {int(c @ code): i for i, c in enumerate(previews.CITYSCAPES_PALETTE.astype(int))}
+    colours = {int(c @ code): i for i, c in enumerate(labels.CITYSCAPES_PALETTE.astype(int))}
     confusion = np.zeros((19, 19), np.int64)
     batches = list(evaluation.make_eval_dataset(config.data, "toy_target").as_numpy_iterator())
     assert len(os.listdir(tmp_path / "predictions" / "toy_target")) == len(batches) == 3

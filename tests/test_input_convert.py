@@ -12,7 +12,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from input_pipeline import datasets, label_tables
+from ddb_jax import labels as label_tables
+from input_pipeline import datasets
 from tests.test_input_layouts import save_gray, save_rgb
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

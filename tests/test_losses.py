@@ -6,12 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from ddb_jax import losses
+from torch_ref.common import nchw
 
 N, K, h, w, H, W = 2, 5, 4, 6, 16, 24
-
-
-def nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
 
 
 def up(logits_nhwc):

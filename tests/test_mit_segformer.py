@@ -1,6 +1,6 @@
 """MiT-B0 + SegFormer / DAFormer heads against PyTorch references, both MiT key layouts.
 
-The torch models (tests/torch_ref/mit_heads.py) carry the real checkpoint key names;
+The torch models (torch_ref/mit_heads.py) carry the real checkpoint key names;
 their state dicts go through the production conversion (strict), and the Flax model
 must reproduce logits and the prototype feature in eval mode.
 """
@@ -20,7 +20,8 @@ from ddb_jax.convert.common import ConversionError, convert_state_dict
 from ddb_jax.models import EncoderDecoder, variable_shapes
 from ddb_jax.models.mit import MixVisionTransformer
 from ddb_jax.models.segformer_heads import DAFormerHead, SegFormerHead
-from tests.torch_ref import mit_heads as ref
+from torch_ref import mit_heads as ref
+from torch_ref.common import numpy_state_dict
 
 IMAGE_HW = (65, 97)  # odd sizes: exercises padding, floor-sized sr convs and resizes
 B0 = ref.MIT_B0
@@ -43,10 +44,6 @@ def flax_segmentor(head: str, layout: str) -> EncoderDecoder:
         backbone=MixVisionTransformer(variant="b0", layout=layout),
         decode_head=head_cls(num_classes=19, channels=HEAD_WIDTH),
     )
-
-
-def numpy_state_dict(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
 def convert(model: EncoderDecoder, state_dict: dict[str, np.ndarray]):

@@ -9,15 +9,7 @@ import torch
 
 from configs import default
 from ddb_jax.train import optim
-
-
-def mmcv_lr(it, base, max_iters, warmup_iters, ratio, power=1.0, min_lr=0.0):
-    """mmcv 1.x PolyLrUpdaterHook + linear warmup, written from its documented formula."""
-    regular = (base - min_lr) * (1 - it / max_iters) ** power + min_lr
-    if it < warmup_iters:
-        k = (1 - it / warmup_iters) * (1 - ratio)
-        return regular * (1 - k)
-    return regular
+from torch_ref.optim import mmcv_lr
 
 
 @pytest.mark.parametrize("it", [0, 1, 7, 749, 1499, 1500, 1501, 20_000, 39_999, 40_000])

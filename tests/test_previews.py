@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddb_jax import models, ops
+from ddb_jax import labels, models, ops
 from ddb_jax.train import optim, previews
 from ddb_jax.train import self_training as st
 from ddb_jax.train.state import create_train_state
@@ -15,13 +15,13 @@ from tests.test_self_training import make_config
 
 
 def test_palette_colours_and_ignore_is_black():
-    labels = np.array([[0, 10, 13], [18, 255, 19]], np.int32)
-    rgb = np.asarray(previews.colorize(labels))  # road, sky, car / bicycle, ignore, 19
+    train_ids = np.array([[0, 10, 13], [18, 255, 19]], np.int32)
+    rgb = np.asarray(previews.colorize(train_ids))  # road, sky, car / bicycle, ignore, 19
     assert rgb.dtype == np.uint8 and rgb.shape == (2, 3, 3)
     np.testing.assert_array_equal(rgb[0], [(128, 64, 128), (70, 130, 180), (0, 0, 142)])
     np.testing.assert_array_equal(rgb[1, 0], (119, 11, 32))  # bicycle
     np.testing.assert_array_equal(rgb[1, 1:], 0)  # ignore 255 and an unknown id: black
-    assert len({tuple(c) for c in previews.CITYSCAPES_PALETTE}) == 19
+    assert len({tuple(c) for c in labels.CITYSCAPES_PALETTE}) == 19
 
 
 def test_denormalize_inverts_normalize_image():

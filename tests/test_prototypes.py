@@ -9,34 +9,13 @@ import torch.nn.functional as F
 
 from ddb_jax import ops, prototypes
 from ddb_jax.ops import resize_bilinear
+from torch_ref.common import nchw
+from torch_ref.prototypes import mean_vectors as torch_mean_vectors
+from torch_ref.prototypes import prototype_weight as torch_proto_weights
+from torch_ref.prototypes import rectified_ensemble as torch_rectified_labels
+from torch_ref.prototypes import update_table as torch_update
 
 N, K, C, H, W = 4, 6, 8, 12, 10
-
-
-def nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-
-
-def torch_mean_vectors(feat, logits, num_classes):
-    """ClassFeatures.calculate_mean_vector (NCHW), returning (image, class) -> vector."""
-    pred = F.one_hot(logits.softmax(1).argmax(1), num_classes + 1).permute(0, 3, 1, 2).float()
-    scale = F.adaptive_avg_pool2d(pred, 1)
-    out = {}
-    for n in range(feat.shape[0]):
-        for t in range(num_classes):
-            if scale[n][t].item() == 0 or (pred[n][t] > 0).sum() < 10:
-                continue
-            s = F.adaptive_avg_pool2d(feat[n] * pred[n][t], 1) / scale[n][t]
-            out[(n, t)] = s.squeeze()
-    return out
-
-
-def torch_update(table, counts, idx, vector, cap):
-    """ClassFeatures.update_objective_SingleVector(..., 'mean') with a configurable cap."""
-    if vector.sum().item() == 0:
-        return
-    table[idx] = (table[idx] * counts[idx] + vector.squeeze()) / (counts[idx] + 1)
-    counts[idx] = min(counts[idx] + 1, cap)
 
 
 def random_batch(seed, n=N):
@@ -73,17 +52,6 @@ def test_batched_table_update_equals_sequential_loop():
         np.testing.assert_allclose(counts, ref_counts.numpy())
         np.testing.assert_allclose(table, ref_table.numpy(), rtol=1e-5, atol=1e-5)
         assert cap == 3000 or (np.asarray(counts) == cap).any()
-
-
-def torch_proto_weights(feat, vectors):
-    """CKD.get_prototype_weight (per-class norm loop, min-shift, softmax)."""
-    n, _, h, w = feat.shape
-    dist = torch.stack(
-        [torch.norm(vectors[i].reshape(-1, 1, 1).expand(-1, h, w) - feat, 2, dim=1)
-         for i in range(vectors.shape[0])],
-        dim=1,
-    )  # fmt: skip
-    return F.softmax(-(dist - dist.min(dim=1, keepdim=True)[0]), dim=1)
 
 
 def test_prototype_weights_match_reference():
@@ -184,15 +152,6 @@ def test_closed_form_never_builds_channel_maps_at_image_size():
     )
     largest = max(np.prod(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars if v.aval.shape)
     assert largest == n * size[0] * size[1] * 19  # K maps at image size, never C
-
-
-def torch_rectified_labels(logits_a, w_a, logits_b, w_b, on_prob):
-    """The CKD hard-label branch with proto_rectify on."""
-    if on_prob:
-        sa, sb = w_a * torch.softmax(logits_a, 1), w_b * torch.softmax(logits_b, 1)
-    else:
-        sa, sb = torch.softmax(w_a * logits_a, 1), torch.softmax(w_b * logits_b, 1)
-    return torch.max(sa * 0.5 + sb * 0.5, dim=1)
 
 
 def test_rectified_ensemble_matches_reference():

@@ -1,6 +1,6 @@
 """DeepLabV2 (ResNetV1c + DLV2 adapter head): parity with a PyTorch reference through conversion.
 
-The reference (tests/torch_ref/resnet_dlv2.py) has mmseg's state-dict keys, so these
+The reference (torch_ref/resnet_dlv2.py) has mmseg's state-dict keys, so these
 tests also check the name map of ddb_jax.convert.resnet on every tensor.
 """
 
@@ -20,7 +20,8 @@ from ddb_jax.convert.common import ConversionError, convert_state_dict
 from ddb_jax.convert.resnet import torch_name
 from ddb_jax.models.deeplabv2 import DLV2Head
 from ddb_jax.models.resnet import ResNetV1c
-from tests.torch_ref import resnet_dlv2 as ref
+from torch_ref import resnet_dlv2 as ref
+from torch_ref.common import numpy_state_dict
 
 IMAGE_SHAPE = (1, 3, 65, 97)  # odd sizes: exercises torch's floor in strided convs / pooling
 
@@ -49,7 +50,7 @@ def reference_model(depth: int, dropout: float = 0.1) -> ref.Segmentor:
 
 def convert(torch_model: torch.nn.Module, flax_model) -> dict:
     shapes = models.variable_shapes(flax_model)
-    return convert_state_dict(ref.numpy_state_dict(torch_model), shapes, torch_name)
+    return convert_state_dict(numpy_state_dict(torch_model), shapes, torch_name)
 
 
 @functools.cache
@@ -215,7 +216,7 @@ def test_dropout_drops_whole_channels():
 
 @pytest.fixture(scope="module")
 def r18_state():
-    return ref.numpy_state_dict(reference_model(18))
+    return numpy_state_dict(reference_model(18))
 
 
 def r18_shapes(depth: int = 18):
@@ -248,7 +249,7 @@ def test_conversion_rejects_wrong_shape(r18_state):
 
 def test_every_imagenet_key_is_a_backbone_key():
     """The ImageNet file (no prefix, plus fc) covers exactly our backbone leaves."""
-    state = ref.numpy_state_dict(ref.ResNetV1c(50))
+    state = numpy_state_dict(ref.ResNetV1c(50))
     names = {
         torch_name(tuple(str(p.key) for p in path)).key
         for path, _ in jax.tree_util.tree_leaves_with_path(

@@ -1,7 +1,7 @@
 """The self-training step against a PyTorch reference step, and across device counts.
 
-The reference step (tests/torch_ref/self_training.py) is written from DDB's
-``ST.forward_train`` semantics with the mmseg-named torch model of tests/torch_ref;
+The reference step (torch_ref/self_training.py) is written from DDB's
+``ST.forward_train`` semantics with the mmseg-named torch model of torch_ref;
 the same bridging and augmentation draws are fed to both sides.
 """
 
@@ -22,9 +22,11 @@ from ddb_jax.convert.common import convert_state_dict, path_to_str
 from ddb_jax.train import optim
 from ddb_jax.train import self_training as st
 from ddb_jax.train.state import create_train_state
-from tests.test_augment import fixed_params
-from tests.torch_ref.resnet_dlv2 import Segmentor, numpy_state_dict, randomize
-from tests.torch_ref.self_training import make_optimizer, nchw, torch_reference_step
+from torch_ref.augment import random_draw as fixed_params
+from torch_ref.common import nchw, numpy_state_dict
+from torch_ref.optim import make_optimizer
+from torch_ref.resnet_dlv2 import Segmentor, randomize
+from torch_ref.self_training import torch_reference_step
 
 H, W = 32, 40
 LR, STEPS = 1e-3, 10

@@ -51,8 +51,12 @@ def parse_backbone(name: str) -> tuple[str, Any]:
     )
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
+
+
 def compute_dtype(name: str) -> jnp.dtype:
-    if name not in ("float32", "bfloat16"):
+    """float32 | bfloat16; float64 (with ``jax_enable_x64``) is what the parity tests use."""
+    if name not in COMPUTE_DTYPES:
         raise ModelConfigError(f"config.model.dtype={name!r}; use 'float32' or 'bfloat16'")
     return jnp.dtype(name)
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from ddb_jax.models.resnet import make_conv, make_norm
+from ddb_jax.ops import upcast
 
 
 class ConvModule(nn.Module):
@@ -68,14 +69,14 @@ class DLV2Head(nn.Module):
         x = jnp.concatenate(branches, axis=-1)
         bottleneck = ConvModule(self.channels, 3, 1, self.dtype, self.conv_impl, name="bottleneck")
         feature = bottleneck(x, train)
-        feature = feature.astype(jnp.float32)
+        feature = upcast(feature)
         # nn.Dropout2d: whole channels dropped, so the mask broadcasts over H and W.
         x = nn.Dropout(self.dropout_ratio, broadcast_dims=(1, 2), deterministic=not train)(feature)
         logits = nn.Conv(
             self.num_classes,
             (1, 1),
             kernel_init=nn.initializers.normal(0.01),
-            dtype=jnp.float32,
+            dtype=None,  # float32 (float64 in the parity tests), whatever self.dtype is
             param_dtype=jnp.float32,
             name="conv_seg",
         )(x)

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddb_jax.ops import upcast
+
 
 @dataclasses.dataclass(frozen=True)
 class MiTSpec:
@@ -107,7 +109,7 @@ class Attention(nn.Module):
         kv = kv.reshape(batch, -1, 2, self.num_heads, head_dim)
         k, v = kv[:, :, 0], kv[:, :, 1]
         logits = jnp.einsum("bnhd,bmhd->bhnm", q, k) * (head_dim**-0.5)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+        weights = jax.nn.softmax(upcast(logits), axis=-1).astype(self.dtype)
         out = jnp.einsum("bhnm,bmhd->bnhd", weights, v).reshape(batch, height, width, dim)
         return nn.Dense(dim, dtype=self.dtype, name="proj")(out)
 

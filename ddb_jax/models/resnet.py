@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddb_jax.ops import upcast
+
 # depth -> (bottleneck?, blocks per stage); mmseg's arch_settings.
 ARCH_SETTINGS = {
     18: (False, (2, 2, 2, 2)),
@@ -95,7 +97,7 @@ class BatchNorm(nn.Module):
     flax's BatchNorm feeds the biased batch variance into the running average;
     torch feeds the unbiased one (n/(n-1)). The EMA teacher runs BN in training
     mode and its running stats are what evaluation uses, so we follow torch.
-    Statistics and normalisation are computed in float32 whatever ``dtype`` is.
+    Statistics and normalisation are computed in float32 (or float64) whatever ``dtype`` is.
     """
 
     use_running_average: bool
@@ -112,7 +114,7 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
-        x32 = x.astype(jnp.float32)
+        x32 = upcast(x)
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:
@@ -124,8 +126,8 @@ class BatchNorm(nn.Module):
                 unbiased = var * (count / max(count - 1, 1))
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
                 ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
-        multiplier = scale.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
-        shift = bias.astype(jnp.float32) - mean * multiplier
+        multiplier = upcast(scale) * jax.lax.rsqrt(var + self.epsilon)
+        shift = upcast(bias) - mean * multiplier
         return (x32 * multiplier + shift).astype(self.dtype)
 
 

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddb_jax.ops import resize_bilinear
+from ddb_jax.ops import resize_bilinear, upcast
 
 Dtype = Any
 
@@ -128,7 +128,7 @@ def classify(
 ) -> jax.Array:
     """mmseg ``cls_seg``: Dropout2d (whole channels) then a 1x1 conv, in float32."""
     x = nn.Dropout(rate, broadcast_dims=(1, 2), deterministic=not train)(feature)
-    return nn.Conv(num_classes, (1, 1), dtype=jnp.float32, name=name)(x.astype(jnp.float32))
+    return nn.Conv(num_classes, (1, 1), dtype=None, name=name)(upcast(x))
 
 
 class SegFormerHead(nn.Module):

@@ -18,7 +18,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from input_pipeline import conversion, label_tables
+from ddb_jax import labels as label_tables
+from input_pipeline import conversion
 
 
 def load_table(data_dir: str, version: str) -> np.ndarray:
@@ -36,7 +37,7 @@ def to_train_ids(path: str, table: np.ndarray, unknown_to_ignore: bool) -> np.nd
     raw = conversion.read_label_png(path)
     if raw.ndim != 2:
         raise ValueError(f"{path}: expected a palette (index) PNG, got shape {raw.shape}")
-    id_to_train = {i: int(t) for i, t in enumerate(table) if t != label_tables.IGNORE}
+    id_to_train = {i: int(t) for i, t in enumerate(table) if t != label_tables.IGNORE_LABEL}
     return label_tables.map_ids(raw, id_to_train, tuple(range(len(table))), path, unknown_to_ignore)
 
 

@@ -15,7 +15,8 @@ import os
 
 import numpy as np
 
-from input_pipeline import conversion, label_tables
+from ddb_jax import labels as label_tables
+from input_pipeline import conversion
 
 SUFFIX = "_labelTrainIds.png"
 

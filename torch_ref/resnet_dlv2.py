@@ -3,7 +3,7 @@
 Module names reproduce the mmseg state-dict keys (``backbone.stem.0.weight``,
 ``backbone.layer3.0.downsample.1.running_var``, ``decode_head.aspp_modules.1.conv.weight``,
 ``decode_head.conv_seg.bias``...), so a state dict of this model is a stand-in for a
-real DDB/mmseg checkpoint. Test-only: torch is never imported by the package.
+real DDB/mmseg checkpoint.
 """
 
 from __future__ import annotations
@@ -208,8 +208,3 @@ def center_classifier(model: Segmentor, images: torch.Tensor) -> Segmentor:
     head.bias.copy_(-(head.weight[:, :, 0, 0] @ mean_feature))
     model.train(was_training)
     return model
-
-
-def numpy_state_dict(model: nn.Module) -> dict:
-    """The state dict as numpy arrays (what ddb_jax.convert consumes)."""
-    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}

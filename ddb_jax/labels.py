@@ -1,9 +1,10 @@
-"""Label id tables: raw dataset ids -> the 19 Cityscapes train ids (255 = ignore).
+"""The label space: class names, colours and raw dataset ids -> the 19 Cityscapes train ids.
 
-One place for every table so the five converters, the toy generator and the
-tests agree. The Cityscapes table is written out here rather than imported from
-``cityscapesscripts`` (its package pulls matplotlib and friends for one dict);
-the values are the ``trainId`` column of cityscapesscripts' ``labels.py``.
+One place for every table so the five converters, the toy generator, evaluation,
+image summaries and the tests agree (255 = ignore). A leaf module (NumPy only): the
+input pipeline and the DDB ops may import it. The Cityscapes table is written out here
+rather than imported from ``cityscapesscripts`` (its package pulls matplotlib and friends
+for one dict); the values are the ``trainId`` column of cityscapesscripts' ``labels.py``.
 """
 
 from __future__ import annotations
@@ -12,30 +13,33 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-IGNORE = 255
+IGNORE_LABEL = 255
 NUM_CLASSES = 19
 
-CLASS_NAMES = (
-    "road",
-    "sidewalk",
-    "building",
-    "wall",
-    "fence",
-    "pole",
-    "traffic light",
-    "traffic sign",
-    "vegetation",
-    "terrain",
-    "sky",
-    "person",
-    "rider",
-    "car",
-    "truck",
-    "bus",
-    "train",
-    "motorcycle",
-    "bicycle",
-)
+CITYSCAPES_CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
+    "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
+    "truck", "bus", "train", "motorcycle", "bicycle",
+)  # fmt: skip
+
+# The 19 train ids in the official colours (cityscapesScripts labels.py), RGB.
+CITYSCAPES_PALETTE = np.array(
+    [
+        (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+        (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+        (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+        (0, 80, 100), (0, 0, 230), (119, 11, 32),
+    ],
+    np.uint8,
+)  # fmt: skip
+
+
+def palette_256() -> np.ndarray:
+    """(256, 3) uint8: the palette indexed by train id, ignore (255) and unknown ids black."""
+    table = np.zeros((256, 3), np.uint8)
+    table[: len(CITYSCAPES_PALETTE)] = CITYSCAPES_PALETTE
+    return table
+
 
 # Cityscapes label ids (also GTA5 and Synscapes class maps) -> train ids. Ids 0..33 are
 # valid; ids not listed (void, ground, parking, rail track, guard rail, ...) become 255.
@@ -99,7 +103,7 @@ class UnknownLabelError(ValueError):
 
 def build_lut(id_to_train_id: Mapping[int, int], size: int = 65536) -> np.ndarray:
     """A lookup table ``lut[raw_id] = train_id`` (255 for ids without a class)."""
-    lut = np.full(size, IGNORE, np.uint8)
+    lut = np.full(size, IGNORE_LABEL, np.uint8)
     for raw_id, train_id in id_to_train_id.items():
         lut[raw_id] = train_id
     return lut
@@ -147,8 +151,8 @@ def _squash(name: str) -> str:
 
 def mapillary_to_train_id(readable_names: Sequence[str]) -> np.ndarray:
     """Train id per Mapillary label index (uint8; 255 for classes without a counterpart)."""
-    exact = {_squash(name): i for i, name in enumerate(CLASS_NAMES)}
-    table = np.full(len(readable_names), IGNORE, np.uint8)
+    exact = {_squash(name): i for i, name in enumerate(CITYSCAPES_CLASSES)}
+    table = np.full(len(readable_names), IGNORE_LABEL, np.uint8)
     for index, readable in enumerate(readable_names):
         name = _squash(readable)
         if name in exact:
@@ -156,6 +160,6 @@ def mapillary_to_train_id(readable_names: Sequence[str]) -> np.ndarray:
             continue
         for needles, cls in _MAPILLARY_SUBSTRING_RULES:
             if any(needle in name for needle in needles):
-                table[index] = CLASS_NAMES.index(cls)
+                table[index] = CITYSCAPES_CLASSES.index(cls)
                 break
     return table

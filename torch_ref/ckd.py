@@ -1,19 +1,16 @@
 """PyTorch reference of one CKD iteration, written from DDB's ``CKD.forward_train`` semantics.
 
-Models are tests/torch_ref/resnet_dlv2.Segmentor (forward -> (logits at 1/8, feature)).
+Models are torch_ref.resnet_dlv2.Segmentor (forward -> (logits at 1/8, feature)).
 The student's target input (the reference's ``bridging['img']``, strongly augmented by
 its data pipeline) is given, so both sides can use the same augmentation draws.
-Test-only: torch is never imported by the package.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-
-def resize(x: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+from torch_ref.losses import kl_loss, resize, seg_ce
+from torch_ref.prototypes import prototype_weight
 
 
 def encode_decode(model, img: torch.Tensor, return_feature: bool = False):
@@ -21,35 +18,6 @@ def encode_decode(model, img: torch.Tensor, return_feature: bool = False):
     logits, feature = model(img)
     size = img.shape[2:]
     return (resize(logits, size), resize(feature, size)) if return_feature else resize(logits, size)
-
-
-def prototype_weight(feature: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """CKD.get_prototype_weight: softmax over classes of -(d - min d), d an L2 distance."""
-    n, _, h, w = feature.shape
-    dist = torch.stack(
-        [
-            torch.norm(vectors[i].reshape(-1, 1, 1).expand(-1, h, w) - feature, 2, dim=1)
-            for i in range(vectors.shape[0])
-        ],
-        dim=1,
-    )
-    dist = dist - dist.min(dim=1, keepdim=True)[0]
-    return F.softmax(-dist, dim=1)
-
-
-def seg_ce(logits, labels, weight=None):
-    """mmseg decode-head loss: resize to the label size, CE (ignore 255), x weight, mean."""
-    logits = resize(logits, labels.shape[1:])
-    loss = F.cross_entropy(logits, labels.long(), ignore_index=255, reduction="none")
-    if weight is not None:
-        loss = loss * weight
-    return loss.mean()
-
-
-def kl_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """dass/models/utils/module.py kl_loss semantics: batchmean KL divided by H*W."""
-    h, w = t.shape[-2:]
-    return F.kl_div(s, t, reduction="batchmean") / (h * w)
 
 
 def ckd_step(student, cu, ca, vectors, opt, xs, ys, xt, stu_tgt_img, cfg, use_pseudo=None):
@@ -88,10 +56,10 @@ def ckd_step(student, cu, ca, vectors, opt, xs, ys, xt, stu_tgt_img, cfg, use_ps
             ensemble = cu_soft * 0.5 + ca_soft * 0.5
             prob, pseudo = torch.max(ensemble, dim=1)
             if cfg["use_pl_weight"]:
-                weight = (prob >= cfg["pseudo_threshold"]).float().mean()
+                weight = (prob >= cfg["pseudo_threshold"]).to(prob.dtype).mean()
             else:
-                weight = torch.tensor(1.0)
-            pixel_weight = weight * torch.ones(prob.shape)
+                weight = torch.tensor(1.0, dtype=prob.dtype)
+            pixel_weight = weight * torch.ones_like(prob)
         extra.update(ensemble=ensemble.numpy(), pseudo=pseudo.numpy(), weight=float(weight))
         labels = pseudo if use_pseudo is None else torch.from_numpy(use_pseudo).long()
         tgt_loss = seg_ce(student(stu_tgt_img)[0], labels, pixel_weight)

@@ -9,43 +9,12 @@ AdamW step with the decode head at ``head_lr_mult`` x the rate.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from tests.test_augment import torch_strong
-from tests.test_optim import mmcv_lr
-
-
-def to_torch(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x))
-
-
-def nchw(x: np.ndarray) -> torch.Tensor:
-    return to_torch(x.transpose(0, 3, 1, 2))
-
-
-def torch_ce(
-    logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None
-) -> torch.Tensor:
-    """mmseg CE: logits resized to the label size, ignore 255, mean over all pixels."""
-    logits = F.interpolate(logits, size=labels.shape[1:], mode="bilinear", align_corners=False)
-    loss = F.cross_entropy(logits, labels.long(), ignore_index=255, reduction="none")
-    if weight is not None:
-        loss = loss * weight
-    return loss.mean()
-
-
-def make_optimizer(student: torch.nn.Module, optim_cfg) -> torch.optim.AdamW:
-    """AdamW with two groups (backbone, decode head) as the mmcv paramwise config builds."""
-    head = [p for n, p in student.named_parameters() if n.startswith("decode_head")]
-    body = [p for n, p in student.named_parameters() if not n.startswith("decode_head")]
-    return torch.optim.AdamW(
-        [{"params": body}, {"params": head}],
-        lr=optim_cfg.lr,
-        betas=(optim_cfg.b1, optim_cfg.b2),
-        weight_decay=optim_cfg.weight_decay,
-    )
+from torch_ref.augment import strong
+from torch_ref.common import nchw, to_torch
+from torch_ref.losses import resize, seg_ce
+from torch_ref.optim import set_learning_rates
 
 
 def torch_reference_step(
@@ -60,17 +29,7 @@ def torch_reference_step(
     loss and gradient comparison should not depend on them. Returns (source loss, mixed
     loss, gradients by name (empty unless ``keep_grads``), pseudo weight, extras).
     """
-    optim_cfg = config.optim
-    for group, mult in zip(opt.param_groups, (1.0, optim_cfg.head_lr_mult), strict=True):
-        group["lr"] = mmcv_lr(
-            it,
-            optim_cfg.lr * mult,
-            config.num_steps,
-            optim_cfg.warmup_iters,
-            optim_cfg.warmup_ratio,
-            optim_cfg.poly_power,
-            optim_cfg.min_lr,
-        )
+    set_learning_rates(opt, it, config.optim, config.num_steps)
     with torch.no_grad():
         alpha = min(1 - 1 / (it + 1), config.st.ema_alpha)
         for t_param, s_param in zip(teacher.parameters(), student.parameters(), strict=True):
@@ -80,24 +39,24 @@ def torch_reference_step(
     xs, xt = nchw(batch["source_image"]).to(device), nchw(batch["target_image"]).to(device)
     ys = to_torch(batch["source_label"]).to(device)
     size = tuple(ys.shape[1:])
-    src_loss = torch_ce(student(xs)[0], ys)
+    src_loss = seg_ce(student(xs)[0], ys)
     src_loss.backward()
     with torch.no_grad():
-        t_logits = F.interpolate(teacher(xt)[0], size=size, mode="bilinear", align_corners=False)
+        t_logits = resize(teacher(xt)[0], size)
         prob, pseudo = torch.softmax(t_logits, dim=1).max(dim=1)
-        weight = (prob >= config.st.pseudo_threshold).float().mean()
+        weight = (prob >= config.st.pseudo_threshold).to(prob.dtype).mean()
     m = to_torch(masks).to(device)
     mixed = torch.where(m[:, None], xs, xt).cpu()
     mixed = torch.stack(
         [
-            to_torch(torch_strong(mixed[i].numpy().transpose(1, 2, 0), augs[i]).transpose(2, 0, 1))
+            to_torch(strong(mixed[i].numpy().transpose(1, 2, 0), augs[i]).transpose(2, 0, 1))
             for i in range(len(augs))
         ]
     ).to(device)
     chosen = pseudo if use_pseudo is None else to_torch(use_pseudo).long().to(device)
     mixed_label = torch.where(m, ys.long(), chosen)
     mixed_weight = torch.where(m, torch.ones_like(prob), weight * torch.ones_like(prob))
-    mix_loss = torch_ce(student(mixed)[0], mixed_label, mixed_weight)
+    mix_loss = seg_ce(student(mixed)[0], mixed_label, mixed_weight)
     mix_loss.backward()
     grads = {}
     if keep_grads:

@@ -1,0 +1,26 @@
+"""Array plumbing between NumPy (NHWC, what JAX sees) and torch (NCHW)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def to_torch(x) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x)))
+
+
+def nchw(x) -> torch.Tensor:
+    """An NHWC array as an NCHW tensor."""
+    return to_torch(np.asarray(x).transpose(0, 3, 1, 2))
+
+
+def nhwc(x: torch.Tensor) -> np.ndarray:
+    """An NCHW tensor as an NHWC array."""
+    return x.detach().cpu().numpy().transpose(0, 2, 3, 1)
+
+
+def numpy_state_dict(model: nn.Module) -> dict[str, np.ndarray]:
+    """The state dict as NumPy arrays (what ``ddb_jax.convert`` consumes)."""
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
