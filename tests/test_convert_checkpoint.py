@@ -1,5 +1,6 @@
 """tools/convert_checkpoint.py end to end: DDB .pth -> model directory -> same outputs as torch."""
 
+import copy
 import os
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 
 from ddb_jax import checkpoints, models
 from tools import convert_checkpoint
+from torch_ref import mit_heads
 from torch_ref.resnet_dlv2 import Segmentor, center_classifier, randomize
 
 
@@ -103,5 +105,86 @@ def test_bad_input_fails_clearly_and_writes_nothing(ddb_checkpoint, tmp_path, ca
     assert needle in err
     if case == "wrong_depth":
         assert "missing keys" in err and "backbone.layer1.2.conv1.weight" in err
+    assert not os.path.exists(out)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".out.tmp")]
+
+
+MIT_HEAD_WIDTH = 64  # --head-channels of the MiT checkpoints below: small for speed
+
+
+def mit_segmentor(head_cls, seed: int) -> torch.nn.Module:
+    """MiT-B0 in mmseg 0.x's key layout with ``head_cls``, random weights and BN statistics."""
+    model = mit_heads.EncoderDecoder(
+        mit_heads.MMMiT(**mit_heads.MIT_B0),
+        head_cls(mit_heads.MIT_B0["embed_dims"], MIT_HEAD_WIDTH),
+    )
+    return mit_heads.randomize_(model, seed).eval()
+
+
+def save_ddb_checkpoint(model: torch.nn.Module, path) -> None:
+    """What users hold: the model under 'model.' inside {'state_dict': ...}."""
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "meta": {"iter": 40000}}, path)
+
+
+@pytest.fixture(scope="module")
+def mmseg_segformer_checkpoint(tmp_path_factory):
+    """mmseg 0.x SegFormer (mmseg MiT + SegformerHead) saved DDB-style, with its outputs
+    in float32 and float64."""
+    model = mit_segmentor(mit_heads.MMSegSegformerHead, seed=11)
+    path = tmp_path_factory.mktemp("pth") / "segformer_mit-b0.pth"
+    save_ddb_checkpoint(model, path)
+    images = torch.randn(1, 3, 65, 97, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        out32 = model(images)
+        out64 = copy.deepcopy(model).double()(images.double())
+    out32, out64 = ([t.numpy().transpose(0, 2, 3, 1) for t in out] for out in (out32, out64))
+    return path, images.numpy().transpose(0, 2, 3, 1), out32, out64
+
+
+def test_mmseg_segformer_checkpoint_converts(mmseg_segformer_checkpoint, tmp_path):
+    """The issue's command line, then the model directory reproduces the torch model: our
+    float32 error against float64 is of the order of torch's own float32 error (the same
+    arithmetic, reassociated), far below what a misplaced tensor would cause."""
+    path, images, torch32, torch64 = mmseg_segformer_checkpoint
+    out = tmp_path / "model"
+    args = ["--backbone", "mit_b0", "--head", "mmseg_segformer", "--head-channels=64"]
+    assert convert_checkpoint.main([str(path), str(out), *args]) == 0
+    variables, model_cfg = checkpoints.load_model_dir(str(out))
+    assert (model_cfg.head, model_cfg.mit_layout) == ("mmseg_segformer", "mmseg")
+    ours = models.build_model(model_cfg).apply(variables, images, train=False)
+    assert ours[0].dtype == np.float32
+    eps = np.finfo(np.float32).eps
+    for name, exact, theirs, mine in zip(
+        ("logits", "feature"), torch64, torch32, ours, strict=True
+    ):
+        scale = np.abs(exact).max()
+        torch_error = np.abs(theirs - exact).max() / scale
+        our_error = np.abs(np.asarray(mine) - exact).max() / scale
+        assert our_error <= 8 * torch_error + 256 * eps, (name, our_error, torch_error)
+    assert np.mean(np.asarray(ours[0]).argmax(-1) == torch32[0].argmax(-1)) >= 0.999
+
+
+@pytest.mark.parametrize(
+    ("saved", "flag", "needed"),
+    [
+        ("mmseg_segformer", "segformer", "mmseg_segformer"),
+        ("mmseg_segformer", None, "mmseg_segformer"),  # the MiT default head is daformer
+        ("segformer", "mmseg_segformer", "segformer"),
+    ],
+)
+def test_wrong_mit_head_names_the_right_flag(tmp_path, capsys, saved, flag, needed):
+    head_cls = {
+        "mmseg_segformer": mit_heads.MMSegSegformerHead,
+        "segformer": mit_heads.SegFormerHead,
+    }[saved]
+    path = tmp_path / "ckpt.pth"
+    save_ddb_checkpoint(mit_segmentor(head_cls, seed=13), path)
+    out = tmp_path / "out"
+    args = ["--backbone=mit_b0", "--head-channels=64"] + ([f"--head={flag}"] if flag else [])
+    assert convert_checkpoint.main([str(path), str(out), *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"--head={needed} " in err and "missing keys" not in err
     assert not os.path.exists(out)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".out.tmp")]

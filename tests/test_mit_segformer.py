@@ -1,12 +1,15 @@
-"""MiT-B0 + SegFormer / DAFormer heads against PyTorch references, both MiT key layouts.
+"""MiT-B0 + SegFormer / DAFormer / mmseg SegformerHead against PyTorch references,
+both MiT key layouts.
 
 The torch models (torch_ref/mit_heads.py) carry the real checkpoint key names;
 their state dicts go through the production conversion (strict), and the Flax model
-must reproduce logits and the prototype feature in eval mode.
+must reproduce logits and the prototype feature in eval mode (and, for mmseg's head,
+in train-mode BN with the running statistics it leaves).
 """
 
 from __future__ import annotations
 
+import copy
 import re
 
 import jax
@@ -19,7 +22,7 @@ from ddb_jax.convert import mit as convert_mit
 from ddb_jax.convert.common import ConversionError, convert_state_dict
 from ddb_jax.models import EncoderDecoder, variable_shapes
 from ddb_jax.models.mit import MixVisionTransformer
-from ddb_jax.models.segformer_heads import DAFormerHead, SegFormerHead
+from ddb_jax.models.segformer_heads import DAFormerHead, MMSegSegformerHead, SegFormerHead
 from torch_ref import mit_heads as ref
 from torch_ref.common import numpy_state_dict
 
@@ -31,18 +34,26 @@ HEAD_WIDTH = 64  # SegFormer embed dim / DAFormer channels: small for speed
 def torch_segmentor(head: str, backbone: str = "nvlabs", eps=ref.NVLABS_EPS, seed: int = 0):
     mit_cls = ref.NVMiT if backbone == "nvlabs" else ref.MMMiT
     encoder = mit_cls(**B0, eps=eps)
-    if head == "segformer":
-        decoder = ref.SegFormerHead(B0["embed_dims"], HEAD_WIDTH)
-    else:
-        decoder = ref.DAFormerHead(B0["embed_dims"], HEAD_WIDTH)
+    head_cls = {
+        "segformer": ref.SegFormerHead,
+        "daformer": ref.DAFormerHead,
+        "mmseg_segformer": ref.MMSegSegformerHead,
+    }[head]
+    decoder = head_cls(B0["embed_dims"], HEAD_WIDTH)
     return ref.randomize_(ref.EncoderDecoder(encoder, decoder), seed).eval()
 
 
-def flax_segmentor(head: str, layout: str) -> EncoderDecoder:
-    head_cls = SegFormerHead if head == "segformer" else DAFormerHead
+FLAX_HEADS = {
+    "segformer": SegFormerHead,
+    "daformer": DAFormerHead,
+    "mmseg_segformer": MMSegSegformerHead,
+}
+
+
+def flax_segmentor(head: str, layout: str, **head_kwargs) -> EncoderDecoder:
     return EncoderDecoder(
-        backbone=MixVisionTransformer(variant="b0", layout=layout),
-        decode_head=head_cls(num_classes=19, channels=HEAD_WIDTH),
+        backbone=MixVisionTransformer(variant="b0", layout=layout, drop_path_rate=0.0),
+        decode_head=FLAX_HEADS[head](num_classes=19, channels=HEAD_WIDTH, **head_kwargs),
     )
 
 
@@ -114,6 +125,85 @@ def test_mmseg_layout_parity(head, image):
     assert_parity(
         torch_outputs(torch_model, image), flax_outputs(model, convert(model, state_dict), image)
     )
+
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def assert_float32_error_like_torch(exact, torch32, ours, what: str) -> None:
+    """Ours and torch's float32 runs evaluate the same arithmetic in different orders:
+    against float64 their rounding errors are of one order (a constant factor for
+    reassociated sums), while a wrong mapping is an O(1) error. The floor of a few
+    hundred ulps covers a torch run that happens to round almost exactly."""
+    torch_error, our_error = parity_error(exact, torch32), parity_error(exact, ours)
+    bound = 8 * torch_error + 256 * EPS32
+    assert our_error <= bound, f"{what}: {our_error:.2e} > {bound:.2e} (torch {torch_error:.2e})"
+
+
+def torch_run(model, image: np.ndarray, train: bool):
+    """(logits, feature, decode-head BN running stats) of a copy of ``model`` run once;
+    ``train`` uses batch statistics (and updates the copy's running ones), dropout off."""
+    model = copy.deepcopy(model).train(train)
+    model.decode_head.dropout.eval()  # its channel mask is random in both frameworks
+    with torch.no_grad():
+        logits, feature = model(torch.from_numpy(image).to(next(model.parameters()).dtype))
+    stats = {
+        k: v.numpy()
+        for k, v in model.decode_head.state_dict().items()
+        if k.endswith(("running_mean", "running_var"))
+    }
+    return nchw_to_nhwc(logits), nchw_to_nhwc(feature), stats
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval_bn", "train_bn"])
+def test_mmseg_segformer_head_parity(train, image):
+    """mmseg 0.x SegformerHead (ConvModule per level, fusion_conv, conv_seg) on the
+    mmseg MiT, as in mmseg's own SegFormer checkpoints; random BN statistics."""
+    torch_model = torch_segmentor("mmseg_segformer", backbone="mmseg", eps=ref.MMSEG_EPS, seed=7)
+    state_dict = numpy_state_dict(torch_model)
+    assert "decode_head.convs.3.bn.running_var" in state_dict
+    assert "decode_head.fusion_conv.conv.weight" in state_dict
+    assert convert_mit.detect_head(state_dict) == "mmseg_segformer"
+    torch32 = torch_run(torch_model, image, train)
+    exact = torch_run(torch_model.double(), image.astype(np.float64), train)
+
+    model = flax_segmentor("mmseg_segformer", "mmseg", dropout_ratio=0.0 if train else 0.1)
+    variables = convert(model, state_dict)
+    x = jnp.asarray(nchw_to_nhwc(image))
+    if train:
+        (logits, feature), updated = model.apply(variables, x, train=True, mutable="batch_stats")
+    else:
+        logits, feature = model.apply(variables, x, train=False)
+        updated = variables
+    assert logits.dtype == jnp.float32 and logits.shape == torch32[0].shape
+    assert feature.shape == torch32[1].shape == (1, 17, 25, HEAD_WIDTH)
+    for index, what in enumerate(("logits", "feature")):
+        assert_float32_error_like_torch(
+            exact[index], torch32[index], np.asarray((logits, feature)[index]), what
+        )
+    # Eval leaves the converted statistics; train moves them with the unbiased batch variance.
+    bn = updated["batch_stats"]["decode_head"]
+    for key, expected in exact[2].items():
+        module, leaf = key.split(".bn.")  # 'convs.3.bn.running_var'
+        ours = bn[module.replace(".", "_")]["bn"][leaf.removeprefix("running_")]
+        assert_float32_error_like_torch(expected, torch32[2][key], np.asarray(ours), key)
+
+
+def test_mmseg_segformer_head_bfloat16():
+    """bfloat16 compute: float32 logits, bfloat16 feature, and errors of bfloat16's size
+    (8 mantissa bits, relative rounding 2**-8 per step) against the float32 head."""
+    rng = np.random.default_rng(8)
+    shapes = [(1, 16 // 2**i, 24 // 2**i, c) for i, c in enumerate(B0["embed_dims"])]
+    features = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
+    head32 = MMSegSegformerHead(num_classes=19, channels=HEAD_WIDTH)
+    head16 = MMSegSegformerHead(num_classes=19, channels=HEAD_WIDTH, dtype=jnp.bfloat16)
+    variables = head32.init(jax.random.key(0), features, False)
+    logits32, feature32 = head32.apply(variables, features, False)
+    logits16, feature16 = head16.apply(variables, features, False)
+    assert logits16.dtype == jnp.float32 and feature16.dtype == jnp.bfloat16
+    error = parity_error(np.asarray(logits32), np.asarray(logits16))
+    assert 2**-12 < error < 2**-4, error  # bfloat16 was used, and only its rounding differs
+    assert parity_error(np.asarray(feature32), np.asarray(feature16, np.float32)) < 2**-4
 
 
 def nvlabs_to_mmseg_rule(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -3,6 +3,12 @@
   python tools/convert_checkpoint.py weights/gta2cs/r2-ckd-pro-bs1x4/weight.pth runs/ddb_r2_ckd
   python tools/convert_checkpoint.py resnet101_v1c.pth pretrained/resnet101_v1c
   python tools/convert_checkpoint.py mit_b5.pth pretrained/mit_b5 --backbone=mit_b5 --head=daformer
+  python tools/convert_checkpoint.py segformer.pth runs/segformer_b0 --backbone=mit_b0 \
+      --head=mmseg_segformer
+
+MiT heads: ``segformer`` (DAFormer/NVlabs all-MLP head), ``daformer`` (default) and
+``mmseg_segformer`` (mmseg 0.x's SegformerHead); a segmentor checkpoint holding another
+head than ``--head`` fails with the value it needs.
 
 A DDB checkpoint holds several models; ``--which`` picks one (default: the deployable
 student, ``stu_model`` for CKD and ``model`` for self-training). Every tensor must be
@@ -28,7 +34,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("out", help="output model directory")
     parser.add_argument("--which", choices=MODEL_PREFIXES, default=None)
     parser.add_argument("--backbone", default="resnet101_v1c", help="e.g. resnet101_v1c, mit_b5")
-    parser.add_argument("--head", default=None, help="dlv2 | segformer | daformer")
+    parser.add_argument(
+        "--head", default=None, help="dlv2 | segformer | daformer | mmseg_segformer"
+    )
     parser.add_argument("--num-classes", type=int, default=19)
     parser.add_argument("--head-channels", type=int, default=None)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")

@@ -2,7 +2,8 @@
 
 Written from the semantics of the DAFormer repo (NVlabs MiT, SegFormerHead,
 DAFormerHead with the sepaspp fusion) and mmseg 0.30's MixVisionTransformer
-(nn.MultiheadAttention with fused in_proj, 1x1-conv Mix-FFN). Module names are
+(nn.MultiheadAttention with fused in_proj, 1x1-conv Mix-FFN) and SegformerHead
+(ConvModule per level, fusion_conv, conv_seg). Module names are
 the reference ones, so ``state_dict()`` has the real checkpoint keys. Test use only.
 """
 
@@ -306,6 +307,31 @@ class DAFormerHead(nn.Module):
 
     def forward(self, features):
         feature = self.fuse_layer(embed_upsample(self.embed_layers, features))
+        return self.conv_seg(self.dropout(feature)), feature
+
+
+class MMSegSegformerHead(nn.Module):
+    """mmseg 0.x SegformerHead; returns (logits, fusion_conv output).
+
+    Each level: 1x1 ConvModule (conv, BN, ReLU) to ``channels``, then resized to level 0.
+    """
+
+    def __init__(self, in_channels, channels=256, num_classes=19, dropout_ratio=0.1):
+        super().__init__()
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        self.dropout = nn.Dropout2d(dropout_ratio)
+        self.convs = nn.ModuleList(ConvModule(c, channels, 1) for c in in_channels)
+        self.fusion_conv = ConvModule(channels * len(in_channels), channels, 1)
+
+    def forward(self, features):
+        size = features[0].shape[2:]
+        levels = []
+        for conv, f in zip(self.convs, features, strict=True):
+            level = conv(f)
+            if level.shape[2:] != size:
+                level = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
+            levels.append(level)
+        feature = self.fusion_conv(torch.cat(levels, 1))
         return self.conv_seg(self.dropout(feature)), feature
 
 

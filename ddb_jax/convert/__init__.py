@@ -67,6 +67,8 @@ def convert_model_state(
     if family == "mit":
         # The key layout fixes the LayerNorm eps the model must use (DESIGN §1.7).
         model_cfg.mit_layout = arch.detect_mit_layout(state)
+        if kind == "segmentor":
+            arch.check_head(state, model_cfg.head, source)
         if model_cfg.mit_layout == "mmseg":
             state = arch.mmseg_to_nvlabs(state)
         ignore = tuple(arch.unused_keys(state))

@@ -1,4 +1,4 @@
-"""Flax leaf path -> PyTorch key for MiT + SegFormer/DAFormer heads; MiT layout handling.
+"""Flax leaf path -> PyTorch key for MiT + SegFormer/DAFormer heads; MiT and head layouts.
 
 Our module names are the NVlabs/mmseg ones with ``.`` before an index written
 ``_`` (``block2_1/attn/kv`` is ``block2.1.attn.kv``), so the map is a rename plus
@@ -7,6 +7,7 @@ NVlabs/DAFormer (``patch_embed1.proj``, ``block1.0.attn.q``, ...) and mmseg
 (``layers.0.0.projection``, fused ``attn.attn.in_proj_weight``, 1x1-conv FFN).
 ``mmseg_to_nvlabs`` rewrites the second into the first so one name map serves
 both; the model must still be built with the matching ``layout`` (LayerNorm eps).
+Decode heads are not rewritten: ``check_head`` tells which head a checkpoint holds.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ MODULE_PATTERNS = {
     ),
     "decode_head": re.compile(
         rf"(linear_c|embed_layers)_\d+/proj|linear_pred|conv_seg|linear_fuse/{_CONV_BN}"
+        rf"|(convs_\d+|fusion_conv)/{_CONV_BN}"
         rf"|fuse_layer/(bottleneck|aspp_modules_\d+(/(depthwise|pointwise)_conv)?)/{_CONV_BN}"
     ),
 }
@@ -92,6 +94,48 @@ def torch_name(path: tuple[str, ...]) -> TorchSource:
     torch_leaf, transform = LEAVES[(collection, leaf)]
     key = ".".join([root, *(_torch_module(m) for m in modules), torch_leaf])
     return TorchSource(key, transform)
+
+
+# config.model.head -> (what it is, key prefixes only its checkpoints have).
+HEAD_LAYOUTS = {
+    "segformer": (
+        "the DAFormer/NVlabs SegFormer head (decode_head.linear_c.N.proj, linear_fuse)",
+        ("decode_head.linear_c.", "decode_head.linear_fuse."),
+    ),
+    "daformer": (
+        "the DAFormer head (decode_head.embed_layers.N.proj, fuse_layer)",
+        ("decode_head.embed_layers.", "decode_head.fuse_layer."),
+    ),
+    "mmseg_segformer": (
+        "mmseg's SegformerHead (decode_head.convs.N.conv/bn, fusion_conv)",
+        ("decode_head.convs.", "decode_head.fusion_conv."),
+    ),
+}
+
+
+def detect_head(state_dict: Mapping[str, np.ndarray]) -> str | None:
+    """The MiT head whose keys ``state_dict`` has; None when no single head's keys are there."""
+    found = [
+        head
+        for head, (_, prefixes) in HEAD_LAYOUTS.items()
+        if any(k.startswith(prefixes) for k in state_dict)
+    ]
+    return found[0] if len(found) == 1 else None
+
+
+def check_head(state_dict: Mapping[str, np.ndarray], head: str, source: str = "checkpoint") -> None:
+    """Raises a one-line error naming the right ``--head`` when the checkpoint holds another head.
+
+    The heads share the MiT backbone, so without this the strict engine would list every
+    head key as missing and unexpected; a checkpoint matching no single head is left to it.
+    """
+    found = detect_head(state_dict)
+    if found is None or found == head:
+        return
+    raise ConversionError(
+        f"{source} holds {HEAD_LAYOUTS[found][0]}: convert it with --head={found} "
+        f"(config.model.head={found!r}), not --head={head}"
+    )
 
 
 _NVLABS_PROBE = re.compile(r"(^|\.)patch_embed1\.proj\.weight$")

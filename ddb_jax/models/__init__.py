@@ -18,7 +18,9 @@ import ml_collections
 
 RESNET_DEPTHS = (18, 34, 50, 101, 152)
 MIT_VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5")
-HEADS = ("dlv2", "segformer", "daformer")
+# 'segformer' is the DAFormer repo's (NVlabs) all-MLP head, 'mmseg_segformer' mmseg 0.x's
+# SegformerHead (ConvModule embeddings); their checkpoints differ in keys and in maths.
+HEADS = ("dlv2", "segformer", "daformer", "mmseg_segformer")
 MIT_LAYOUTS = ("nvlabs", "mmseg")
 
 
@@ -109,11 +111,19 @@ def build_model(model_cfg: ml_collections.ConfigDict) -> EncoderDecoder:
             conv_impl=model_cfg.conv_impl,
         )
     else:
-        from ddb_jax.models.segformer_heads import DAFormerHead, SegFormerHead
+        from ddb_jax.models.segformer_heads import (
+            DAFormerHead,
+            MMSegSegformerHead,
+            SegFormerHead,
+        )
 
         if family != "mit":
             raise ModelConfigError(f"config.model.head={model_cfg.head!r} needs a MiT backbone")
-        head_cls = SegFormerHead if model_cfg.head == "segformer" else DAFormerHead
+        head_cls = {
+            "segformer": SegFormerHead,
+            "daformer": DAFormerHead,
+            "mmseg_segformer": MMSegSegformerHead,
+        }[model_cfg.head]
         head = head_cls(
             num_classes=model_cfg.num_classes,
             channels=model_cfg.head_channels,

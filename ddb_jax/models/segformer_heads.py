@@ -1,7 +1,8 @@
-"""SegFormer all-MLP head and DAFormer head (DAFormer repo configs), in Flax.
+"""SegFormer heads (DAFormer repo's and mmseg 0.x's) and the DAFormer head, in Flax.
 
-Both take the four MiT maps (strides 4..32), embed each with a linear layer,
-upsample to stride 4, concatenate and fuse. They return ``(logits, feature)``:
+All take the four MiT maps (strides 4..32), embed each (a linear layer, or for
+mmseg's SegformerHead a 1x1 conv + BN + ReLU), upsample to stride 4, concatenate
+and fuse. They return ``(logits, feature)``:
 ``feature`` is the fused map feeding the final 1x1 classifier (the DDB
 prototype feature) and ``logits`` that classifier's float32 output at 1/4
 resolution. Module names are mmseg's with ``.`` before an index written ``_``
@@ -17,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddb_jax.models.resnet import make_norm
 from ddb_jax.ops import resize_bilinear, upcast
 
 Dtype = Any
@@ -26,6 +28,8 @@ class ConvModule(nn.Module):
     """mmcv ConvModule with BN and ReLU: bias-free conv, BatchNorm, ReLU.
 
     ``depthwise`` makes the conv one group per input channel (and as many outputs).
+    ``torch_bn`` uses torch's BatchNorm semantics (``resnet.make_norm``: unbiased
+    running variance, float32 statistics) with the same variable names.
     """
 
     features: int
@@ -33,6 +37,7 @@ class ConvModule(nn.Module):
     dilation: int = 1
     depthwise: bool = False
     dtype: Dtype = jnp.float32
+    torch_bn: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -48,6 +53,8 @@ class ConvModule(nn.Module):
             dtype=self.dtype,
             name="conv",
         )(x)
+        if self.torch_bn:
+            return nn.relu(make_norm(train, self.dtype, "bn")(x))
         x = nn.BatchNorm(
             use_running_average=not train,
             momentum=0.9,
@@ -168,5 +175,34 @@ class DAFormerHead(nn.Module):
         embed_dim = self.channels if self.embed_dim is None else self.embed_dim
         x = embed_and_upsample(features, embed_dim, "embed_layers", self.dtype)
         feature = SepASPP(self.channels, self.dilations, self.dtype, name="fuse_layer")(x, train)
+        logits = classify(feature, self.num_classes, self.dropout_ratio, train, "conv_seg")
+        return logits, feature
+
+
+class MMSegSegformerHead(nn.Module):
+    """mmseg 0.x ``SegformerHead``: per level a 1x1 ConvModule (conv, BN, ReLU) to
+    ``channels``, resized to level 0, concatenated, fused by the 1x1 ConvModule
+    ``fusion_conv`` and classified by ``conv_seg``.
+
+    Unlike the DAFormer repo's head the per-level embedding is normalised and
+    rectified, so its checkpoints (``decode_head.convs.N.conv/bn``) need this head.
+    BN follows torch (unbiased running variance) as the checkpoints were trained so.
+    """
+
+    num_classes: int = 19
+    channels: int = 256
+    dropout_ratio: float = 0.1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: list, train: bool) -> tuple[jax.Array, jax.Array]:
+        size = features[0].shape[1:3]
+        levels = []
+        for i, level in enumerate(features):
+            conv = ConvModule(self.channels, 1, dtype=self.dtype, torch_bn=True, name=f"convs_{i}")
+            levels.append(resize_bilinear(conv(level, train), size))
+        x = jnp.concatenate(levels, axis=-1)
+        fusion = ConvModule(self.channels, 1, dtype=self.dtype, torch_bn=True, name="fusion_conv")
+        feature = fusion(x, train)
         logits = classify(feature, self.num_classes, self.dropout_ratio, train, "conv_seg")
         return logits, feature
