@@ -116,6 +116,7 @@ class _RareClassSampler:
 def _source_fn(data_cfg, table, sampler: _RareClassSampler | None, seed: tf.Tensor):
     crop_size = tuple(data_cfg.crop_size)
     n = len(table["image"])
+    distort = bool(data_cfg.get("photometric_distortion", False))
 
     def fn(k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         elem_seed = transforms.fold_seed(seed, SOURCE_STREAM, k)
@@ -126,7 +127,9 @@ def _source_fn(data_cfg, table, sampler: _RareClassSampler | None, seed: tf.Tens
         image, label = _load(_gather(table, index), True)
 
         def propose(s):
-            return transforms.crop_flip_pad(image, label, crop_size, data_cfg.cat_max_ratio, s)
+            return transforms.crop_flip_pad(
+                image, label, crop_size, data_cfg.cat_max_ratio, s, distort
+            )
 
         if sampler is None or data_cfg.rcs_min_crop_ratio <= 0:
             return propose(elem_seed)

@@ -1,11 +1,13 @@
 """TensorFlow ops of the mmseg training/test pipelines (§1.6), deterministic under a seed.
 
-Semantics follow mmcv/mmseg 0.x: keep-ratio ``imrescale`` (scale factor
+Semantics follow mmcv/mmseg 0.x: images decoded as OpenCV does (JPEG with libjpeg's
+accurate integer IDCT); keep-ratio ``imrescale`` (scale factor
 ``min(long/max(h, w), short/min(h, w))``, sizes ``int(x * f + 0.5)``), bilinear for
 images (half-pixel centres, rounded back to uint8 like cv2 on uint8 input) and cv2
 nearest (``floor(dst * src/dst)``) for labels; RandomCrop with the ``cat_max_ratio``
-rejection; RandomFlip; Normalize; Pad. Randomness is stateless: every op takes a seed
-tensor of shape [2] derived from the global seed and the element index.
+rejection; RandomFlip; PhotoMetricDistortion (``photometric.py``); Normalize; Pad.
+Randomness is stateless: every op takes a seed tensor of shape [2] derived from the
+global seed and the element index.
 
 Broken files fail loudly with the file name: a truncated PNG/JPEG is detected from its
 missing end marker before decoding, and image/label sizes and label values are asserted.
@@ -17,11 +19,14 @@ import tensorflow as tf
 
 from ddb_jax.labels import IGNORE_LABEL
 from ddb_jax.ops import IMAGE_MEAN, IMAGE_STD
+from input_pipeline import photometric
 
 NUM_CLASSES = 19
 CAT_MAX_RATIO_TRIES = 10
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 JPEG_END = b"\xff\xd9"
+# Op ids folded into an element's seed by crop_flip_pad.
+CROP_OP, FLIP_OP, PHOTOMETRIC_OP = 1, 2, 3
 
 
 def fold_seed(seed: tf.Tensor, *data: int | tf.Tensor) -> tf.Tensor:
@@ -61,8 +66,14 @@ def read_image(path: tf.Tensor, is_jpeg: bool | tf.Tensor = False) -> tf.Tensor:
 
 
 def _decode_naming_file(contents: tf.Tensor, path: tf.Tensor) -> tf.Tensor:
-    """Eager decode whose error names the file (graph decode errors cannot be caught)."""
+    """Eager decode whose error names the file (graph decode errors cannot be caught).
+
+    JPEGs (by content, as cv2.imdecode decides) use libjpeg's accurate integer IDCT,
+    OpenCV's (mmcv.imread's) choice; TF's default fast IDCT is off by a few levels.
+    """
     try:
+        if tf.io.is_jpeg(contents):
+            return tf.io.decode_jpeg(contents, channels=3, dct_method="INTEGER_ACCURATE")
         return tf.io.decode_image(contents, channels=3, expand_animations=False)
     except tf.errors.InvalidArgumentError as err:
         raise ValueError(f"corrupt image file {path.numpy().decode()}: {err.message}") from None
@@ -264,15 +275,19 @@ def crop_flip_pad(
     crop_size: tuple[int, int],
     cat_max_ratio: float,
     seed: tf.Tensor,
+    photometric_distortion: bool = False,
 ) -> tuple[tf.Tensor, tf.Tensor | None]:
-    """RandomCrop -> RandomFlip -> Normalize -> Pad, the reference's order."""
+    """RandomCrop -> RandomFlip -> [PhotoMetricDistortion] -> Normalize -> Pad, the
+    reference's order; the distortion (the CKD stages' source images) is optional."""
     if label is None:
-        offset = crop_offset(tf.shape(image), crop_size, fold_seed(seed, 1, 0))
+        offset = crop_offset(tf.shape(image), crop_size, fold_seed(seed, CROP_OP, 0))
     else:
-        offset = random_crop_offset(label, crop_size, cat_max_ratio, fold_seed(seed, 1))
+        offset = random_crop_offset(label, crop_size, cat_max_ratio, fold_seed(seed, CROP_OP))
     image = crop(image, offset, crop_size)
     label = None if label is None else crop(label, offset, crop_size)
-    image, label = maybe_flip(image, label, fold_seed(seed, 2))
+    image, label = maybe_flip(image, label, fold_seed(seed, FLIP_OP))
+    if photometric_distortion:
+        image = photometric.photometric_distortion(image, fold_seed(seed, PHOTOMETRIC_OP))
     image, label = pad_to(normalize(image), label, crop_size)
     if label is not None:
         label = tf.cast(label, tf.int32)

@@ -4,34 +4,72 @@ Two ASPP branches on the last backbone stage, concatenated, a 3x3 bottleneck who
 output is the prototype feature, channel dropout, and a 1x1 classifier. Names
 follow the mmseg state dict: ``aspp_modules_{b}/{conv,bn}``, ``bottleneck/{conv,bn}``,
 ``conv_seg``.
+
+Random initialisation follows the reference's mmcv init: the head's
+``init_cfg=dict(type='Normal', std=0.01, override=dict(name='aspp_modules'))`` draws
+N(0, 0.01) for every weight of the ASPP branches, BN scales included (BN biases 0);
+the bottleneck keeps ConvModule.init_weights (kaiming-normal fan_out conv, BN scale 1);
+``conv_seg``, outside both, keeps PyTorch's Conv2d default.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddb_jax.models.resnet import make_conv, make_norm
+from ddb_jax.models.resnet import conv_init, make_conv, make_norm
 from ddb_jax.ops import upcast
+
+# mmcv normal_init(std=0.01) on the ASPP branches.
+ASPP_INIT = nn.initializers.normal(0.01)
+# PyTorch Conv2d.reset_parameters: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
+TORCH_CONV_KERNEL_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_conv_bias_init(fan_in: int) -> Callable:
+    """PyTorch Conv2d's default bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
 
 
 class ConvModule(nn.Module):
-    """mmcv ConvModule: bias-free conv, BN, ReLU (children named as in the state dict)."""
+    """mmcv ConvModule: bias-free conv, BN, ReLU (children named as in the state dict).
+
+    ``weight_init`` (mmcv's override init of a parent) replaces ConvModule's own init,
+    the kaiming conv and BN scale 1, for the conv kernel and the BN scale alike.
+    """
 
     features: int
     kernel: int
     dilation: int = 1
     dtype: jnp.dtype = jnp.float32
     conv_impl: str = "lax"
+    weight_init: Callable | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        kernel_init = conv_init if self.weight_init is None else self.weight_init
         conv = make_conv(
-            self.features, self.kernel, 1, self.dilation, self.dtype, "conv", self.conv_impl
+            self.features,
+            self.kernel,
+            1,
+            self.dilation,
+            self.dtype,
+            "conv",
+            self.conv_impl,
+            kernel_init=kernel_init,
         )
         x = conv(x)
-        return nn.relu(make_norm(train, self.dtype, "bn")(x))
+        norm = make_norm(train, self.dtype, "bn", scale_init=self.weight_init)
+        return nn.relu(norm(x))
 
 
 class DLV2Head(nn.Module):
@@ -62,6 +100,7 @@ class DLV2Head(nn.Module):
                 dilation,
                 self.dtype,
                 self.conv_impl,
+                weight_init=ASPP_INIT,
                 name=f"aspp_modules_{b}",
             )(x, train)
             for b, dilation in enumerate(self.dilations)
@@ -75,7 +114,8 @@ class DLV2Head(nn.Module):
         logits = nn.Conv(
             self.num_classes,
             (1, 1),
-            kernel_init=nn.initializers.normal(0.01),
+            kernel_init=TORCH_CONV_KERNEL_INIT,
+            bias_init=torch_conv_bias_init(x.shape[-1]),
             dtype=None,  # float32 (float64 in the parity tests), whatever self.dtype is
             param_dtype=jnp.float32,
             name="conv_seg",

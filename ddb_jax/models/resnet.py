@@ -48,12 +48,13 @@ class Im2colConv(nn.Module):
     stride: int = 1
     dilation: int = 1
     dtype: jnp.dtype = jnp.float32
+    kernel_init: Callable = conv_init
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k, s, d = self.kernel_size, self.stride, self.dilation
         shape = (k, k, x.shape[-1], self.features)
-        kernel = self.param("kernel", conv_init, shape, jnp.float32)
+        kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
         pad = d * (k // 2)
         x = jnp.pad(x.astype(self.dtype), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
         out_h = (x.shape[1] - d * (k - 1) - 1) // s + 1
@@ -69,11 +70,19 @@ class Im2colConv(nn.Module):
 
 
 def make_conv(
-    features: int, kernel: int, stride: int, dilation: int, dtype, name: str, impl: str = "lax"
+    features: int,
+    kernel: int,
+    stride: int,
+    dilation: int,
+    dtype,
+    name: str,
+    impl: str = "lax",
+    kernel_init: Callable = conv_init,
 ) -> nn.Module:
-    """A bias-free conv with torch padding ``dilation*(kernel//2)`` on each side."""
+    """A bias-free conv with torch padding ``dilation*(kernel//2)`` on each side; mmseg's
+    kaiming init unless the module's reference init differs (``kernel_init``)."""
     if impl == "im2col":
-        return Im2colConv(features, kernel, stride, dilation, dtype, name=name)
+        return Im2colConv(features, kernel, stride, dilation, dtype, kernel_init, name=name)
     if impl != "lax":
         raise ValueError(f"conv_impl={impl!r}; known: {list(CONV_IMPLS)}")
     pad = dilation * (kernel // 2)
@@ -84,7 +93,7 @@ def make_conv(
         padding=((pad, pad), (pad, pad)),
         kernel_dilation=(dilation, dilation),
         use_bias=False,
-        kernel_init=conv_init,
+        kernel_init=kernel_init,
         dtype=dtype,
         param_dtype=jnp.float32,
         name=name,
@@ -131,15 +140,20 @@ class BatchNorm(nn.Module):
         return (x32 * multiplier + shift).astype(self.dtype)
 
 
-def make_norm(train: bool, dtype, name: str, zero_init: bool = False) -> BatchNorm:
-    """torch BatchNorm2d defaults (momentum 0.1 == flax 0.9, eps 1e-5)."""
+def make_norm(
+    train: bool, dtype, name: str, zero_init: bool = False, scale_init: Callable | None = None
+) -> BatchNorm:
+    """torch BatchNorm2d defaults (momentum 0.1 == flax 0.9, eps 1e-5); scale 1 (0 for
+    ``zero_init``) unless ``scale_init`` gives the module's reference init."""
+    if scale_init is None:
+        scale_init = nn.initializers.zeros if zero_init else nn.initializers.ones
     return BatchNorm(
         use_running_average=not train,
         momentum=0.9,
         epsilon=1e-5,
         dtype=dtype,
         param_dtype=jnp.float32,
-        scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
+        scale_init=scale_init,
         name=name,
     )
 
