@@ -2,7 +2,7 @@
 
 Each configuration (model x remat x dtype) runs in a fresh subprocess, so one
 configuration's allocations never inflate another's peak. The child builds the
-real stage step (``ddb_jax.train.self_training.self_training_step``: EMA teacher,
+real stage step (``ddb_jax.methods.base.make_train_step`` of self-training: EMA teacher,
 two student passes, AdamW) from ``configs/default.py``, lowers and compiles it, and
 reports
 
@@ -62,9 +62,9 @@ def child(model: str, remat: bool, dtype: str, size: int, batch: int, run: bool)
     import jax
     import numpy as np
 
-    from ddb_jax import models
+    from ddb_jax import methods, models
+    from ddb_jax.methods import base
     from ddb_jax.train import optim
-    from ddb_jax.train import self_training as st
     from ddb_jax.train.state import create_train_state
 
     config = _default_config()
@@ -72,19 +72,19 @@ def child(model: str, remat: bool, dtype: str, size: int, batch: int, run: bool)
     config.model.remat = remat
     config.model.dtype = dtype
     student = models.build_model(config.model)
-    teacher = models.build_model(st.no_dropout(config.model))
     variables = models.init_variables(student, jax.random.PRNGKey(0))
     tx, _ = optim.make_optimizer(config.optim, config.num_steps)
-    state = create_train_state(variables, tx, jax.random.PRNGKey(1))
+    method = methods.create(config, student.apply)
+    state = method.init_state(create_train_state(variables, tx, jax.random.PRNGKey(1)))
     rng = np.random.default_rng(0)
     batch_arrays = {
         "source_image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
         "target_image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
         "source_label": rng.integers(0, 19, (batch, size, size)).astype(np.int32),
     }
-    step = st.make_train_step(config, student.apply, teacher.apply, tx)
+    step = base.make_train_step(method, tx)
     start = time.perf_counter()
-    compiled = step.lower(state, batch_arrays).compile()
+    compiled = step.lower(state, batch_arrays, None).compile()
     compile_s = time.perf_counter() - start
     stats = compiled.memory_analysis()
     out = {
@@ -102,7 +102,7 @@ def child(model: str, remat: bool, dtype: str, size: int, batch: int, run: bool)
     }
     if run:
         start = time.perf_counter()
-        new_state, metrics = compiled(state, batch_arrays)
+        new_state, metrics = compiled(state, batch_arrays, None)
         jax.block_until_ready((new_state, metrics))
         out["step_s"] = round(time.perf_counter() - start, 1)
         out["loss"] = float(metrics["loss"])

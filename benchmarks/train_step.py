@@ -32,9 +32,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs import default  # noqa: E402
-from ddb_jax import models  # noqa: E402
+from ddb_jax import methods, models  # noqa: E402
+from ddb_jax.methods import base  # noqa: E402
 from ddb_jax.train import optim, setup  # noqa: E402
-from ddb_jax.train import self_training as st  # noqa: E402
 from ddb_jax.train.state import create_train_state  # noqa: E402
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -129,38 +129,38 @@ def jax_state(config, student_torch):
     shapes = models.variable_shapes(model)
     variables = convert_state_dict(numpy_state_dict(student_torch), shapes, resnet_names.torch_name)
     tx, _ = optim.make_optimizer(config.optim, config.num_steps)
-    state = create_train_state(
-        jax.tree_util.tree_map(jnp.asarray, variables), tx, jax.random.key(0)
+    method = methods.create(config, model.apply)
+    state = method.init_state(
+        create_train_state(jax.tree_util.tree_map(jnp.asarray, variables), tx, jax.random.key(0))
     )
-    return model, tx, state
+    return method, tx, state
 
 
 def time_jax(config, student_torch, batch_np, args, counter: CompileCounter) -> dict:
     """Times the jitted self-training step exactly as train_and_evaluate builds it."""
-    model, tx, state = jax_state(config, student_torch)
-    teacher = models.build_model(st.no_dropout(config.model))
+    method, tx, state = jax_state(config, student_torch)
     mesh = setup.make_mesh(config)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    step = st.make_train_step(config, model.apply, teacher.apply, tx, replicated, sharded)
+    step = base.make_train_step(method, tx, mesh)
     state = jax.device_put(state, replicated)
     batch = jax.device_put(batch_np, sharded)
 
     start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = step.lower(state, batch, None).compile()
     compile_s = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", float("nan")))
 
     for _ in range(args.warmup):  # the first call reuses the compilation above
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch, None)
         jax.block_until_ready(metrics)
     compiles_before, cache_before = counter.count, step._cache_size()
     times, dispatch = [], []
     for _ in range(args.steps):
         start = time.perf_counter()
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch, None)
         dispatched = time.perf_counter()
         jax.block_until_ready((state, metrics))
         end = time.perf_counter()

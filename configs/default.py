@@ -1,4 +1,4 @@
-"""Shared defaults for every DDB stage (numbers of §1.1 of the design, from the reference).
+"""Shared defaults for every DDB stage (the reference's numbers, docs/method.md §1.1).
 
 Stage configs import this, override what differs, and return the result. Every
 key a stage may set exists here, so a misspelt override
@@ -40,8 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
     # A model directory to evaluate (stage 'evaluate'), e.g. a converted PyTorch checkpoint.
     config.checkpoint = ""
 
-    # Data (§1.6). Dataset names: gta, synscapes, synthia, cityscapes, mapillary, toy_source,
-    # toy_target. Several names = multi-source / multi-target concatenation.
+    # Data (docs/method.md §1.6). Dataset names: gta, synscapes, synthia, cityscapes,
+    # mapillary, toy_source, toy_target. Several names = multi-source / multi-target
+    # concatenation.
     config.data = ml_collections.ConfigDict(
         dict(
             root="data",
@@ -81,7 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
     )
     config.num_steps = 40_000
 
-    # Self-training (§1.1) and bridging (§1.3).
+    # Self-training (docs/method.md §1.1) and bridging (docs/method.md §1.3).
     config.st = ml_collections.ConfigDict(
         dict(
             mask="cut",  # cut | class | zero
@@ -96,8 +97,9 @@ def get_config() -> ml_collections.ConfigDict:
         )
     )
 
-    # Cross-path knowledge distillation (§1.5), stage 'ckd'. Teachers are model directories
-    # (a self-training stage's export/), prototypes the prototypes.npz of stage 'prototypes'.
+    # Cross-path knowledge distillation (docs/method.md §1.5), stage 'ckd'. Teachers are
+    # model directories (a self-training stage's export/), prototypes the prototypes.npz of
+    # stage 'prototypes'.
     config.ckd = ml_collections.ConfigDict(
         dict(
             teacher_cu="",
@@ -114,13 +116,19 @@ def get_config() -> ml_collections.ConfigDict:
             teacher_dtype="float32",  # float32 | bfloat16 (frozen teachers' compute)
         )
     )
-    # Prototypes (§1.4), stage 'prototypes': the model in config.checkpoint over the target
-    # training set with its training augmentation; writes workdir/prototypes.npz.
+    # Prototypes (docs/method.md §1.4), stage 'prototypes': the model in config.checkpoint
+    # over the target training set with its training augmentation; writes
+    # workdir/prototypes.npz.
     config.prototypes = ml_collections.ConfigDict(
         dict(num_passes=4, batch_size=4, min_pixels=10, count_cap=3000)
     )
-    # Stage 'pipeline': a comma-separated subset of the pipeline's stages to run ('' = all),
-    # e.g. --config.stages=r1_ckd,r2_cu.
+    # Stage 'pipeline' (ddb_jax/rounds.py): DDB's rounds, the optional baseline rows
+    # ('source_only', 'oracle'), round 2's learning rate (the reference's r2 configs: a
+    # tenth), and a comma-separated subset of stages to run ('' = all), e.g.
+    # --config.stages=r1_ckd,r2_cu. Per-stage overrides: config.pipeline.<stage>.<key>.
+    config.rounds = 2
+    config.baselines = ()
+    config.round2_lr_scale = 0.1
     config.stages = ""
 
     # Logging, evaluation and checkpoints.

@@ -2,7 +2,8 @@
 
     python -m input_pipeline.toy --out data/toy
     python -m ddb_jax.main --config=configs/demo.py --workdir=runs/demo
-    python -m ddb_jax.main --config=configs/demo.py:5 --workdir=/tmp/x   # 5 steps per stage
+    python -m ddb_jax.main --config=configs/demo.py:5 --workdir=/tmp/x       # 5 steps per stage
+    python -m ddb_jax.main --config=configs/demo.py:r1_cu --workdir=runs/demo/r1_cu
 
 Stages: source_only (trained on the toy source only), oracle (trained on the toy
 target's labels), then DDB's two rounds (r1_cu, r1_ca, prototypes, r1_ckd, r2_cu,
@@ -11,15 +12,16 @@ stage to about a minute on a 2-core CPU. Toy models start from random weights (t
 is no ImageNet model at this size), so round 1 and the CKD students start from scratch.
 """
 
-from configs import default, rounds
+from configs import default
+from ddb_jax import rounds
 
-STEPS = {"supervised": 300, "self_training": 300, "ckd": 300}
+NAME = "demo"
+STEPS = 300  # per training stage
 
 
-def toy_stage(stage: str, steps: int):
-    """A stage on the toy domains with the tiny model."""
+def setting(steps: int = STEPS):
+    """The toy domains with the tiny model, the demo's numbers."""
     config = default.get_config()
-    config.stage = stage
     config.model.backbone = "resnet18_v1c"
     config.model.base_channels = 16
     config.model.head_channels = 32
@@ -37,24 +39,12 @@ def toy_stage(stage: str, steps: int):
     config.checkpoint_every = max(1, steps // 2)
     config.image_summary_every = steps
     config.prototypes.batch_size = 8
+    config.baselines = ("source_only", "oracle")
     return config
 
 
-def get_config(steps: str | None = None):
-    """``steps``: steps per training stage (default: the demo's numbers)."""
-    count = {k: int(steps) if steps else v for k, v in STEPS.items()}
-    baselines = {
-        "source_only": toy_stage("supervised", count["supervised"]),
-        "oracle": toy_stage("supervised", count["supervised"]),
-    }
-    baselines["oracle"].data.source = ("toy_target",)
-    cu = toy_stage("self_training", count["self_training"])
-    ca = toy_stage("self_training", count["self_training"])
-    ca.st.mask = "class"
-    ckd = toy_stage("ckd", count["ckd"])
-    ckd.st.mask = "zero"  # the student sees the strongly augmented target image alone
-    config = rounds.pipeline(
-        default.get_config(), cu, ca, ckd, workdir_hint="runs/demo", baselines=baselines
-    )
-    config.pipeline.r2_cu.optim.lr = config.pipeline.r2_ca.optim.lr = 1e-3 / 10
-    return config
+def get_config(arg: str | None = None):
+    """``arg``: a stage name, or a number of steps per stage (the whole pipeline)."""
+    if arg and arg.isdigit():
+        return rounds.config_for(setting(int(arg)), "pipeline", f"runs/{NAME}")
+    return rounds.config_for(setting(), arg or "pipeline", f"runs/{NAME}")

@@ -8,4 +8,4 @@ from configs import demo
 
 
 def get_config():
-    return demo.toy_stage("self_training", demo.STEPS["self_training"])
+    return demo.get_config("r1_cu")

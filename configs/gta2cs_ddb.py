@@ -1,21 +1,7 @@
-"""GTA5 -> Cityscapes: all of DDB in one command (two rounds).
+"""GTA5 -> Cityscapes: all of DDB in one command (configs/gta2cs.py)."""
 
-    python -m ddb_jax.main --config=configs/gta2cs_ddb.py --workdir=runs/gta2cs
-
-Stages, each in runs/gta2cs/<stage>/: r1_cu, r1_ca, r1_proto_cu, r1_proto_ca, r1_ckd,
-r2_cu, r2_ca, r2_proto_cu, r2_proto_ca, r2_ckd; a summary table at the end. Any stage's
-key can be overridden (--config.pipeline.r1_cu.batch_size=2); --config.stages=r2_ckd runs
-a subset. Round 1 starts from the ImageNet ResNetV1c-101 in pretrained/resnet101_v1c.
-"""
-
-from configs import default, gta2cs_r1_ca, gta2cs_r1_ckd, gta2cs_r1_cu, rounds
+from configs import gta2cs
 
 
 def get_config():
-    return rounds.pipeline(
-        default.get_config(),
-        gta2cs_r1_cu.get_config(),
-        gta2cs_r1_ca.get_config(),
-        gta2cs_r1_ckd.get_config(),
-        workdir_hint="runs/gta2cs",
-    )
+    return gta2cs.get_config()

@@ -1,9 +1,8 @@
-"""GTA5 -> Cityscapes, round 1, coarse region path (cross-domain cut-mix), DeepLabV2 R101."""
+"""GTA5 -> Cityscapes, round 1, coarse region path (cut-mix): stage r1_cu of
+configs/gta2cs.py (its inputs are read from runs/gta2cs/<stage>/)."""
 
-from configs import gta2cs_r1_ca
+from configs import gta2cs
 
 
 def get_config():
-    config = gta2cs_r1_ca.get_config()
-    config.st.mask = "cut"
-    return config
+    return gta2cs.get_config("r1_cu")

@@ -1,9 +1,7 @@
-"""GTA5 -> Cityscapes, round 1, cut path with MiT-B5 + DAFormer head (SegFormer variant)."""
+"""GTA5 -> Cityscapes, round 1, cu path with MiT-B5 + DAFormer head (configs/gta2cs_daformer.py)."""
 
-from configs import gta2cs_r1_ca_daformer
+from configs import gta2cs_daformer
 
 
 def get_config():
-    config = gta2cs_r1_ca_daformer.get_config()
-    config.st.mask = "cut"
-    return config
+    return gta2cs_daformer.get_config("r1_cu")

@@ -1,12 +1,8 @@
-"""GTA5 -> Cityscapes + Mapillary (multi-target), round 1, class path, DeepLabV2 R101.
+"""GTA5 -> Cityscapes + Mapillary, round 1, fine class path (class-mix): stage r1_ca of
+configs/gta2csmap.py (its inputs are read from runs/gta2csmap/<stage>/)."""
 
-Evaluation reports each target separately and their mean.
-"""
-
-from configs import gta2cs_r1_ca
+from configs import gta2csmap
 
 
 def get_config():
-    config = gta2cs_r1_ca.get_config()
-    config.data.target = ("cityscapes", "mapillary")
-    return config
+    return gta2csmap.get_config("r1_ca")

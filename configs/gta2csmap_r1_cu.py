@@ -1,9 +1,8 @@
-"""GTA5 -> Cityscapes + Mapillary (multi-target), round 1, cut path, DeepLabV2 R101."""
+"""GTA5 -> Cityscapes + Mapillary, round 1, coarse region path (cut-mix): stage r1_cu of
+configs/gta2csmap.py (its inputs are read from runs/gta2csmap/<stage>/)."""
 
-from configs import gta2csmap_r1_ca
+from configs import gta2csmap
 
 
 def get_config():
-    config = gta2csmap_r1_ca.get_config()
-    config.st.mask = "cut"
-    return config
+    return gta2csmap.get_config("r1_cu")

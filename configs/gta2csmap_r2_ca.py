@@ -1,13 +1,8 @@
-"""GTA5 -> Cityscapes + Mapillary (multi-target), round 2, fine class path (class-mix),
-DeepLabV2 R101.
+"""GTA5 -> Cityscapes + Mapillary, round 2, fine class path (class-mix): stage r2_ca of
+configs/gta2csmap.py (its inputs are read from runs/gta2csmap/<stage>/)."""
 
-As round 1 (configs/gta2csmap_r1_ca.py) but the student and its EMA teacher start from
-the round-1 CKD student, at a tenth of the learning rate (the reference's
-configs/gta2city/r2_st_ca_*: lr 6e-6, distilled_model_path).
-"""
-
-from configs import gta2csmap_r1_ca, rounds
+from configs import gta2csmap
 
 
 def get_config():
-    return rounds.round2_path(gta2csmap_r1_ca.get_config(), "runs/gta2csmap/r1_ckd/export")
+    return gta2csmap.get_config("r2_ca")

@@ -1,13 +1,8 @@
-"""GTA5 -> Cityscapes + Mapillary (multi-target), round 2, coarse region path (cut-mix),
-DeepLabV2 R101.
+"""GTA5 -> Cityscapes + Mapillary, round 2, coarse region path (cut-mix): stage r2_cu of
+configs/gta2csmap.py (its inputs are read from runs/gta2csmap/<stage>/)."""
 
-As round 1 (configs/gta2csmap_r1_cu.py) but the student and its EMA teacher start from
-the round-1 CKD student, at a tenth of the learning rate (the reference's
-configs/gta2city/r2_st_cu_*: lr 6e-6, distilled_model_path).
-"""
-
-from configs import gta2csmap_r1_cu, rounds
+from configs import gta2csmap
 
 
 def get_config():
-    return rounds.round2_path(gta2csmap_r1_cu.get_config(), "runs/gta2csmap/r1_ckd/export")
+    return gta2csmap.get_config("r2_cu")

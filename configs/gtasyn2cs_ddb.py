@@ -1,21 +1,7 @@
-"""GTA5 + Synscapes -> Cityscapes (multi-source): all of DDB in one command (two rounds).
+"""GTA5 + Synscapes -> Cityscapes: all of DDB in one command (configs/gtasyn2cs.py)."""
 
-    python -m ddb_jax.main --config=configs/gtasyn2cs_ddb.py --workdir=runs/gtasyn2cs
-
-Stages, each in runs/gtasyn2cs/<stage>/: r1_cu, r1_ca, r1_proto_cu, r1_proto_ca, r1_ckd,
-r2_cu, r2_ca, r2_proto_cu, r2_proto_ca, r2_ckd; a summary table at the end. Any stage's
-key can be overridden (--config.pipeline.r1_cu.batch_size=2); --config.stages=r2_ckd runs
-a subset. Round 1 starts from the ImageNet ResNetV1c-101 in pretrained/resnet101_v1c.
-"""
-
-from configs import default, gtasyn2cs_r1_ca, gtasyn2cs_r1_ckd, gtasyn2cs_r1_cu, rounds
+from configs import gtasyn2cs
 
 
 def get_config():
-    return rounds.pipeline(
-        default.get_config(),
-        gtasyn2cs_r1_cu.get_config(),
-        gtasyn2cs_r1_ca.get_config(),
-        gtasyn2cs_r1_ckd.get_config(),
-        workdir_hint="runs/gtasyn2cs",
-    )
+    return gtasyn2cs.get_config()

@@ -1,9 +1,8 @@
-"""GTA5 + Synscapes -> Cityscapes (multi-source), round 1, class path, DeepLabV2 R101."""
+"""GTA5 + Synscapes -> Cityscapes, round 1, fine class path (class-mix): stage r1_ca of
+configs/gtasyn2cs.py (its inputs are read from runs/gtasyn2cs/<stage>/)."""
 
-from configs import gta2cs_r1_ca
+from configs import gtasyn2cs
 
 
 def get_config():
-    config = gta2cs_r1_ca.get_config()
-    config.data.source = ("gta", "synscapes")
-    return config
+    return gtasyn2cs.get_config("r1_ca")

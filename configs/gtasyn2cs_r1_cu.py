@@ -1,9 +1,8 @@
-"""GTA5 + Synscapes -> Cityscapes (multi-source), round 1, cut path, DeepLabV2 R101."""
+"""GTA5 + Synscapes -> Cityscapes, round 1, coarse region path (cut-mix): stage r1_cu of
+configs/gtasyn2cs.py (its inputs are read from runs/gtasyn2cs/<stage>/)."""
 
-from configs import gtasyn2cs_r1_ca
+from configs import gtasyn2cs
 
 
 def get_config():
-    config = gtasyn2cs_r1_ca.get_config()
-    config.st.mask = "cut"
-    return config
+    return gtasyn2cs.get_config("r1_cu")

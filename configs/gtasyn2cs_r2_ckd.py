@@ -1,14 +1,8 @@
-"""GTA5 + Synscapes -> Cityscapes (multi-source), round 2, cross-path knowledge distillation,
-DeepLabV2 R101.
+"""GTA5 + Synscapes -> Cityscapes, round 2, cross-path distillation: stage r2_ckd of
+configs/gtasyn2cs.py (its inputs are read from runs/gtasyn2cs/<stage>/)."""
 
-As configs/gtasyn2cs_r1_ckd.py (the student again starts from ImageNet, as the reference's
-r2 CKD) with the round-2 teachers and prototypes: runs/gtasyn2cs/r2_{cu,ca}/export and
-runs/gtasyn2cs/r2_proto_{cu,ca}/prototypes.npz.
-"""
-
-from configs import gtasyn2cs_r1_ckd
-from configs.gta2cs_r1_ckd import ckd_paths
+from configs import gtasyn2cs
 
 
 def get_config():
-    return ckd_paths(gtasyn2cs_r1_ckd.get_config(), "runs/gtasyn2cs", "r2")
+    return gtasyn2cs.get_config("r2_ckd")

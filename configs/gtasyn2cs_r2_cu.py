@@ -1,13 +1,8 @@
-"""GTA5 + Synscapes -> Cityscapes (multi-source), round 2, coarse region path (cut-mix),
-DeepLabV2 R101.
+"""GTA5 + Synscapes -> Cityscapes, round 2, coarse region path (cut-mix): stage r2_cu of
+configs/gtasyn2cs.py (its inputs are read from runs/gtasyn2cs/<stage>/)."""
 
-As round 1 (configs/gtasyn2cs_r1_cu.py) but the student and its EMA teacher start from
-the round-1 CKD student, at a tenth of the learning rate (the reference's
-configs/gta2city/r2_st_cu_*: lr 6e-6, distilled_model_path).
-"""
-
-from configs import gtasyn2cs_r1_cu, rounds
+from configs import gtasyn2cs
 
 
 def get_config():
-    return rounds.round2_path(gtasyn2cs_r1_cu.get_config(), "runs/gtasyn2cs/r1_ckd/export")
+    return gtasyn2cs.get_config("r2_cu")

@@ -1,4 +1,4 @@
-"""Strong augmentation of bridged images (§1.3): colour jitter then Gaussian blur.
+"""Strong augmentation of bridged images (docs/method.md §1.3): colour jitter then Gaussian blur.
 
 Semantics follow what the reference ran, kornia 0.5.8 (``STDataset.color_jitter`` /
 ``gaussian_blur``), applied to one image at a time:
@@ -37,6 +37,7 @@ JITTER_STRENGTH = 0.2
 BLUR_PROB = 0.5
 BLUR_SIGMA_RANGE = (0.15, 1.15)
 HSV_EPS = 1e-6
+JITTER_FACTORS = ("brightness", "contrast", "saturation", "hue")
 
 
 def blur_kernel_size(height: int) -> int:
@@ -60,13 +61,13 @@ def draw_strong_params(
         return jax.random.uniform(k, (), jnp.float32, low, high)
 
     return dict(
-        jitter=jax.random.uniform(keys[0], ()) < jitter_prob,
+        jitter=jax.random.uniform(keys[0], (), jnp.float32) < jitter_prob,
         brightness=uniform(keys[1], max(1 - s, 0.0), min(1 + s, 2.0)),
         contrast=uniform(keys[2], max(1 - s, 0.0), 1 + s),
         saturation=uniform(keys[3], max(1 - s, 0.0), 1 + s),
         hue=uniform(keys[4], max(-s, -0.5), min(s, 0.5)),
         order=jax.random.permutation(keys[5], 4).astype(jnp.int32),
-        blur=jax.random.uniform(keys[6], ()) < blur_prob,
+        blur=jax.random.uniform(keys[6], (), jnp.float32) < blur_prob,
         sigma=uniform(keys[7], *sigma_range),
     )
 
@@ -161,6 +162,9 @@ def color_jitter(rgb: jax.Array, params: dict[str, jax.Array]) -> jax.Array:
     hue branches share one HSV round trip per step (they differ only in the channel they
     change): same values as separate calls, half the colour-space conversions.
     """
+    # Factors in the image's dtype, so that float64 images are jittered in float64 throughout.
+    factors = {k: jnp.asarray(params[k], rgb.dtype) for k in JITTER_FACTORS}
+    params = {**params, **factors}
     planes = _split(rgb)
     for step in range(4):
         op = params["order"][step]
@@ -192,8 +196,8 @@ def gaussian_blur(image: jax.Array, sigma: jax.Array) -> jax.Array:
     size = blur_kernel_size(h)
     if size <= 1:
         return image
-    offsets = jnp.arange(size, dtype=jnp.float32) - size // 2
-    taps = jnp.exp(-(offsets**2) / (2 * sigma**2))
+    offsets = jnp.arange(size, dtype=image.dtype) - size // 2
+    taps = jnp.exp(-(offsets**2) / (2 * jnp.asarray(sigma, image.dtype) ** 2))
     taps = taps / jnp.sum(taps)
     padded = jnp.pad(image, ((0, 0), (size // 2, size // 2), (0, 0)), mode="reflect")
     # A weighted sum of shifted slices: one fused elementwise loop, ~8x faster on CPU than
@@ -215,8 +219,8 @@ def apply_strong(
     ``jitter`` / ``blur`` are the static switches of the reference config (post_pmd,
     post_blur); the per-image coin flips are in ``params``.
     """
-    mean = jnp.asarray(IMAGE_MEAN, jnp.float32)
-    std = jnp.asarray(IMAGE_STD, jnp.float32)
+    mean = jnp.asarray(IMAGE_MEAN, image.dtype)
+    std = jnp.asarray(IMAGE_STD, image.dtype)
     if jitter:
         rgb = (image * std + mean) / 255.0
         jittered = (color_jitter(rgb, params) * 255.0 - mean) / std

@@ -1,4 +1,5 @@
-"""Domain-bridging masks (§1.3 of the design): cut-mix, class-mix and the all-zero mask.
+"""Domain bridging (docs/method.md §1.3): cut-mix, class-mix and the all-zero mask, and the
+bridged (mixed, strongly augmented) image, label and pixel weight.
 
 A mask is a boolean (H, W) array per sample, True where the bridged image takes the
 *source* pixel. Everything is drawn from a JAX key with fixed shapes so it runs inside the
@@ -11,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ddb_jax import augment
 from ddb_jax.labels import IGNORE_LABEL
 
 MASK_MODES = ("cut", "class", "zero")
@@ -42,7 +44,7 @@ def box_mask(box: jax.Array, shape: tuple[int, int]) -> jax.Array:
 
 def cut_mask(key: jax.Array, shape: tuple[int, int], area_ratio: float = 0.4) -> jax.Array:
     """One cut-mix mask (H, W): a box of area ~``area_ratio`` of the image."""
-    return box_mask(cut_box(jax.random.uniform(key, (3,)), shape, area_ratio), shape)
+    return box_mask(cut_box(jax.random.uniform(key, (3,), jnp.float32), shape, area_ratio), shape)
 
 
 def class_slots(labels: jax.Array, num_classes: int) -> jax.Array:
@@ -67,7 +69,7 @@ def choose_half(key: jax.Array, present: jax.Array) -> jax.Array:
     Random scores on present slots, absent slots pushed last; the ceil(n/2) lowest-scoring
     present slots are a uniform random subset of that size.
     """
-    scores = jnp.where(present, jax.random.uniform(key, present.shape), 2.0)
+    scores = jnp.where(present, jax.random.uniform(key, present.shape, jnp.float32), 2.0)
     ranks = jnp.argsort(jnp.argsort(scores))
     num_chosen = (jnp.sum(present) + 1) // 2
     return present & (ranks < num_chosen)
@@ -112,3 +114,23 @@ def mix(mask: jax.Array, source: jax.Array, target: jax.Array) -> jax.Array:
     while mask.ndim < source.ndim:
         mask = mask[..., None]
     return jnp.where(mask, source, target)
+
+
+def draw(key: jax.Array, source_labels: jax.Array, st_cfg) -> dict:
+    """The random part of a bridging: masks ('masks', (N, H, W) bool) and each image's strong
+    augmentation parameters ('aug', a dict of (N, ...) arrays), from ``config.st``."""
+    mask_key, aug_key = jax.random.split(key)
+    masks = make_masks(mask_key, source_labels, st_cfg.mask, area_ratio=st_cfg.cut_area_ratio)
+    aug = jax.vmap(
+        lambda k: augment.draw_strong_params(
+            k, st_cfg.color_jitter_p, st_cfg.color_jitter_strength, st_cfg.blur_p
+        )
+    )(jax.random.split(aug_key, source_labels.shape[0]))
+    return {"masks": masks, "aug": aug}
+
+
+def bridge_images(draws: dict, source: jax.Array, target: jax.Array) -> jax.Array:
+    """The bridged images: source where the mask is set, target elsewhere, then each image
+    strongly augmented with its own draw."""
+    mixed = mix(draws["masks"], source, target)
+    return jax.vmap(augment.apply_strong)(mixed, draws["aug"])

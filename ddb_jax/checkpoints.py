@@ -130,3 +130,33 @@ def check_compatible(
     ]
     if diffs:
         raise CheckpointError(f"{what} does not match the config:\n  " + "\n  ".join(diffs))
+
+
+def tensor_shapes(tree) -> dict[str, tuple[int, ...]]:
+    """Every leaf's path (``['params']['backbone']...``) and shape."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def check_tensors(wanted, loaded, what: str) -> None:
+    """Refuses ``loaded`` unless it has exactly the tensors of ``wanted``, shape for shape.
+
+    A clear error here (missing, unexpected and mis-shaped tensors listed after ``what``)
+    instead of weights silently left random, or an opaque one when a step is traced.
+    """
+    want, have = tensor_shapes(wanted), tensor_shapes(loaded)
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    shapes = [f"{k} {have[k]} vs model {want[k]}" for k in sorted(set(want) & set(have))
+              if have[k] != want[k]]  # fmt: skip
+    parts = [
+        f"{label} ({len(keys)}): {', '.join(keys[:8])}"
+        for label, keys in (
+            ("missing tensors", missing),
+            ("unexpected tensors", unexpected),
+            ("shape conflicts", shapes),
+        )
+        if keys
+    ]
+    if parts:
+        raise CheckpointError(f"{what}: " + "; ".join(parts))

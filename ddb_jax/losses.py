@@ -1,4 +1,4 @@
-"""Losses and pseudo-labels of self-training and distillation (§1.1, §1.2, §1.5).
+"""Losses and pseudo-labels of self-training and distillation (docs/method.md §1.1, §1.2, §1.5).
 
 mmseg semantics (DDB pins mmseg 0.22): logits come at the head's output stride and are
 resized bilinearly (align_corners=False) to the label size inside the loss; the weighted
@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 
 from ddb_jax.labels import IGNORE_LABEL
-from ddb_jax.ops import resize_bilinear
+from ddb_jax.ops import resize_bilinear, upcast
 
 
 def _to_label_size(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return resize_bilinear(logits.astype(jnp.float32), labels.shape[1:3])
+    return resize_bilinear(upcast(logits), labels.shape[1:3])
 
 
 def cross_entropy(
@@ -35,7 +35,7 @@ def cross_entropy(
     nll = -jnp.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
     nll = jnp.where(ignored, 0.0, nll)
     if pixel_weight is not None:
-        nll = nll * pixel_weight.astype(jnp.float32)
+        nll = nll * pixel_weight.astype(nll.dtype)
     return jnp.mean(nll)
 
 
@@ -50,7 +50,7 @@ def pixel_accuracy(
     pred = jnp.argmax(_to_label_size(logits, labels), axis=-1)
     correct = pred == labels
     if ignore_index is None:
-        return 100.0 * jnp.mean(correct)
+        return 100.0 * jnp.mean(correct, dtype=upcast(logits).dtype)
     valid = labels != ignore_index
     return 100.0 * jnp.sum(correct & valid) / jnp.maximum(jnp.sum(valid), 1)
 
@@ -65,8 +65,8 @@ def distillation_kl(
     ``teacher_logits`` is the (rectified) two-teacher average. The CKD weight (0.1) is the
     caller's.
     """
-    log_p_student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, -1)
-    p_teacher = jax.nn.softmax(teacher_logits.astype(jnp.float32) / temperature, -1)
+    log_p_student = jax.nn.log_softmax(upcast(student_logits) / temperature, -1)
+    p_teacher = jax.nn.softmax(upcast(teacher_logits) / temperature, -1)
     log_p_teacher = jnp.log(jnp.where(p_teacher > 0, p_teacher, 1.0))
     kl = jnp.sum(p_teacher * (log_p_teacher - log_p_student), axis=-1)
     return jnp.mean(kl) * temperature**2
@@ -74,7 +74,7 @@ def distillation_kl(
 
 def confident_fraction(confidence: jax.Array, threshold: float) -> jax.Array:
     """Share of pixels of the whole batch with confidence >= threshold (a scalar)."""
-    return jnp.mean(confidence >= threshold)
+    return jnp.mean(confidence >= threshold, dtype=upcast(confidence).dtype)
 
 
 def pseudo_labels(
@@ -90,7 +90,7 @@ def pseudo_labels(
     scalar for the batch (the fraction of pixels with max softmax >= threshold), set to 0
     in the top ``ignore_top`` and bottom ``ignore_bottom`` rows.
     """
-    probs = jax.nn.softmax(resize_bilinear(teacher_logits.astype(jnp.float32), image_size), -1)
+    probs = jax.nn.softmax(resize_bilinear(upcast(teacher_logits), image_size), -1)
     labels = jnp.argmax(probs, axis=-1).astype(jnp.int32)
     weight = confident_fraction(jnp.max(probs, axis=-1), threshold)
     rows = jnp.arange(image_size[0])

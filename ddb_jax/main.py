@@ -12,7 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ddb_jax import distributed, models
-from ddb_jax.stages import StageNotAvailable, resolve_stage
+from ddb_jax.stages import UnknownStageError, resolve_stage
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results of this run.")
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> None:
     try:
         validate(config)
         run = resolve_stage(config.stage)
-    except (models.ModelConfigError, StageNotAvailable) as err:
+    except (models.ModelConfigError, UnknownStageError) as err:
         raise app.UsageError(str(err)) from err
     logging.info("stage %s, workdir %s, %s", config.stage, FLAGS.workdir, distributed.describe())
     run(config, FLAGS.workdir)

@@ -42,13 +42,14 @@ def bilinear_taps(
     ``out[d] = w0[d] x[i0[d]] + w1[d] x[i1[d]]`` along one axis, and the 2-D resize is the
     same along rows then columns (the taps :func:`resize_bilinear` uses, up to rounding).
     Static (numpy) so callers can gather, fold weights into other sums, or build matrices.
-    Returns int32 ``i0``, ``i1`` and float32 ``w0``, ``w1``, each of length ``out_size``.
+    Returns int32 ``i0``, ``i1`` and float64 ``w0``, ``w1`` (callers cast them to their
+    arrays' dtype), each of length ``out_size``.
     """
     src = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)
     i0 = np.minimum(np.floor(src), in_size - 1).astype(np.int32)
     i1 = np.minimum(i0 + 1, in_size - 1).astype(np.int32)
     frac = np.minimum(src - i0, 1.0)
-    return i0, i1, (1.0 - frac).astype(np.float32), frac.astype(np.float32)
+    return i0, i1, 1.0 - frac, frac
 
 
 def resize_nearest(labels: jax.Array, size: tuple[int, int]) -> jax.Array:

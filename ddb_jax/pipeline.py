@@ -1,38 +1,29 @@
 """Stage 'pipeline': all of DDB's rounds in one command, resumable stage by stage.
 
-``config.pipeline`` holds one complete stage config per stage, by name:
-
-    source_only, oracle            optional baselines (stage 'supervised')
-    r{n}_cu, r{n}_ca               self-training paths of round n (n >= 2: init from r{n-1}_ckd)
-    r{n}_proto_cu, r{n}_proto_ca   prototypes of the round's two path models
-    r{n}_ckd                       cross-path distillation from the two paths and prototypes
-
-Each stage runs in ``workdir/<name>/``; the paths between stages (``init_from``, the
-CKD teachers and prototype tables, the model a prototype stage reads) are wired
-here, overriding whatever the stage config holds for hand-runs. A stage whose
-deliverable exists (``export/`` + ``result.json``, or ``prototypes.npz``) is skipped,
-an interrupted one resumes from its checkpoints, and ``--config.stages=a,b`` runs a
-subset. The reference needs a person to rename and move checkpoints between stages.
+The stages and their wiring are :mod:`ddb_jax.rounds`' graph; the top of the config is the
+setting every stage shares (a top-level override, ``--config.seed=1``, reaches every stage
+it applies to), and ``config.pipeline.<stage>`` holds that stage's own overrides
+(``--config.pipeline.r1_cu.batch_size=2``). Each stage runs in ``workdir/<stage>/``. A
+stage whose deliverable exists (``export/`` + ``result.json``, or ``prototypes.npz``) is
+skipped, an interrupted one resumes from its checkpoints, and ``--config.stages=a,b`` runs
+a subset. The reference needs a person to rename and move checkpoints between stages.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable
 
 import ml_collections
 from absl import logging
 
-from ddb_jax import prototype_io
-from ddb_jax.train import loop
+from ddb_jax import rounds
+from ddb_jax.train import workdir as workdir_lib
 
-BASELINES = ("source_only", "oracle")
-ROUND_STEPS = ("cu", "ca", "proto_cu", "proto_ca", "ckd")
-STAGE_NAME = re.compile(r"r(\d+)_(cu|ca|proto_cu|proto_ca|ckd)")
 SUMMARY_MD = "summary.md"
 SUMMARY_JSON = "summary.json"
+PIPELINE_JSON = "pipeline.json"
 COMPILATION_CACHE = "compilation_cache"
 
 
@@ -40,38 +31,13 @@ class PipelineError(ValueError):
     """The pipeline config or the state of its workdir does not allow the requested run."""
 
 
-def stage_order(names) -> list[str]:
-    """Baselines first, then round by round: cu, ca, their prototypes, CKD."""
-
-    def key(name: str):
-        if name in BASELINES:
-            return (0, BASELINES.index(name), 0)
-        match = STAGE_NAME.fullmatch(name)
-        if match is None:
-            raise PipelineError(
-                f"config.pipeline.{name}: not a pipeline stage name; use {list(BASELINES)} "
-                "or r<round>_{cu,ca,proto_cu,proto_ca,ckd}"
-            )
-        return (1, int(match.group(1)), ROUND_STEPS.index(match.group(2)))
-
-    return sorted(names, key=key)
-
-
-def export_dir(workdir: str, name: str) -> str:
-    return os.path.join(workdir, name, loop.EXPORT_DIR)
-
-
-def prototypes_path(workdir: str, name: str) -> str:
-    return os.path.join(workdir, name, prototype_io.PROTOTYPES_FILE)
-
-
 def deliverables(workdir: str, name: str, stage_cfg) -> list[str]:
     """The files whose presence means the stage finished."""
     if stage_cfg.stage == "prototypes":
-        return [prototypes_path(workdir, name)]
+        return [rounds.artifact_path(workdir, name, rounds.PROTOTYPES)]
     return [
-        os.path.join(export_dir(workdir, name), "model.json"),
-        os.path.join(workdir, name, loop.RESULT_JSON),
+        os.path.join(rounds.artifact_path(workdir, name, rounds.EXPORT), "model.json"),
+        os.path.join(workdir, name, workdir_lib.RESULT_JSON),
     ]
 
 
@@ -79,41 +45,25 @@ def is_finished(workdir: str, name: str, stage_cfg) -> bool:
     return all(os.path.exists(p) for p in deliverables(workdir, name, stage_cfg))
 
 
-def wire(name: str, stage_cfg, workdir: str) -> dict[str, tuple[str, str]]:
-    """Points the stage at its inputs; returns {config key: (path, producing stage)}."""
-    match = STAGE_NAME.fullmatch(name)
-    if match is None:
-        return {}
-    n, step = int(match.group(1)), match.group(2)
-    inputs: dict[str, tuple[str, str]] = {}
-    if step in ("cu", "ca") and n > 1:
-        inputs["init_from"] = (export_dir(workdir, f"r{n - 1}_ckd"), f"r{n - 1}_ckd")
-    elif step.startswith("proto_"):
-        path = step.removeprefix("proto_")
-        inputs["checkpoint"] = (export_dir(workdir, f"r{n}_{path}"), f"r{n}_{path}")
-    elif step == "ckd":
-        for path in ("cu", "ca"):
-            inputs[f"ckd.teacher_{path}"] = (export_dir(workdir, f"r{n}_{path}"), f"r{n}_{path}")
-            if stage_cfg.ckd.proto_rectify:
-                inputs[f"ckd.prototypes_{path}"] = (
-                    prototypes_path(workdir, f"r{n}_proto_{path}"),
-                    f"r{n}_proto_{path}",
-                )
-    expected_kind = {"cu": "self_training", "ca": "self_training", "ckd": "ckd"}.get(
-        step, "prototypes"
-    )
-    if stage_cfg.stage != expected_kind:
-        raise PipelineError(
-            f"config.pipeline.{name}.stage={stage_cfg.stage!r}; a {name} stage is {expected_kind!r}"
-        )
-    with stage_cfg.unlocked():
-        for key, (path, _) in inputs.items():
-            target = stage_cfg
-            *parents, leaf = key.split(".")
-            for parent in parents:
-                target = target[parent]
-            target[leaf] = path
-    return inputs
+def check_top_level(config: ml_collections.ConfigDict, names: list[str]) -> None:
+    """Refuses settings that would otherwise be ignored: a per-stage key set at the top,
+    or overrides of a stage that is not in this graph."""
+    for key in rounds.PER_STAGE_KEYS:
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        if value:
+            raise PipelineError(
+                f"config.{key}={value!r} is set per stage by the pipeline (see "
+                f"ddb_jax/rounds.py); set it for one stage: --config.pipeline.<stage>.{key}=..."
+            )
+    for name in config.pipeline.keys():
+        if name not in names and rounds.set_leaves(config.pipeline[name]):
+            raise PipelineError(
+                f"config.pipeline.{name} has overrides, but {name} is not a stage of this "
+                f"pipeline (config.rounds={config.rounds}, config.baselines="
+                f"{tuple(config.baselines)}): {names}"
+            )
 
 
 def selected(config, names: list[str]) -> list[str]:
@@ -129,23 +79,37 @@ def selected(config, names: list[str]) -> list[str]:
 def check_inputs(plan, workdir: str) -> None:
     """Every input of every stage to run exists or is produced earlier in this run."""
     produced: set[str] = set()
-    for name, _, inputs, _ in plan:
-        for key, (path, producer) in inputs.items():
-            if producer not in produced and not os.path.exists(path):
+    for stage, stage_cfg, _ in plan:
+        for item in stage.inputs:
+            if not rounds.is_needed(stage_cfg, item):
+                continue
+            path = rounds.artifact_path(workdir, item.producer, item.artifact)
+            if item.producer not in produced and not os.path.exists(path):
                 raise PipelineError(
-                    f"stage {name} needs {key}={path}, which stage {producer} produces; it does "
-                    f"not exist: run {producer} first (include it in --config.stages)"
+                    f"stage {stage.name} needs {item.key}={path}, which stage {item.producer} "
+                    f"produces; it does not exist: run {item.producer} first (include it in "
+                    "--config.stages)"
                 )
-        produced.add(name)
+        produced.add(stage.name)
 
 
-def summarize(config, workdir: str, names: list[str]) -> dict:
+def check_unchanged(stage_dir: str, stage_cfg) -> None:
+    """A stage that has run (or started) keeps its config: refuse a changed one."""
+    try:
+        workdir_lib.check_config(stage_dir, stage_cfg)
+    except workdir_lib.WorkdirMismatchError as err:
+        raise PipelineError(
+            f"{err}. The pipeline config changed for a stage that has already run; to redo "
+            f"it with the new config, delete {stage_dir} (and the stages after it)"
+        ) from err
+
+
+def summarize(plan_all, workdir: str) -> dict:
     """mIoU per target of every training stage that has a result (the student)."""
     targets: list[str] = []
     rows = {}
-    for name in names:
-        stage_cfg = config.pipeline[name]
-        path = os.path.join(workdir, name, loop.RESULT_JSON)
+    for stage, stage_cfg, _ in plan_all:
+        path = os.path.join(workdir, stage.name, workdir_lib.RESULT_JSON)
         if stage_cfg.stage == "prototypes" or not os.path.exists(path):
             continue
         with open(path) as f:
@@ -153,7 +117,7 @@ def summarize(config, workdir: str, names: list[str]) -> dict:
         for target in stage_cfg.data.target:
             if target not in targets:
                 targets.append(target)
-        rows[name] = {
+        rows[stage.name] = {
             "stage": stage_cfg.stage,
             "steps": result.get("step"),
             **{t: result.get(t) for t in stage_cfg.data.target},
@@ -185,14 +149,8 @@ def format_summary(summary: dict) -> str:
 
 def write_summary(workdir: str, summary: dict) -> str:
     table = format_summary(summary)
-    for filename, text in (
-        (SUMMARY_MD, table + "\n"),
-        (SUMMARY_JSON, json.dumps(summary, indent=2)),
-    ):
-        path = os.path.join(workdir, filename)
-        with open(f"{path}.tmp", "w") as f:
-            f.write(text)
-        os.replace(f"{path}.tmp", path)
+    workdir_lib.write_text(os.path.join(workdir, SUMMARY_MD), table + "\n")
+    workdir_lib.write_json(os.path.join(workdir, SUMMARY_JSON), summary)
     return table
 
 
@@ -206,43 +164,61 @@ def enable_compilation_cache(workdir: str) -> None:
         jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, COMPILATION_CACHE))
 
 
+def plan_stages(config: ml_collections.ConfigDict, workdir: str) -> list:
+    """(stage, its complete config, finished?) for every stage of the graph, in order."""
+    if "pipeline" not in config or config.pipeline is None:
+        raise PipelineError("stage 'pipeline' needs config.pipeline (see configs/gta2cs.py)")
+    try:
+        graph = rounds.graph_of(config)
+    except rounds.GraphError as err:
+        raise PipelineError(str(err)) from err
+    names = [s.name for s in graph]
+    check_top_level(config, names)
+    plan = []
+    for stage in graph:
+        overrides = config.pipeline.get(stage.name)
+        try:
+            stage_cfg = rounds.stage_config(config, stage, workdir, overrides)
+        except rounds.GraphError as err:
+            raise PipelineError(str(err)) from err
+        plan.append((stage, stage_cfg, is_finished(workdir, stage.name, stage_cfg)))
+    return plan
+
+
 def run(
     config: ml_collections.ConfigDict,
     workdir: str,
     run_stage: Callable[[ml_collections.ConfigDict, str], object] | None = None,
 ) -> dict:
     """Runs the pipeline's stages in order (skipping finished ones); returns the summary."""
-    if "pipeline" not in config or not config.pipeline:
-        raise PipelineError("stage 'pipeline' needs config.pipeline (see configs/gta2cs_ddb.py)")
     if run_stage is None:
         from ddb_jax import stages
 
         def run_stage(stage_cfg, stage_dir):
             return stages.resolve_stage(stage_cfg.stage)(stage_cfg, stage_dir)
 
-    names = stage_order(list(config.pipeline.keys()))
-    loop.check_workdir_config(workdir, config)
+    plan_all = plan_stages(config, workdir)
+    wanted = selected(config, [stage.name for stage, _, _ in plan_all])
+    plan = [p for p in plan_all if p[0].name in wanted]
+    for stage, stage_cfg, _ in plan:
+        check_unchanged(os.path.join(workdir, stage.name), stage_cfg)
+    check_inputs([p for p in plan if not p[2]], workdir)
+    os.makedirs(workdir, exist_ok=True)
+    workdir_lib.write_json(os.path.join(workdir, PIPELINE_JSON), workdir_lib.config_as_json(config))
     enable_compilation_cache(workdir)
-    plan = []
-    for name in selected(config, names):
-        stage_cfg = config.pipeline[name]
-        with stage_cfg.unlocked():
-            stage_cfg.data.root = config.data.root
-        inputs = wire(name, stage_cfg, workdir)
-        plan.append((name, stage_cfg, inputs, is_finished(workdir, name, stage_cfg)))
-    check_inputs([p for p in plan if not p[3]], workdir)
-    for name, stage_cfg, _, finished in plan:
+    for stage, stage_cfg, finished in plan:
         if finished:
-            logging.info("pipeline: %s finished earlier, skipped", name)
-            print(f"[pipeline] {name}: done earlier, skipped", flush=True)
+            logging.info("pipeline: %s finished earlier, skipped", stage.name)
+            print(f"[pipeline] {stage.name}: done earlier, skipped", flush=True)
             continue
-        print(f"[pipeline] {name}: running ({stage_cfg.stage})", flush=True)
-        run_stage(stage_cfg, os.path.join(workdir, name))
-        missing = [p for p in deliverables(workdir, name, stage_cfg) if not os.path.exists(p)]
-        if missing:  # stopped on request (SIGTERM): later stages must not start
-            print(f"[pipeline] {name} stopped before finishing; rerun to continue", flush=True)
+        print(f"[pipeline] {stage.name}: running ({stage_cfg.stage})", flush=True)
+        run_stage(stage_cfg, os.path.join(workdir, stage.name))
+        if not is_finished(workdir, stage.name, stage_cfg):
+            # Stopped on request (SIGTERM): later stages must not start.
+            message = f"[pipeline] {stage.name} stopped before finishing; rerun to continue"
+            print(message, flush=True)
             return {}
-    summary = summarize(config, workdir, names)
+    summary = summarize(plan_all, workdir)
     table = write_summary(workdir, summary)
     print(table, flush=True)
     return summary

@@ -1,7 +1,8 @@
 """The prototype table on disk: ``prototypes.npz`` written by stage 'prototypes', read by CKD.
 
     prototypes  (K, C) float32   class centroids of the model's decode-head feature
-    counts      (K,)   float32   image vectors averaged into each row (capped at 3000, §1.4)
+    counts      (K,)   float32   image vectors averaged into each row (capped at 3000,
+                                 docs/method.md §1.4)
     model_dir   ()     str       the model they were computed with (provenance)
 
 Written to a temporary file and renamed, so a reader never sees half a table. A table

@@ -1,4 +1,5 @@
-"""Stage 'prototypes' (§1.4): class centroids of a model's decode-head feature on the target.
+"""Stage 'prototypes' (docs/method.md §1.4): class centroids of a model's decode-head
+feature on the target.
 
 The model in ``config.checkpoint`` runs in inference mode over the target training set
 with its training augmentation (crop, flip), ``config.prototypes.num_passes`` passes in
@@ -33,6 +34,7 @@ from tqdm import tqdm
 from ddb_jax import checkpoints, labels, models, prototype_io, prototypes
 from ddb_jax.ops import resize_bilinear
 from ddb_jax.train import setup
+from ddb_jax.train import workdir as workdir_lib
 from input_pipeline import datasets, sharding
 from input_pipeline import train as train_data
 
@@ -160,7 +162,7 @@ def _host_value(x: jax.Array) -> np.ndarray:
 
 
 def compute_prototypes(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
-    """(table (K, C), counts (K,)) of the model in ``config.checkpoint`` (§1.4).
+    """(table (K, C), counts (K,)) of the model in ``config.checkpoint`` (docs/method.md §1.4).
 
     Every input is checked (config, model directory, datasets) before the model runs.
     """
@@ -256,6 +258,10 @@ def describe(config: ml_collections.ConfigDict) -> str:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Stage entry point: writes ``workdir/prototypes.npz`` (+ summary); returns its path."""
+    check_config(config)
+    check_model_dir(config.checkpoint, config)
+    datasets.check_available(config.data, eval_split=None, sources=False)
+    workdir_lib.record_config(workdir, config)  # after the inputs are checked
     table, counts = compute_prototypes(config)
     path = os.path.join(workdir, prototype_io.PROTOTYPES_FILE)
     if jax.process_index() == 0:

@@ -1,7 +1,8 @@
-"""Class prototypes and prototype-rectified pseudo-labels (§1.4, §1.5 of the design).
+"""Class prototypes and prototype weights (docs/method.md §1.4, §1.5).
 
 Reference: DDB ``tools/cal_prototypes/class_features.py`` (per-image class means, running
-mean table) and ``dass/models/uda/ckd.py`` (prototype weights, rectified ensemble). The
+mean table) and ``dass/models/uda/ckd.py`` (prototype weights). The two-teacher ensemble
+that uses the weights is :mod:`ddb_jax.ensemble`. The
 reference loops over images and classes in Python; here each step is one batched, jitted
 array program (one-hot matmuls, a closed form for the sequential table update).
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ddb_jax.ops import bilinear_taps, resize_bilinear
+from ddb_jax.ops import bilinear_taps, resize_bilinear, upcast
 
 MIN_PIXELS = 10
 COUNT_CAP = 3000
@@ -28,12 +29,13 @@ def class_mean_features(
     ``valid`` (N, K), True where class k has at least ``min_pixels`` pixels in the image.
     """
     n, h, w, k = logits.shape
-    one_hot = jax.nn.one_hot(jnp.argmax(logits, -1).reshape(n, h * w), k, dtype=jnp.float32)
+    features = upcast(features)
+    one_hot = jax.nn.one_hot(jnp.argmax(logits, -1).reshape(n, h * w), k, dtype=features.dtype)
     counts = jnp.sum(one_hot, axis=1)
     sums = jnp.einsum(
         "npk,npc->nkc",
         one_hot,
-        features.reshape(n, h * w, -1).astype(jnp.float32),
+        upcast(features.reshape(n, h * w, -1)),
         precision=HIGHEST,
     )
     vectors = sums / jnp.maximum(counts, 1.0)[..., None]
@@ -60,9 +62,9 @@ def update_prototype_table(
     valid (N, K).
     """
     valid = valid & (jnp.sum(vectors, axis=-1) != 0)
-    rank = jnp.cumsum(valid.astype(jnp.float32), axis=0)  # 1-based order among valid images
+    rank = jnp.cumsum(upcast(valid), axis=0)  # 1-based order among valid images
     total = rank[-1]
-    counts = table_counts.astype(jnp.float32)
+    counts = upcast(table_counts)
     num_mean = jnp.clip(cap - counts, 0.0, total)
     num_ema = total - num_mean
     decay = cap / (cap + 1.0)
@@ -74,7 +76,7 @@ def update_prototype_table(
     coef = jnp.where(valid, jnp.where(rank <= num_mean, mean_coef, ema_coef), 0.0)
     old_coef = jnp.where(denom > 0, shrink * counts / safe_denom, 1.0)
     new_table = old_coef[:, None] * table + jnp.einsum(
-        "nk,nkc->kc", coef, vectors.astype(jnp.float32), precision=HIGHEST
+        "nk,nkc->kc", coef, upcast(vectors), precision=HIGHEST
     )
     return new_table, jnp.minimum(counts + total, float(cap))
 
@@ -86,8 +88,8 @@ def _low_res_sq_distances(features: jax.Array, prototypes: jax.Array) -> jax.Arr
     after subtracting the prototypes' mean from both sides to limit cancellation.
     """
     center = jnp.mean(prototypes, axis=0)
-    f = features.astype(jnp.float32) - center
-    p = prototypes.astype(jnp.float32) - center
+    f = upcast(features) - center
+    p = upcast(prototypes) - center
     cross = jnp.einsum("nhwc,kc->nhwk", f, p, precision=HIGHEST)
     return jnp.sum(f * f, -1, keepdims=True) - 2.0 * cross + jnp.sum(p * p, -1)
 
@@ -99,7 +101,7 @@ def _neighbour_sq_differences(features: jax.Array) -> tuple[jax.Array, jax.Array
     (i, j)-(i+1, j+1) plus (i, j+1)-(i+1, j). Indices past the last row/column are clamped,
     as the resize clamps them, so pairs that leave the image compare a pixel with itself.
     """
-    g = features.astype(jnp.float32)
+    g = upcast(features)
     g = jnp.pad(g, ((0, 0), (0, 1), (0, 1), (0, 0)), mode="edge")
     top_left, top_right = g[:, :-1, :-1], g[:, :-1, 1:]
     bottom_left, bottom_right = g[:, 1:, :-1], g[:, 1:, 1:]
@@ -128,8 +130,10 @@ def _resized_sq_distances(
     as much as the true distance is smaller than its parts (smooth features: tiny spread).
     """
     _, h, w, _ = features.shape
-    rows0, rows1, r0, r1 = (jnp.asarray(a) for a in bilinear_taps(h, size[0]))
-    cols0, cols1, c0, c1 = (jnp.asarray(a) for a in bilinear_taps(w, size[1]))
+    dtype = upcast(features).dtype
+    rows0, rows1, r0, r1 = bilinear_taps(h, size[0])
+    cols0, cols1, c0, c1 = bilinear_taps(w, size[1])
+    r0, r1, c0, c1 = (jnp.asarray(a, dtype) for a in (r0, r1, c0, c1))
     low = _low_res_sq_distances(features, prototypes)  # (N, h, w, K)
     right, down, diagonals = _neighbour_sq_differences(features)  # (N, h, w) each
 
@@ -198,38 +202,3 @@ def prototype_weights(
         weights = jax.nn.softmax(-prototype_distances(features, prototypes), axis=-1)
         return weights if size is None else resize_bilinear(weights, size)
     return jax.nn.softmax(-prototype_distances(features, prototypes, size), axis=-1)
-
-
-def rectified_ensemble(
-    logits_a: jax.Array,
-    weights_a: jax.Array,
-    logits_b: jax.Array,
-    weights_b: jax.Array,
-    on_probabilities: bool = True,
-) -> tuple[jax.Array, jax.Array]:
-    """Two rectified teachers -> (pseudo-label int32 (N, H, W), ensemble confidence).
-
-    On probabilities (default): ``0.5 W_a softmax(l_a) + 0.5 W_b softmax(l_b)``, not
-    renormalised. On logits (the reference's other option): ``0.5 softmax(W_a l_a) +
-    0.5 softmax(W_b l_b)``. Logits and weights (N, H, W, K) at the same size. The
-    confidence (max of the ensemble) feeds the ``use_pl_weight`` option through
-    :func:`ddb_jax.losses.confident_fraction`.
-    """
-    logits_a = logits_a.astype(jnp.float32)
-    logits_b = logits_b.astype(jnp.float32)
-    if on_probabilities:
-        probs_a = weights_a * jax.nn.softmax(logits_a, -1)
-        probs_b = weights_b * jax.nn.softmax(logits_b, -1)
-    else:
-        probs_a = jax.nn.softmax(weights_a * logits_a, -1)
-        probs_b = jax.nn.softmax(weights_b * logits_b, -1)
-    ensemble = 0.5 * probs_a + 0.5 * probs_b
-    return jnp.argmax(ensemble, -1).astype(jnp.int32), jnp.max(ensemble, -1)
-
-
-def rectified_logit_average(
-    logits_a: jax.Array, weights_a: jax.Array, logits_b: jax.Array, weights_b: jax.Array
-) -> jax.Array:
-    """Soft-distillation target logits: ``(W_a l_a + W_b l_b) / 2`` (pass weights of 1 to skip
-    rectification); :func:`ddb_jax.losses.distillation_kl` divides by T."""
-    return 0.5 * (weights_a * logits_a + weights_b * logits_b)

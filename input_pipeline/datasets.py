@@ -200,6 +200,19 @@ def list_files(root: str, name: str, split: str = "train", with_labels: bool = T
     return FileList(name, directory, tuple(images), labels, scale, min_size)
 
 
+def check_available(data_cfg, eval_split: str | None = "val", sources: bool = True) -> None:
+    """Lists every file set a stage will read (``sources``: the labelled source sets; the
+    targets' training images; with ``eval_split``, their labelled split), so a wrong data
+    root or a missing dataset fails at once, naming the directory, before any long work."""
+    if sources:
+        for name in data_cfg.source:
+            list_files(data_cfg.root, name, "train", with_labels=True)
+    for name in data_cfg.target:
+        list_files(data_cfg.root, name, "train", with_labels=False)
+        if eval_split:
+            list_files(data_cfg.root, name, eval_split, with_labels=True)
+
+
 def with_scale_overrides(files: FileList, overrides: Mapping | None) -> FileList:
     """Applies ``config.data.resize_scales[name]`` ((long, short) or None) when given."""
     if not overrides or files.name not in overrides:

@@ -1,4 +1,5 @@
-"""TensorFlow ops of the mmseg training/test pipelines (§1.6), deterministic under a seed.
+"""TensorFlow ops of the mmseg training/test pipelines (docs/method.md §1.6),
+deterministic under a seed.
 
 Semantics follow mmcv/mmseg 0.x: images decoded as OpenCV does (JPEG with libjpeg's
 accurate integer IDCT); keep-ratio ``imrescale`` (scale factor

@@ -6,11 +6,10 @@ import os
 import shutil
 
 import numpy as np
-import pytest
 
 from configs import demo
 from ddb_jax import checkpoints, pipeline, prototype_io
-from input_pipeline import toy
+from tests.support import TINY, set_keys
 
 STAGES = [
     "source_only", "r1_cu", "r1_ca", "r1_proto_cu", "r1_proto_ca", "r1_ckd",
@@ -18,27 +17,16 @@ STAGES = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def toy_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    toy.main(["--out", str(root / "toy"), "--num-train", "6", "--num-val", "2"])
-    return root
-
-
 def tiny_pipeline(root):
+    """The demo's pipeline with 2 steps per stage and the tiny model, without the oracle."""
     config = demo.get_config("2")
+    config.baselines = ("source_only",)
+    set_keys(config, {**TINY, "model.head_channels": 8})
     config.data.root = str(root)
-    with config.pipeline.unlocked():
-        del config.pipeline["oracle"]
-    for stage_cfg in config.pipeline.values():
-        stage_cfg.model.base_channels = 8
-        stage_cfg.model.head_channels = 8
-        stage_cfg.model.conv_impl = "lax"  # compiles in half the time of im2col
-        stage_cfg.data.crop_size = (32, 32)
-        stage_cfg.batch_size = 2
-        stage_cfg.prototypes.num_passes = 1
-        stage_cfg.prototypes.batch_size = 2
-        stage_cfg.image_summary_every = 0
+    config.batch_size = 2
+    config.prototypes.num_passes = 1
+    config.prototypes.batch_size = 2
+    config.image_summary_every = 0
     return config
 
 

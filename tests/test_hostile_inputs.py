@@ -28,20 +28,15 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 
-from configs import demo_r1_cu
 from ddb_jax import checkpoints, models
-from ddb_jax.train import loop, setup
+from ddb_jax.train import checkpointing, setup
+from ddb_jax.train import workdir as workdir_lib
 from input_pipeline import evaluation, toy, transforms
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support import ROOT, tiny_stage
 
 
 def tiny_model_config():
-    config = demo_r1_cu.get_config()
-    config.model.base_channels = 8
-    config.model.head_channels = 16
-    config.model.conv_impl = "lax"
-    return config
+    return tiny_stage("data")
 
 
 # --- images and labels ------------------------------------------------------------------
@@ -83,8 +78,7 @@ def test_16_bit_label_error_names_file(tmp_path):
 
 def test_size_mismatch_in_the_eval_pipeline_names_both_files(tmp_path):
     toy.main(["--out", str(tmp_path / "toy"), "--num-train", "2", "--num-val", "2"])
-    config = demo_r1_cu.get_config()
-    config.data.root = str(tmp_path)
+    config = tiny_stage(tmp_path)
     images, labels = _val_files(config)
     image_path, label_path = images[0], labels[0]
     label = tf.io.decode_png(tf.io.read_file(label_path))
@@ -177,7 +171,7 @@ def test_init_from_the_exact_model_loads_it(tiny_model_dir):
 
 
 def _save_step(workdir: str, step: int, state) -> None:
-    manager = loop.make_checkpoint_manager(workdir, 3)
+    manager = checkpointing.Checkpoints(workdir, 3).manager
     manager.save(step, args=ocp.args.StandardSave(state), force=True)
     manager.wait_until_finished()
     manager.close()
@@ -192,7 +186,7 @@ def test_half_written_orbax_save_is_skipped_and_the_last_good_one_restored(tmp_p
     partial = os.path.join(ckpt, "4.orbax-checkpoint-tmp-1795328000")
     shutil.copytree(os.path.join(ckpt, "2"), partial)
     os.remove(os.path.join(partial, "_CHECKPOINT_METADATA"))
-    manager = loop.make_checkpoint_manager(workdir, 3)
+    manager = checkpointing.Checkpoints(workdir, 3).manager
     assert manager.latest_step() == 2
     restored = manager.restore(2, args=ocp.args.StandardRestore(state))
     np.testing.assert_array_equal(restored["w"], np.arange(6.0))
@@ -208,7 +202,7 @@ def test_step_directory_without_metadata_is_not_resumed_from(tmp_path):
     state = {"w": jnp.arange(6.0), "step": jnp.int32(2)}
     _save_step(workdir, 2, state)
     os.makedirs(os.path.join(workdir, "checkpoints", "6", "default"))  # e.g. a cut-off copy
-    assert loop.latest_complete_step(loop.make_checkpoint_manager(workdir, 3)) == 2
+    assert checkpointing.latest_complete_step(checkpointing.Checkpoints(workdir, 3).manager) == 2
 
 
 # --- configs and workdirs ---------------------------------------------------------------
@@ -235,10 +229,10 @@ def test_unwritable_workdir_fails_naming_it_and_keeps_earlier_files(tmp_path):
     blocker.write_text("an earlier output that must survive\n")
     workdir = str(blocker / "run")  # below a regular file: cannot be created, even by root
     with pytest.raises(OSError, match="results"):
-        loop.check_workdir_config(workdir, config)
+        workdir_lib.record_config(workdir, config)
     assert blocker.read_text() == "an earlier output that must survive\n"
     if os.geteuid() != 0:  # permissions bind only non-root users
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         with pytest.raises(PermissionError, match="locked"):
-            loop.check_workdir_config(str(locked), config)
+            workdir_lib.record_config(str(locked), config)

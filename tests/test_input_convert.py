@@ -14,7 +14,7 @@ from PIL import Image
 
 from ddb_jax import labels as label_tables
 from input_pipeline import datasets
-from tests.test_input_layouts import save_gray, save_rgb
+from tests.support import save_gray, save_rgb
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAW = np.array([[7, 26, 0], [33, 24, 23]], np.uint8)  # road, car, void / bicycle, person, sky

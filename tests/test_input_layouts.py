@@ -4,90 +4,16 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from input_pipeline import datasets
-
-
-def save_rgb(path: str, image: np.ndarray) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fmt = "JPEG" if path.endswith(".jpg") else "PNG"
-    Image.fromarray(image.astype(np.uint8)).save(path, fmt)
-
-
-def save_gray(path: str, label: np.ndarray) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(label.astype(np.uint8), mode="L").save(path)
-
-
-def scene(i: int, h: int = 16, w: int = 24) -> tuple[np.ndarray, np.ndarray]:
-    """Image whose red channel encodes the label (10 * id) and green the file index."""
-    label = np.zeros((h, w), np.uint8)
-    label[: h // 2] = 10
-    label[h // 2 :, : w // 2] = 0
-    label[h // 2 :, w // 2 :] = 13
-    label[0, 0] = 255
-    image = np.stack(
-        [
-            np.where(label == 255, 250, label.astype(np.int32) * 10),
-            np.full((h, w), 10 * i),
-            np.tile(np.arange(w) * 5, (h, 1)),
-        ],
-        -1,
-    )
-    return image.astype(np.uint8), label
-
-
-# Writers of the converted layouts: (root, n) -> dataset directory.
-def write_gta(root: str, n: int = 3, name: str = "gta", h: int = 16, w: int = 24) -> str:
-    d = os.path.join(root, name)
-    for i in range(n):
-        image, label = scene(i, h, w)
-        save_rgb(f"{d}/images/{i:05d}.png", image)
-        save_gray(f"{d}/labels/{i:05d}_labelTrainIds.png", label)
-    return d
-
-
-def write_synscapes(root: str, n: int = 3) -> str:
-    d = os.path.join(root, "synscapes")
-    for i in range(n):
-        image, label = scene(i + 100)
-        save_rgb(f"{d}/img/rgb/{i + 1}.png", image)
-        save_gray(f"{d}/img/class/{i + 1}_gt_labelTrainIds.png", label)
-    return d
-
-
-def write_synthia(root: str, n: int = 2) -> str:
-    d = os.path.join(root, "synthia")
-    for i in range(n):
-        image, label = scene(i)
-        save_rgb(f"{d}/RGB/{i:07d}.png", image)
-        save_gray(f"{d}/GT/LABELS/{i:07d}_labelTrainIds.png", label)
-    return d
-
-
-def write_cityscapes(root: str, n: int = 2, splits=("train", "val"), h=16, w=32) -> str:
-    d = os.path.join(root, "cityscapes")
-    for split in splits:
-        for i in range(n):
-            stem = f"{split}city_{i:06d}_000019"
-            image, label = scene(i, h, w)
-            save_rgb(f"{d}/leftImg8bit/{split}/{split}city/{stem}_leftImg8bit.png", image)
-            save_gray(f"{d}/gtFine/{split}/{split}city/{stem}_gtFine_labelTrainIds.png", label)
-    return d
-
-
-def write_mapillary(root: str, n: int = 2) -> str:
-    d = os.path.join(root, "mapillary")
-    for i in range(n):
-        image, label = scene(i, 20, 30)
-        save_rgb(f"{d}/training/images/m{i}.jpg", image)
-        save_gray(f"{d}/cityscapes_trainIdLabel/train/label/m{i}.png", label)
-        save_rgb(f"{d}/half/val_img/v{i}.jpg", image)
-        save_gray(f"{d}/half/val_label/v{i}.png", label)
-    return d
+from tests.support import (
+    write_cityscapes,
+    write_gta,
+    write_mapillary,
+    write_synscapes,
+    write_synthia,
+)
 
 
 @pytest.mark.parametrize(

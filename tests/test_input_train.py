@@ -11,44 +11,21 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from configs.default import get_config
 from input_pipeline import evaluation, rcs, sharding, train, transforms
-from tests.test_input_layouts import save_gray, save_rgb, write_cityscapes
-
-
-def _cfg(root, **kw):
-    cfg = get_config().data
-    cfg.root = str(root)
-    cfg.crop_size = (16, 16)
-    cfg.num_parallel_calls = 2
-    # Keep the tiny images at their size (the table would blow them up to 1280x720).
-    cfg.resize_scales = {"gta": None, "synscapes": None, "cityscapes": None}
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
-
-
-def _write_identity_gta(root, n=8, name="gta", offset=0):
-    """Images whose green channel is 10 * file index (+ offset): identity survives crops."""
-    d = os.path.join(root, name)
-    for i in range(n):
-        label = np.zeros((16, 16), np.uint8)
-        label[:, 8:] = 1
-        image = np.stack([label * 50, np.full((16, 16), 10 * (i + offset)), label], -1)
-        save_rgb(f"{d}/images/{i:05d}.png", image)
-        save_gray(f"{d}/labels/{i:05d}_labelTrainIds.png", label)
-    return d
-
-
-def _ids(images):
-    green = images[..., 1] * 57.12 + 116.28
-    return [int(round(g)) // 10 for g in green.reshape(len(images), -1).mean(1)]
+from tests.support import (
+    data_config,
+    identities,
+    save_gray,
+    save_rgb,
+    write_cityscapes,
+    write_identity_gta,
+)
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    _write_identity_gta(str(root))
+    write_identity_gta(str(root))
     write_cityscapes(str(root), n=3)
     return root
 
@@ -59,7 +36,7 @@ def _first(ds, n=1):
 
 
 def test_batches_have_the_contract_types_and_values(root):
-    (batch,) = _first(train.make_train_dataset(_cfg(root), 4, seed=0))
+    (batch,) = _first(train.make_train_dataset(data_config(root), 4, seed=0))
     assert batch["source_image"].shape == (4, 16, 16, 3)
     assert batch["source_image"].dtype == np.float32
     assert batch["source_label"].dtype == np.int32 and batch["source_label"].shape == (4, 16, 16)
@@ -71,9 +48,9 @@ def test_batches_have_the_contract_types_and_values(root):
 
 
 def test_same_seed_same_stream_other_seed_differs(root):
-    a = _first(train.make_train_dataset(_cfg(root), 2, seed=3), 3)
-    b = _first(train.make_train_dataset(_cfg(root), 2, seed=3), 3)
-    c = _first(train.make_train_dataset(_cfg(root), 2, seed=4), 3)
+    a = _first(train.make_train_dataset(data_config(root), 2, seed=3), 3)
+    b = _first(train.make_train_dataset(data_config(root), 2, seed=3), 3)
+    c = _first(train.make_train_dataset(data_config(root), 2, seed=4), 3)
     for x, y in zip(a, b, strict=True):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
@@ -83,9 +60,9 @@ def test_same_seed_same_stream_other_seed_differs(root):
 
 
 def test_each_epoch_is_a_permutation_and_hosts_take_disjoint_slices(root):
-    cfg = _cfg(root, cat_max_ratio=1.0)
+    cfg = data_config(root, cat_max_ratio=1.0)
     (whole,) = _first(train.make_train_dataset(cfg, 8, seed=1))
-    assert sorted(_ids(whole["source_image"])) == list(range(8))  # one epoch, all files
+    assert sorted(identities(whole["source_image"])) == list(range(8))  # one epoch, all files
     hosts = [
         _first(train.make_train_dataset(cfg, 4, seed=1, process_index=p, process_count=2))[0]
         for p in range(2)
@@ -93,12 +70,12 @@ def test_each_epoch_is_a_permutation_and_hosts_take_disjoint_slices(root):
     for p, batch in enumerate(hosts):
         for k in batch:  # host p holds the p-th contiguous block of the global batch
             np.testing.assert_array_equal(batch[k], whole[k][4 * p : 4 * (p + 1)])
-    assert not set(_ids(hosts[0]["source_image"])) & set(_ids(hosts[1]["source_image"]))
+    assert not set(identities(hosts[0]["source_image"])) & set(identities(hosts[1]["source_image"]))
 
 
 def test_multi_source_is_the_concatenation(root, tmp_path):
-    _write_identity_gta(str(tmp_path), n=3, name="gta")
-    _write_identity_gta(str(tmp_path), n=2, name="synthia_like", offset=10)
+    write_identity_gta(str(tmp_path), n=3, name="gta")
+    write_identity_gta(str(tmp_path), n=2, name="synthia_like", offset=10)
     syn = tmp_path / "synscapes"
     for i, f in enumerate(sorted(os.listdir(tmp_path / "synthia_like" / "images"))):
         os.renames(tmp_path / "synthia_like" / "images" / f, syn / "img" / "rgb" / f"{i}.png")
@@ -107,9 +84,9 @@ def test_multi_source_is_the_concatenation(root, tmp_path):
             syn / "img" / "class" / f"{i}_gt_labelTrainIds.png",
         )
     write_cityscapes(str(tmp_path), n=2)
-    cfg = _cfg(tmp_path, source=("gta", "synscapes"), cat_max_ratio=1.0)
+    cfg = data_config(tmp_path, source=("gta", "synscapes"), cat_max_ratio=1.0)
     (batch,) = _first(train.make_train_dataset(cfg, 5, seed=0))
-    assert sorted(_ids(batch["source_image"])) == [0, 1, 2, 10, 11]
+    assert sorted(identities(batch["source_image"])) == [0, 1, 2, 10, 11]
 
 
 def _write_rcs_stats(d, counts_per_file):
@@ -118,7 +95,7 @@ def _write_rcs_stats(d, counts_per_file):
 
 
 def test_rcs_class_frequencies_follow_the_softmax(root, tmp_path):
-    d = _write_identity_gta(str(tmp_path), n=4)
+    d = write_identity_gta(str(tmp_path), n=4)
     write_cityscapes(str(tmp_path), n=1)
     counts = {
         "00000": {0: 900, 1: 50},
@@ -127,7 +104,7 @@ def test_rcs_class_frequencies_follow_the_softmax(root, tmp_path):
         "00003": {2: 30},
     }
     _write_rcs_stats(d, counts)
-    cfg = _cfg(tmp_path, rare_class_sampling=True, rcs_temperature=0.3, rcs_min_pixels=35)
+    cfg = data_config(tmp_path, rare_class_sampling=True, rcs_temperature=0.3, rcs_min_pixels=35)
     files = train._list(cfg, cfg.source, True)
     sampler = train._RareClassSampler(cfg, files)
     totals = np.array([1700, 110, 70], np.float64)  # classes 0, 1, 2
@@ -158,7 +135,7 @@ def test_rcs_recrops_until_the_class_is_in_the_crop(tmp_path):
     save_gray(f"{d}/labels/00000_labelTrainIds.png", label)
     rcs.write_class_stats(d, [("labels/00000_labelTrainIds.png", {0: 448, 2: 512, 6: 64})])
     write_cityscapes(str(tmp_path), n=1)
-    cfg = _cfg(
+    cfg = data_config(
         tmp_path,
         crop_size=(24, 24),
         rare_class_sampling=True,
@@ -177,30 +154,30 @@ def test_rcs_recrops_until_the_class_is_in_the_crop(tmp_path):
 
 
 def test_missing_rcs_stats_names_the_file(root, tmp_path):
-    _write_identity_gta(str(tmp_path), n=2)
+    write_identity_gta(str(tmp_path), n=2)
     write_cityscapes(str(tmp_path), n=1)
     with pytest.raises(FileNotFoundError, match="gta/sample_class_stats.json"):
-        train.make_train_dataset(_cfg(tmp_path, rare_class_sampling=True), 2, 0)
+        train.make_train_dataset(data_config(tmp_path, rare_class_sampling=True), 2, 0)
 
 
 def test_target_train_dataset_epochs_are_permutations(root):
-    cfg = _cfg(root, target=("gta",), crop_size=(16, 16))
+    cfg = data_config(root, target=("gta",), crop_size=(16, 16))
     batches = list(
         train.make_target_train_dataset(cfg, 4, seed=0, num_epochs=2).as_numpy_iterator()
     )
     assert len(batches) == 4
-    ids = [i for b in batches for i in _ids(b["image"])]
+    ids = [i for b in batches for i in identities(b["image"])]
     assert sorted(ids[:8]) == list(range(8)) and sorted(ids[8:]) == list(range(8))
     halves = [
         list(train.make_target_train_dataset(cfg, 2, 0, p, 2, num_epochs=1).as_numpy_iterator())
         for p in range(2)
     ]
-    seen = [i for h in halves for b in h for i in _ids(b["image"])]
+    seen = [i for h in halves for b in h for i in identities(b["image"])]
     assert sorted(seen) == list(range(8))
 
 
 def test_eval_dataset_resizes_image_keeps_label(root):
-    cfg = _cfg(root, resize_scales={"cityscapes": (16, 8)})
+    cfg = data_config(root, resize_scales={"cityscapes": (16, 8)})
     items = list(evaluation.make_eval_dataset(cfg, "cityscapes", "val").as_numpy_iterator())
     assert len(items) == 3
     first = items[0]
@@ -234,7 +211,7 @@ def test_stats_files_are_in_daformer_format(tmp_path):
 @pytest.mark.parametrize("process_count", [1, 2])
 def test_start_batch_equals_skipping_batches(root, process_count):
     """A resumed run reads from start_batch on: the same batches as .skip(start_batch)."""
-    cfg = _cfg(root, cat_max_ratio=1.0)
+    cfg = data_config(root, cat_max_ratio=1.0)
     start = 3  # with 2 per host x 2 hosts: global elements 12.. (second epoch of 8 files)
     for p in range(process_count):
         make = functools.partial(

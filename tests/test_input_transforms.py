@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from ddb_jax.ops import IMAGE_MEAN, IMAGE_STD
 from input_pipeline import transforms
-from tests.test_input_layouts import save_gray, save_rgb
+from tests.support import save_gray, save_rgb
 
 SEED = tf.constant([7, 0], tf.int64)
 

@@ -21,7 +21,7 @@ cv2 = pytest.importorskip("cv2")
 from configs.default import get_config  # noqa: E402
 from ddb_jax.ops import IMAGE_MEAN, IMAGE_STD  # noqa: E402
 from input_pipeline import photometric, train, transforms  # noqa: E402
-from tests.test_input_layouts import save_gray, save_rgb, write_cityscapes  # noqa: E402
+from tests.support import save_gray, save_rgb, write_cityscapes  # noqa: E402
 from torch_ref import photometric as reference  # noqa: E402
 
 SIGMAS = 5.0  # statistical bounds: 5 standard deviations of the estimator

@@ -11,8 +11,9 @@ import shutil
 import numpy as np
 import pytest
 
-from configs import demo
-from ddb_jax import pipeline, prototype_io
+from configs import demo, gta2cs
+from ddb_jax import pipeline, prototype_io, rounds
+from ddb_jax.train import workdir as workdir_lib
 
 DDB_ORDER = [
     "source_only", "oracle", "r1_cu", "r1_ca", "r1_proto_cu", "r1_proto_ca", "r1_ckd",
@@ -29,7 +30,7 @@ class Recorder:
     def __call__(self, stage_cfg, stage_dir):
         name = os.path.basename(stage_dir)
         self.calls.append((name, stage_cfg))
-        os.makedirs(stage_dir, exist_ok=True)
+        workdir_lib.record_config(stage_dir, stage_cfg)
         if stage_cfg.stage == "prototypes":
             prototype_io.save_prototypes(
                 os.path.join(stage_dir, "prototypes.npz"), np.zeros((19, 32)), np.ones(19)
@@ -122,14 +123,60 @@ def test_bad_pipeline_configs_are_refused(tmp_path):
     with pytest.raises(pipeline.PipelineError, match="r3_cu"):
         pipeline.run(config, str(tmp_path / "a"), run_stage=Recorder())
     config = demo.get_config("2")
-    config.pipeline.r1_cu.stage = "ckd"
-    with pytest.raises(pipeline.PipelineError, match="pipeline.r1_cu.stage='ckd'"):
+    with config.pipeline.r1_cu.unlocked():
+        config.pipeline.r1_cu.stage = "ckd"
+    with pytest.raises(pipeline.PipelineError, match=r"pipeline.r1_cu.stage .*stage kind"):
         pipeline.run(config, str(tmp_path / "b"), run_stage=Recorder())
     config = demo.get_config("2")
     with config.pipeline.unlocked():
-        config.pipeline.round1 = config.pipeline.r1_cu
+        config.pipeline.round1 = rounds.placeholders(config)
+    config.pipeline.round1.seed = 3
     with pytest.raises(pipeline.PipelineError, match="config.pipeline.round1"):
         pipeline.run(config, str(tmp_path / "c"), run_stage=Recorder())
+    # An input the graph wires cannot be overridden per stage (it would be ignored).
+    config = demo.get_config("2")
+    config.pipeline.r2_cu.init_from = "elsewhere"
+    with pytest.raises(pipeline.PipelineError, match="pipeline.r2_cu.init_from is wired"):
+        pipeline.run(config, str(tmp_path / "d"), run_stage=Recorder())
+    # A key the graph sets per stage, set at the top, would be ignored: refused, naming it.
+    config = demo.get_config("2")
+    config.st.mask = "class"
+    with pytest.raises(pipeline.PipelineError, match=r"config.st.mask='class' is set per stage"):
+        pipeline.run(config, str(tmp_path / "e"), run_stage=Recorder())
+
+
+def test_top_level_overrides_reach_every_stage_and_stage_overrides_one(tmp_path):
+    config = demo.get_config("2")
+    config.seed = 7
+    config.batch_size = 2
+    config.optim.lr = 2e-3
+    config.data.crop_size = (64, 64)
+    config.pipeline.r1_ca.batch_size = 8
+    config.pipeline.r2_cu.optim.lr = 1e-5
+    recorder = Recorder()
+    pipeline.run(config, str(tmp_path / "run"), run_stage=recorder)
+    cfg = dict(recorder.calls)
+    assert all(c.seed == 7 and tuple(c.data.crop_size) == (64, 64) for c in cfg.values())
+    assert {n: c.batch_size for n, c in cfg.items() if c.batch_size != 2} == {"r1_ca": 8}
+    assert cfg["r1_cu"].optim.lr == cfg["r1_ckd"].optim.lr == 2e-3
+    assert cfg["r2_ca"].optim.lr == pytest.approx(2e-4)  # round 2: a tenth of the top-level lr
+    assert cfg["r2_cu"].optim.lr == 1e-5  # its own override wins
+
+
+def test_a_changed_config_is_refused_only_for_stages_that_ran(tmp_path):
+    workdir = str(tmp_path / "run")
+    config = demo.get_config("2")
+    config.stages = "r1_cu"
+    pipeline.run(config, workdir, run_stage=Recorder())
+    config.pipeline.r1_ca.batch_size = 2  # has not run: accepted
+    config.stages = "r1_cu,r1_ca"
+    recorder = Recorder()
+    pipeline.run(config, workdir, run_stage=recorder)
+    assert recorder.names == ["r1_ca"]
+    config.pipeline.r1_cu.batch_size = 2  # has run: refused, naming the key and the redo
+    with pytest.raises(pipeline.PipelineError, match=r"batch_size: 4 -> 2") as err:
+        pipeline.run(config, workdir, run_stage=Recorder())
+    assert "delete " + os.path.join(workdir, "r1_cu") in str(err.value)
 
 
 def test_every_config_file_loads_and_names_a_stage():
@@ -138,18 +185,34 @@ def test_every_config_file_loads_and_names_a_stage():
 
     from ddb_jax import models, stages
 
-    pipelines = 0
+    pipelines = []
     for path in sorted(glob.glob(os.path.join(os.path.dirname(demo.__file__), "*.py"))):
-        module = importlib.import_module(f"configs.{os.path.basename(path)[:-3]}")
+        name = os.path.basename(path)[:-3]
+        module = importlib.import_module(f"configs.{name}")
         if not hasattr(module, "get_config"):
             continue
         config = module.get_config()
         assert config.stage in stages.STAGES, path
         models.build_model(config.model)
         if config.stage == "pipeline":
-            pipelines += 1
-            names = pipeline.stage_order(list(config.pipeline.keys()))
-            assert [n for n in names if n.startswith("r")] == DDB_ORDER[2:], path
-            for name in names:
-                pipeline.wire(name, config.pipeline[name], "runs/x")
-    assert pipelines == 4  # gta2cs, gtasyn2cs, gta2csmap and the demo
+            pipelines.append(name)
+            plan = pipeline.plan_stages(config, "runs/x")
+            assert [s.name for s, _, _ in plan if s.name.startswith("r")] == DDB_ORDER[2:], path
+    assert set(pipelines) >= {"gta2cs", "gtasyn2cs", "gta2csmap", "demo", "gta2cs_ddb"}
+
+
+def test_per_stage_config_files_are_the_pipelines_stages():
+    """configs/<setting>_r<n>_<stage>.py is the stage the pipeline runs in runs/<setting>."""
+    import importlib
+
+    plan = pipeline.plan_stages(gta2cs.get_config(), "runs/gta2cs")
+    checked = 0
+    for stage, stage_cfg, _ in plan:
+        try:
+            module = importlib.import_module(f"configs.gta2cs_{stage.name}")
+        except ModuleNotFoundError:
+            assert "proto" in stage.name  # prototypes: tools/calc_prototypes.py by hand
+            continue
+        assert module.get_config().to_dict() == stage_cfg.to_dict(), stage.name
+        checked += 1
+    assert checked == 6

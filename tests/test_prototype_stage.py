@@ -15,14 +15,14 @@ from configs import default
 from ddb_jax import checkpoints, models, prototype_io, prototype_stage
 from input_pipeline import toy
 from input_pipeline import train as train_data
-from tests.test_input_train import _cfg, _ids, _write_identity_gta
+from tests.support import data_config, identities, write_identity_gta
 from tools import calc_prototypes
 
 NUM_IMAGES, PASSES, CROP, NUM_CLASSES, CHANNELS = 6, 2, (64, 64), 19, 16
 
 
 @pytest.fixture(scope="module")
-def toy_root(tmp_path_factory):
+def toy6_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     toy.main(["--out", str(root / "toy"), "--num-train", str(NUM_IMAGES), "--num-val", "1"])
     return root
@@ -79,9 +79,9 @@ def stage_config(root, model, cap=3000, batch_size=4, mesh_devices=2):
 
 
 @pytest.fixture(scope="module")
-def reference_outputs(toy_root, model_dir):
+def reference_outputs(toy6_root, model_dir):
     """Per valid image, in stream order: torch-resized logits and features (C, H, W)."""
-    config = stage_config(toy_root, model_dir)
+    config = stage_config(toy6_root, model_dir)
     apply_fn, variables = prototype_stage.load_model(str(model_dir), config)
     forward = jax.jit(lambda v, x: apply_fn(v, x, train=False))
     indices, outputs = [], []
@@ -127,9 +127,9 @@ def test_reference_stream_counts_every_image_once_in_order(reference_outputs):
 
 
 def test_stage_matches_sequential_reference_with_capped_ema(
-    toy_root, model_dir, tmp_path, reference_outputs, capsys
+    toy6_root, model_dir, tmp_path, reference_outputs, capsys
 ):
-    config = stage_config(toy_root, model_dir, cap=3)
+    config = stage_config(toy6_root, model_dir, cap=3)
     path = prototype_stage.run(config, str(tmp_path / "work"))
     assert path == str(tmp_path / "work" / "prototypes.npz")
     table, counts = prototype_io.load_prototypes(path, NUM_CLASSES, CHANNELS)
@@ -177,10 +177,10 @@ def test_step_follows_stream_index_and_ignores_padding():
     np.testing.assert_allclose(table, ref_table, rtol=1e-5, atol=1e-5)
 
 
-def test_cli_default_output_matches_reference(toy_root, model_dir, reference_outputs):
+def test_cli_default_output_matches_reference(toy6_root, model_dir, reference_outputs):
     batch = jax.device_count()  # one image per device: the mesh spans all of them
     argv = (
-        f"--model {model_dir} --data-root {toy_root} --target toy_target --passes {PASSES} "
+        f"--model {model_dir} --data-root {toy6_root} --target toy_target --passes {PASSES} "
         f"--batch-size {batch} --crop 64,64"
     ).split()
     assert calc_prototypes.main(argv) == 0
@@ -215,13 +215,13 @@ def _fails(argv, capsys, *needles):
 
 
 def test_cli_bad_input_fails_with_one_line_and_writes_nothing(
-    toy_root, model_dir, tmp_path, capsys
+    toy6_root, model_dir, tmp_path, capsys
 ):
     out = tmp_path / "out" / "p.npz"
     batch = ["--batch-size", str(jax.device_count()), "--out", str(out)]
-    common = ["--data-root", str(toy_root), "--target", "toy_target", *batch]
+    common = ["--data-root", str(toy6_root), "--target", "toy_target", *batch]
     _fails(["--model", str(tmp_path / "nope"), *common], capsys, str(tmp_path / "nope"))
-    odd = ["--data-root", str(toy_root), "--target", "toy_target", "--out", str(out)]
+    odd = ["--data-root", str(toy6_root), "--target", "toy_target", "--out", str(out)]
     odd += ["--batch-size", str(jax.device_count() + 1)]
     _fails(
         ["--model", str(model_dir), *odd], capsys,
@@ -258,15 +258,15 @@ def test_cli_bad_input_fails_with_one_line_and_writes_nothing(
 
 def test_padded_ordered_target_stream(tmp_path):
     """shuffle=False: file order each epoch; pad_last: full batches, 'valid' marks the end."""
-    _write_identity_gta(str(tmp_path))  # 8 images whose green channel encodes the file index
-    cfg = _cfg(tmp_path, target=("gta",))
+    write_identity_gta(str(tmp_path))  # 8 images whose green channel encodes the file index
+    cfg = data_config(tmp_path, target=("gta",))
     ds = train_data.make_target_train_dataset(cfg, 3, 0, num_epochs=2, shuffle=False, pad_last=True)
     batches = list(ds.as_numpy_iterator())
     index = np.concatenate([b["index"] for b in batches])
     valid = np.concatenate([b["valid"] for b in batches])
     np.testing.assert_array_equal(index, np.arange(18))
     np.testing.assert_array_equal(valid, index < 16)
-    ids = [i for b in batches for i in _ids(b["image"])]
+    ids = [i for b in batches for i in identities(b["image"])]
     assert ids[:16] == list(range(8)) * 2
     # Two hosts of 3: each global batch holds stream positions [6s, 6s + 6).
     hosts = [

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddb_jax import ops, prototypes
+from ddb_jax import ensemble, ops, prototypes
 from ddb_jax.ops import resize_bilinear
 from torch_ref.common import nchw
 from torch_ref.prototypes import mean_vectors as torch_mean_vectors
@@ -139,8 +139,8 @@ def test_closed_form_resized_distances_equal_resize_then_measure(shape, size, sm
     # The closed form is about as close to float64 as resizing then measuring in float32.
     assert np.abs(weights - ref).max() <= 2 * np.abs(direct - ref).max() + 1e-7
     la, lb = rng.normal(size=(2, shape[0], *size, 19)).astype(np.float32)
-    ours = prototypes.rectified_ensemble(la, weights, lb, weights)[0]
-    theirs = prototypes.rectified_ensemble(la, direct, lb, direct)[0]
+    ours = ensemble.rectified_ensemble(la, weights, lb, weights)[0]
+    theirs = ensemble.rectified_ensemble(la, direct, lb, direct)[0]
     assert np.mean(np.asarray(ours) == np.asarray(theirs)) > 0.9999
 
 
@@ -159,14 +159,14 @@ def test_rectified_ensemble_matches_reference():
     la, lb = rng.normal(scale=2, size=(2, N, H, W, K)).astype(np.float32)
     wa, wb = jax.nn.softmax(rng.normal(size=(2, N, H, W, K)).astype(np.float32), -1)
     for on_prob in (True, False):
-        labels, conf = prototypes.rectified_ensemble(la, wa, lb, wb, on_prob)
+        labels, conf = ensemble.rectified_ensemble(la, wa, lb, wb, on_prob)
         ref_conf, ref_labels = torch_rectified_labels(
             nchw(la), nchw(wa), nchw(lb), nchw(wb), on_prob
         )
         np.testing.assert_array_equal(labels, ref_labels.numpy())
         np.testing.assert_allclose(conf, ref_conf.numpy(), rtol=1e-5)
         # Rectification matters: it changes some labels vs the plain ensemble.
-        plain, _ = prototypes.rectified_ensemble(la, 1.0, lb, 1.0, on_prob)
+        plain, _ = ensemble.rectified_ensemble(la, 1.0, lb, 1.0, on_prob)
         assert (np.asarray(plain) != np.asarray(labels)).any()
 
 
@@ -181,8 +181,8 @@ def test_cheap_path_agreement():
     cheap = prototypes.prototype_weights(feats, protos, size, at_feature_resolution=True)
     up_logits = resize_bilinear(jnp.asarray(logits), size)
     agree = np.mean(
-        np.asarray(prototypes.rectified_ensemble(up_logits, exact, up_logits, exact)[0])
-        == np.asarray(prototypes.rectified_ensemble(up_logits, cheap, up_logits, cheap)[0])
+        np.asarray(ensemble.rectified_ensemble(up_logits, exact, up_logits, exact)[0])
+        == np.asarray(ensemble.rectified_ensemble(up_logits, cheap, up_logits, cheap)[0])
     )
     mean_diff = float(jnp.mean(jnp.abs(exact - cheap)))
     print(f"cheap path: mean |dW| {mean_diff:.4f}, label agreement {agree:.4f}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from torch_ref.common import to_torch
 from torch_ref.losses import kl_loss, resize, seg_ce
 from torch_ref.prototypes import prototype_weight
 
@@ -26,7 +27,11 @@ def ckd_step(student, cu, ca, vectors, opt, xs, ys, xt, stu_tgt_img, cfg, use_ps
     ``cfg``: dict with proto_rectify, rectify_on_prob, use_pl_weight, pseudo_threshold,
     soft_distill, soft_distill_w, temp. ``vectors``: {'cu': (K, C), 'ca': (K, C)}.
     ``use_pseudo`` replaces the ensemble argmax in the target CE (near-ties of random
-    teachers are compared separately). Returns losses, gradients and the teachers' outputs.
+    teachers are compared separately). Works in the dtype of the models and inputs.
+    Returns losses, gradients and the teachers' outputs: 'teacher_logits' (cu, ca) at image
+    size; hard labels: the 'ensemble' probabilities, its 'pseudo' argmax and 'weight', and
+    with rectification the 'plain' (unrectified) ensemble and its 'plain_labels'; soft: the
+    'target' probabilities.
     """
     cu.eval()
     ca.eval()
@@ -34,12 +39,13 @@ def ckd_step(student, cu, ca, vectors, opt, xs, ys, xt, stu_tgt_img, cfg, use_ps
     opt.zero_grad()
     src_loss = seg_ce(student(xs)[0], ys)
     src_loss.backward()
-    extra = {}
+    with torch.no_grad():
+        cu_logits, cu_feat = encode_decode(cu, xt, True)
+        ca_logits, ca_feat = encode_decode(ca, xt, True)
+    extra = {"teacher_logits": (cu_logits.numpy(), ca_logits.numpy())}
     if not cfg["soft_distill"]:
         with torch.no_grad():
             if cfg["proto_rectify"]:
-                cu_logits, cu_feat = encode_decode(cu, xt, True)
-                ca_logits, ca_feat = encode_decode(ca, xt, True)
                 cu_w = prototype_weight(cu_feat, vectors["cu"])
                 ca_w = prototype_weight(ca_feat, vectors["ca"])
                 if cfg["rectify_on_prob"]:
@@ -49,10 +55,10 @@ def ckd_step(student, cu, ca, vectors, opt, xs, ys, xt, stu_tgt_img, cfg, use_ps
                     cu_soft = torch.softmax(cu_w * cu_logits, dim=1)
                     ca_soft = torch.softmax(ca_w * ca_logits, dim=1)
                 plain = 0.5 * torch.softmax(cu_logits, 1) + 0.5 * torch.softmax(ca_logits, 1)
-                extra["plain_labels"] = plain.argmax(1).numpy()
+                extra.update(plain=plain.numpy(), plain_labels=plain.argmax(1).numpy())
             else:
-                cu_soft = torch.softmax(encode_decode(cu, xt), dim=1)
-                ca_soft = torch.softmax(encode_decode(ca, xt), dim=1)
+                cu_soft = torch.softmax(cu_logits, dim=1)
+                ca_soft = torch.softmax(ca_logits, dim=1)
             ensemble = cu_soft * 0.5 + ca_soft * 0.5
             prob, pseudo = torch.max(ensemble, dim=1)
             if cfg["use_pl_weight"]:
@@ -61,13 +67,11 @@ def ckd_step(student, cu, ca, vectors, opt, xs, ys, xt, stu_tgt_img, cfg, use_ps
                 weight = torch.tensor(1.0, dtype=prob.dtype)
             pixel_weight = weight * torch.ones_like(prob)
         extra.update(ensemble=ensemble.numpy(), pseudo=pseudo.numpy(), weight=float(weight))
-        labels = pseudo if use_pseudo is None else torch.from_numpy(use_pseudo).long()
+        labels = pseudo if use_pseudo is None else to_torch(use_pseudo).long()
         tgt_loss = seg_ce(student(stu_tgt_img)[0], labels, pixel_weight)
     else:
         stu_log = torch.log_softmax(encode_decode(student, stu_tgt_img) / cfg["temp"], dim=1)
         with torch.no_grad():
-            cu_logits, cu_feat = encode_decode(cu, xt, True)
-            ca_logits, ca_feat = encode_decode(ca, xt, True)
             if cfg["proto_rectify"]:
                 cu_logits = prototype_weight(cu_feat, vectors["cu"]) * cu_logits
                 ca_logits = prototype_weight(ca_feat, vectors["ca"]) * ca_logits
@@ -77,4 +81,4 @@ def ckd_step(student, cu, ca, vectors, opt, xs, ys, xt, stu_tgt_img, cfg, use_ps
     tgt_loss.backward()
     grads = {name: p.grad.detach().clone().numpy() for name, p in student.named_parameters()}
     opt.step()
-    return float(src_loss), float(tgt_loss), grads, extra
+    return float(src_loss.detach()), float(tgt_loss.detach()), grads, extra

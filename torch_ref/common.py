@@ -8,7 +8,12 @@ from torch import nn
 
 
 def to_torch(x) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x)))
+    """A tensor of the array's dtype (float64 stays float64). Read-only arrays (views of JAX
+    arrays) are copied first: torch has no read-only tensors, and from_numpy warns on them."""
+    x = np.asarray(x)
+    if not x.flags.writeable:
+        x = x.copy()
+    return torch.from_numpy(np.ascontiguousarray(x))
 
 
 def nchw(x) -> torch.Tensor:

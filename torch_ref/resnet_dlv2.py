@@ -66,27 +66,34 @@ class Bottleneck(nn.Module):
 
 
 class ResNetV1c(nn.Module):
-    """Deep stem, strides (1,2,1,1), dilations (1,1,2,4), contract_dilation=True."""
+    """Deep stem, strides (1,2,1,1), dilations (1,1,2,4), contract_dilation=True.
 
-    def __init__(self, depth: int, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4)):
+    ``base_channels``: mmseg's stem/base width (64 in every published model; the tests'
+    tiny models use less, as ``config.model.base_channels`` does).
+    """
+
+    def __init__(
+        self, depth: int, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4), base_channels: int = 64
+    ):
         super().__init__()
         kind, stage_blocks = ARCH[depth]
         block = BasicBlock if kind == "basic" else Bottleneck
+        half = base_channels // 2
         self.stem = nn.Sequential(
-            nn.Conv2d(3, 32, 3, 2, 1, bias=False),
-            nn.BatchNorm2d(32),
+            nn.Conv2d(3, half, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(half),
             nn.ReLU(),
-            nn.Conv2d(32, 32, 3, 1, 1, bias=False),
-            nn.BatchNorm2d(32),
+            nn.Conv2d(half, half, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(half),
             nn.ReLU(),
-            nn.Conv2d(32, 64, 3, 1, 1, bias=False),
-            nn.BatchNorm2d(64),
+            nn.Conv2d(half, base_channels, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(base_channels),
             nn.ReLU(),
         )
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        cin = 64
+        cin = base_channels
         for i, num_blocks in enumerate(stage_blocks):
-            planes = 64 * 2**i
+            planes = base_channels * 2**i
             cout = planes * block.expansion
             stride, dilation = strides[i], dilations[i]
             downsample = None
@@ -143,13 +150,26 @@ class DLV2AdapterHead(nn.Module):
 
 
 class Segmentor(nn.Module):
-    """mmseg EncoderDecoder's parameter layout: ``backbone`` and ``decode_head``."""
+    """mmseg EncoderDecoder's parameter layout: ``backbone`` and ``decode_head``.
 
-    def __init__(self, depth: int, num_classes: int = 19, dropout: float = 0.1):
+    ``base_channels`` and ``channels`` (the head's) are config.model's ``base_channels`` and
+    ``head_channels``; the defaults are the published models'.
+    """
+
+    def __init__(
+        self,
+        depth: int,
+        num_classes: int = 19,
+        dropout: float = 0.1,
+        base_channels: int = 64,
+        channels: int = 256,
+    ):
         super().__init__()
-        self.backbone = ResNetV1c(depth)
-        in_channels = 2048 if ARCH[depth][0] == "bottleneck" else 512
-        self.decode_head = DLV2AdapterHead(in_channels, num_classes=num_classes, dropout=dropout)
+        self.backbone = ResNetV1c(depth, base_channels=base_channels)
+        expansion = 4 if ARCH[depth][0] == "bottleneck" else 1
+        self.decode_head = DLV2AdapterHead(
+            base_channels * 8 * expansion, channels, num_classes=num_classes, dropout=dropout
+        )
 
     def forward(self, x):
         return self.decode_head(self.backbone(x))

@@ -18,7 +18,17 @@ from torch_ref.optim import set_learning_rates
 
 
 def torch_reference_step(
-    student, teacher, opt, it, batch, masks, augs, config, use_pseudo=None, keep_grads=True
+    student,
+    teacher,
+    opt,
+    it,
+    batch,
+    masks,
+    augs,
+    config,
+    use_pseudo=None,
+    keep_grads=True,
+    keep_probs=False,
 ):
     """One iteration of DDB's ST.forward_train on the torch models (mutates them).
 
@@ -26,8 +36,11 @@ def torch_reference_step(
     ``augs`` one dict of strong-augmentation draws per sample (tests/test_augment.py).
     ``use_pseudo`` replaces the teacher's argmax in the mixed label: a random teacher has
     near-ties whose argmax float noise flips (agreement is checked separately), and the
-    loss and gradient comparison should not depend on them. Returns (source loss, mixed
-    loss, gradients by name (empty unless ``keep_grads``), pseudo weight, extras).
+    loss and gradient comparison should not depend on them. Works in the dtype of the
+    models and of ``batch`` (float64 for the parity tests, float32 for the benchmark).
+    Returns (source loss, mixed loss, gradients by name (empty unless ``keep_grads``),
+    pseudo weight, extras: the teacher's labels 'pseudo', the mixed image 'mixed', and with
+    ``keep_probs`` its probabilities 'probs' (N, K, H, W) and their maxima 'confidence').
     """
     set_learning_rates(opt, it, config.optim, config.num_steps)
     with torch.no_grad():
@@ -43,7 +56,8 @@ def torch_reference_step(
     src_loss.backward()
     with torch.no_grad():
         t_logits = resize(teacher(xt)[0], size)
-        prob, pseudo = torch.softmax(t_logits, dim=1).max(dim=1)
+        probs = torch.softmax(t_logits, dim=1)
+        prob, pseudo = probs.max(dim=1)
         weight = (prob >= config.st.pseudo_threshold).to(prob.dtype).mean()
     m = to_torch(masks).to(device)
     mixed = torch.where(m[:, None], xs, xt).cpu()
@@ -63,4 +77,6 @@ def torch_reference_step(
         grads = {n: p.grad.detach().cpu().numpy().copy() for n, p in student.named_parameters()}
     opt.step()
     extra = {"pseudo": pseudo.cpu().numpy(), "mixed": mixed.cpu().numpy().transpose(0, 2, 3, 1)}
-    return float(src_loss), float(mix_loss), grads, float(weight), extra
+    if keep_probs:
+        extra.update(probs=probs.cpu().numpy(), confidence=prob.cpu().numpy())
+    return float(src_loss.detach()), float(mix_loss.detach()), grads, float(weight), extra

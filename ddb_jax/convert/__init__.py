@@ -65,7 +65,7 @@ def convert_model_state(
     if kind == "backbone":
         state = {f"backbone.{k}": v for k, v in state.items()}
     if family == "mit":
-        # The key layout fixes the LayerNorm eps the model must use (DESIGN §1.7).
+        # The key layout fixes the LayerNorm eps the model must use (docs/method.md §1.7).
         model_cfg.mit_layout = arch.detect_mit_layout(state)
         if kind == "segmentor":
             arch.check_head(state, model_cfg.head, source)

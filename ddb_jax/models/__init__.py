@@ -3,7 +3,7 @@
 Every model maps a normalised NHWC float image batch to ``(logits, feature)``:
 ``logits`` at the head's output stride (1/8 for DeepLabV2, 1/4 for SegFormer
 heads) and ``feature``, the decode-head feature that feeds the final 1x1
-classifier (the prototype feature of DDB, §1.4 of the design).
+classifier (the prototype feature of DDB, docs/method.md §1.4).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DDB's DeepLabV2 "adapter" decode head (DLV2AdapterHead, §1.7 of the design).
+"""DDB's DeepLabV2 "adapter" decode head (DLV2AdapterHead, docs/method.md §1.7).
 
 Two ASPP branches on the last backbone stage, concatenated, a 3x3 bottleneck whose
 output is the prototype feature, channel dropout, and a 1x1 classifier. Names
@@ -81,7 +81,7 @@ class DLV2Head(nn.Module):
     dilations: tuple = (6, 12)
     dropout_ratio: float = 0.1
     dtype: jnp.dtype = jnp.float32
-    conv_impl: str = "lax"  # "im2col" is ~2x faster on CPU (design §3)
+    conv_impl: str = "lax"  # "im2col" is ~2x faster on CPU (docs/performance_notes.md §3.1)
 
     @nn.compact
     def __call__(self, features: list, train: bool) -> tuple[jax.Array, jax.Array]:

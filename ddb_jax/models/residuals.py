@@ -14,7 +14,6 @@ import numpy as np
 from jax._src.ad_checkpoint import saved_residuals
 
 from ddb_jax import models
-from ddb_jax.train.state import student_forward
 
 
 def kept_for_backward_bytes(model, image_shape: tuple[int, ...]) -> int:
@@ -24,7 +23,13 @@ def kept_for_backward_bytes(model, image_shape: tuple[int, ...]) -> int:
     images = jax.ShapeDtypeStruct(image_shape, jnp.float32)
 
     def loss(params, batch_stats, x):
-        (logits, _), _ = student_forward(model.apply, params, batch_stats, x, jax.random.PRNGKey(0))
+        (logits, _), _ = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.PRNGKey(0)},
+        )
         return logits.astype(jnp.float32).sum()
 
     saved = saved_residuals(loss, shapes["params"], shapes["batch_stats"], images)

@@ -1,4 +1,5 @@
-"""mmseg's ResNetV1c (deep stem) at output stride 8, as used by DeepLabV2 in DDB (§1.7).
+"""mmseg's ResNetV1c (deep stem) at output stride 8, as DeepLabV2 in DDB uses it
+(docs/method.md §1.7).
 
 Submodule names follow the mmseg state dict so that conversion is mechanical:
 ``stem_{0,1,3,4,6,7}`` are ``backbone.stem.{0,1,3,4,6,7}``, ``layer{i}_{j}`` is
@@ -40,7 +41,7 @@ class Im2colConv(nn.Module):
     """A bias-free 2-D conv as shifted slices concatenated + one matmul.
 
     Same parameter ('kernel', HWIO) and result as ``nn.Conv``; on CPU XLA runs this
-    about twice as fast as ``lax.conv`` (design §3). Keep ``lax`` on GPU/TPU.
+    about twice as fast as ``lax.conv`` (docs/performance_notes.md §3.1). Keep ``lax`` on GPU/TPU.
     """
 
     features: int
@@ -229,7 +230,7 @@ class ResNetV1c(nn.Module):
     depth: int
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
-    conv_impl: str = "lax"  # "im2col" is ~2x faster on CPU (design §3)
+    conv_impl: str = "lax"  # "im2col" is ~2x faster on CPU (docs/performance_notes.md §3.1)
     # mmseg's stem_channels = base_channels (64 in every published model); smaller widths
     # make the tiny models of the tests and the toy demo.
     base_channels: int = BASE_CHANNELS

@@ -1,198 +1,35 @@
-"""The training loop shared by self-training and distillation stages.
+"""Stages 'self_training', 'ckd' and 'supervised': train a student with its method.
 
-CLU writers (TensorBoard + console) and periodic progress; orbax checkpoints
-(async, keep-N) restored on start so a killed run continues; evaluation every K
-steps with the best student exported; image summaries every M steps (process 0);
-a SIGTERM saves the current step and stops cleanly. Non-finite losses stop the run
-before any checkpoint of bad parameters is written; a failed checkpoint write (disk
-full) stops it naming the step and directory, the checkpoints before it untouched
-(orbax writes into a temporary directory and renames it only once complete).
+The shape of the Flax ImageNet example's ``train_and_evaluate``: set up, restore the latest
+checkpoint, then step, log, summarise, evaluate and checkpoint on their periods; a SIGTERM
+saves the current step and stops cleanly (:mod:`ddb_jax.train.preemption`). Non-finite
+losses stop the run before a checkpoint of bad parameters is written. What a method does
+inside a step is :mod:`ddb_jax.methods`; the files of the workdir are
+:mod:`ddb_jax.train.workdir`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
+from jax.sharding import NamedSharding, PartitionSpec
 
-from ddb_jax import checkpoints
-
-CONFIG_JSON = "config.json"
-RESULT_JSON = "result.json"
-EXPORT_DIR = "export"  # the student, a model directory (the stage's deliverable)
-BEST_DIR = "best"
-# Keys that may change between a run and its resumption (they do not change the result).
-RESUMABLE_KEYS = (
-    "log_every", "image_summary_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-    "eval.", "data.root", "data.num_parallel_calls", "model.remat", "stages",
-)  # fmt: skip
+from ddb_jax import methods, models
+from ddb_jax.methods import base
+from ddb_jax.train import checkpointing, optim, preemption, setup
+from ddb_jax.train import workdir as workdir_lib
+from ddb_jax.train.state import create_train_state
+from input_pipeline import datasets
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (disk full, say); the earlier ones are kept."""
-
-
-class WorkdirMismatchError(ValueError):
-    """The workdir holds a run of another config."""
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
-
-
-def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Records the config in a new workdir; refuses a workdir of a different run."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, CONFIG_JSON)
-    current = json.loads(json.dumps(config.to_dict(), default=list))
-    if os.path.exists(path):
-        with open(path) as f:
-            stored = json.load(f)
-        a, b = flatten(stored), flatten(current)
-        diffs = sorted(
-            k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_KEYS)
-        )
-        if diffs:
-            detail = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diffs[:10])
-            raise WorkdirMismatchError(
-                f"{workdir} holds a run of another config (differing keys: {detail}); "
-                "use a new --workdir or delete the old run"
-            )
-        return
-    tmp = f"{path}.tmp{jax.process_index()}"  # every process writes the same file
-    with open(tmp, "w") as f:
-        json.dump(current, f, indent=2)
-    os.replace(tmp, path)
-
-
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
-
-
-def make_checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
-    """Async keep-N manager; temporary directories of an interrupted save are removed."""
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True
-    )
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
-
-
-class _Checkpoints:
-    """The manager and the step being written in the background, so a failure names it."""
-
-    def __init__(self, workdir: str, keep: int):
-        self.directory = checkpoint_dir(workdir)
-        self.manager = make_checkpoint_manager(workdir, keep)
-        self.pending: int | None = None
-
-    def _error(self, step: int | None, err: BaseException) -> CheckpointWriteError:
-        try:
-            self.manager.reload()
-            kept = self.manager.latest_step()
-        except Exception:  # the listing itself may fail on a broken disk
-            kept = "unknown"
-        return CheckpointWriteError(
-            f"writing the checkpoint of step {step} to {self.directory} failed "
-            f"({type(err).__name__}: {err}); the checkpoints written before it are kept "
-            f"(latest: step {kept}); free space and rerun to continue from it"
-        )
-
-    def wait(self) -> None:
-        """Blocks until the background write is done; raises CheckpointWriteError if it failed."""
-        step, self.pending = self.pending, None
-        try:
-            self.manager.wait_until_finished()
-        except Exception as err:
-            raise self._error(step, err) from err
-
-    def save(self, step: int, state) -> None:
-        self.wait()  # an earlier write's failure is reported under its own step
-        try:
-            self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
-        except Exception as err:
-            raise self._error(step, err) from err
-        self.pending = step
-
-    def close(self) -> None:
-        try:
-            self.manager.close()
-        except Exception as err:  # only reached after wait(), i.e. nothing pending
-            logging.warning("closing the checkpoint manager of %s: %s", self.directory, err)
-
-
-def latest_complete_step(manager: ocp.CheckpointManager) -> int | None:
-    """The newest step whose directory orbax finalised (it has its metadata file).
-
-    Orbax skips its own temporary directories, but a step directory cut off some other
-    way (a partial copy, a filesystem without atomic rename) would otherwise be chosen.
-    """
-    for step in sorted(manager.all_steps(), reverse=True):
-        path = os.path.join(str(manager.directory), str(step))
-        if os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")):
-            return step
-        logging.warning("skipping incomplete checkpoint %s", path)
-    return None
-
-
-def all_finite(tree) -> jax.Array:
-    leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
-class StopRequested:
-    """Turns SIGTERM into a flag the loop checks once per step (preemption)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
-        return self
-
-    def agreed(self, step: int, every: int) -> bool:
-        """Whether any process was asked to stop: all processes must stop (and save) at the
-        same step, and a signal may reach only some of them. With several processes they
-        compare flags every ``every`` steps only (the steps that already wait for metrics),
-        so the collective never stalls asynchronous dispatch of the steps between."""
-        if jax.process_count() == 1:
-            return self.requested
-        if step % max(every, 1):
-            return False
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.int32(self.requested))
-        return bool(np.max(flags))
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM: saving a checkpoint and stopping")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def write_metrics(writer, history: list[tuple[int, dict]]) -> None:
@@ -206,108 +43,13 @@ def write_metrics(writer, history: list[tuple[int, dict]]) -> None:
     writer.write_scalars(steps[-1], mean)
 
 
-def train_loop(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    state,
-    train_step: Callable,
-    make_batches: Callable[[int], Iterator[dict]],
-    evaluate_fn: Callable[[Any], dict[str, float]] | None,
-    export_variables: Callable[[Any], dict],
-    preview_fn: Callable[[Any, dict], dict[str, np.ndarray]] | None = None,
-):
-    """Runs ``train_step`` to ``config.num_steps``, resuming from the latest checkpoint.
-
-    ``preview_fn(state, batch)`` (the state after the step that consumed ``batch``) returns
-    uint8 images {tag: (N, H, W, 3)}, written every ``config.image_summary_every`` steps;
-    it runs on every process (it may be a sharded jit), only process 0 writes.
-    """
-    ckpt = _Checkpoints(workdir, config.keep_checkpoints)
-    manager = ckpt.manager
-    latest = latest_complete_step(manager)
-    if latest is not None:
-        state = manager.restore(latest, args=ocp.args.StandardRestore(state))
-        logging.info("resumed %s at step %d", workdir, latest)
-    start = int(jax.device_get(state.step))
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    progress = periodic_actions.ReportProgress(
-        num_train_steps=config.num_steps, writer=writer, every_steps=config.log_every
-    )
-    best = _read_best(workdir)
-    batches = make_batches(start)
-    history: list[tuple[int, dict]] = []
-    result: dict[str, Any] = {}
-    try:
-        with StopRequested() as stop:
-            for step in range(start + 1, config.num_steps + 1):
-                batch = next(batches)
-                state, metrics = train_step(state, batch)
-                history.append((step, metrics))
-                progress(step)
-                last = step == config.num_steps
-                due_eval = (
-                    evaluate_fn is not None
-                    and config.eval_every > 0
-                    and (last or step % config.eval_every == 0)
-                )
-                stopping = stop.agreed(step, config.log_every)
-                due_ckpt = last or step % config.checkpoint_every == 0 or stopping
-                if last or due_eval or due_ckpt or step % config.log_every == 0:
-                    write_metrics(writer, history)
-                    history = []
-                if (
-                    preview_fn is not None
-                    and config.image_summary_every > 0
-                    and step % config.image_summary_every == 0
-                ):
-                    images = jax.device_get(preview_fn(state, batch))
-                    if jax.process_index() == 0:
-                        writer.write_images(step, images)
-                if due_eval:
-                    result = evaluate_fn(state)
-                    writer.write_scalars(step, _flat_scalars(result))
-                    best = _maybe_export_best(
-                        workdir, config, state, export_variables, result, best
-                    )
-                if due_ckpt:
-                    if not bool(jax.device_get(all_finite(state.params))):
-                        raise NonFiniteLossError(f"parameters are not finite at step {step}")
-                    ckpt.save(step, state)
-                if stopping:
-                    ckpt.wait()
-                    logging.warning("stopped at step %d on request; rerun to continue", step)
-                    writer.flush()
-                    ckpt.close()
-                    return state, None
-        ckpt.wait()
-    except BaseException:
-        # Any exit (an error, a NaN) still finalises the checkpoints already started; a
-        # failure there is logged, the first error is the one raised.
-        try:
-            ckpt.wait()
-        except CheckpointWriteError as err:
-            logging.error("%s", err)
-        ckpt.close()
-        raise
-    ckpt.close()
-    if not result and evaluate_fn is not None and config.eval_every > 0:
-        # Resumed at the last step (its export was lost): evaluate again for result.json.
-        result = evaluate_fn(state)
-    writer.flush()
-    if jax.process_index() == 0:
-        checkpoints.save_model_dir(
-            os.path.join(workdir, EXPORT_DIR),
-            export_variables(state),
-            config.model,
-            {"stage": config.stage, "step": str(config.num_steps)},
-            overwrite=True,
-        )
-        summary = {k: v for k, v in result.items() if not isinstance(v, dict)}
-        _write_json(os.path.join(workdir, RESULT_JSON), {"step": config.num_steps, **summary})
-    return state, result
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def _flat_scalars(result: dict) -> dict[str, float]:
+def flat_scalars(result: dict) -> dict[str, float]:
     flat = {}
     for key, value in result.items():
         if isinstance(value, dict):
@@ -317,28 +59,90 @@ def _flat_scalars(result: dict) -> dict[str, float]:
     return flat
 
 
-def _read_best(workdir: str) -> float:
-    path = os.path.join(workdir, BEST_DIR, "score.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return float(json.load(f)["miou"])
-    return -1.0
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, dict | None]:
+    """Trains ``config.stage``'s method to ``config.num_steps``, resuming if interrupted.
 
+    Returns (final state, final evaluation), or (state, None) when stopped by a SIGTERM.
+    """
+    # Every input is checked (method settings, datasets, teachers, init weights, mesh) before the
+    # config is recorded in the workdir or any data is read.
+    methods.check_config(config)
+    datasets.check_available(config.data, config.eval.split if config.eval_every > 0 else None)
+    frozen = methods.load_frozen(config)
+    mesh = setup.make_mesh(config)
+    model = models.build_model(config.model)
+    init_key, state_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    variables = setup.initial_variables(config, model, init_key)
+    workdir_lib.record_config(workdir, config)
 
-def _maybe_export_best(workdir, config, state, export_variables, result, best: float) -> float:
-    score = float(result.get("miou", -1.0))
-    if score <= best or jax.process_index() != 0:
-        return best
-    out = os.path.join(workdir, BEST_DIR)
-    checkpoints.save_model_dir(
-        out, export_variables(state), config.model, {"stage": config.stage}, overwrite=True
+    method = methods.create(config, model.apply)
+    tx, _ = optim.make_optimizer(config.optim, config.num_steps)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = method.init_state(create_train_state(variables, tx, state_key))
+    state = jax.device_put(state, replicated)
+    frozen = None if frozen is None else jax.device_put(frozen, replicated)
+    ckpt = checkpointing.Checkpoints(workdir, config.keep_checkpoints)
+    state, restored = ckpt.restore_latest(state)
+    if restored is not None:
+        logging.info("resumed %s at step %d", workdir, restored)
+    start = int(jax.device_get(state.step))
+
+    with_preview = config.image_summary_every > 0
+    train_step = base.make_train_step(method, tx, mesh, with_preview)
+    evaluate = setup.student_evaluator(config, model.apply)
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    report_progress = periodic_actions.ReportProgress(
+        num_train_steps=config.num_steps, writer=writer, every_steps=config.log_every
     )
-    _write_json(os.path.join(out, "score.json"), {"miou": score, "step": int(state.step)})
-    return score
-
-
-def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    best = workdir_lib.read_best_score(workdir)
+    batches = setup.batch_stream(config, mesh)(start)
+    history: list[tuple[int, dict]] = []
+    result: dict[str, Any] = {}
+    try:
+        with preemption.StopRequested(ckpt.manager, config.log_every) as stop:
+            for step in range(start + 1, config.num_steps + 1):
+                outputs = train_step(state, next(batches), frozen)
+                state, metrics = outputs[:2]
+                history.append((step, metrics))
+                report_progress(step)
+                last = step == config.num_steps
+                due_eval = config.eval_every > 0 and (last or step % config.eval_every == 0)
+                stopping = stop.should_stop(step)
+                due_ckpt = last or stopping or step % config.checkpoint_every == 0
+                if last or due_eval or due_ckpt or step % config.log_every == 0:
+                    write_metrics(writer, history)
+                    history = []
+                if with_preview and step % config.image_summary_every == 0:
+                    images = jax.device_get(outputs[2])
+                    if jax.process_index() == 0:
+                        writer.write_images(step, images)
+                if due_eval:
+                    result = evaluate(state.variables())
+                    writer.write_scalars(step, flat_scalars(result))
+                    if result["miou"] > best and jax.process_index() == 0:
+                        best = result["miou"]
+                        workdir_lib.export_best(
+                            workdir, jax.device_get(state.variables()), config.model,
+                            config.stage, step, best,
+                        )  # fmt: skip
+                if due_ckpt:
+                    if not bool(jax.device_get(all_finite(state.params))):
+                        raise NonFiniteLossError(f"parameters are not finite at step {step}")
+                    ckpt.save(step, state)
+                if stopping:
+                    ckpt.wait()
+                    logging.warning("stopped at step %d on request; rerun to continue", step)
+                    writer.flush()
+                    return state, None
+        ckpt.wait()
+    finally:
+        # Any exit (an error, a NaN, a stop) still finalises the checkpoints already started;
+        # a failure there is logged, the first error is the one raised.
+        ckpt.close()
+    if not result and config.eval_every > 0:
+        # Resumed at the last step (its export was lost): evaluate again for result.json.
+        result = evaluate(state.variables())
+    writer.flush()
+    if jax.process_index() == 0:
+        workdir_lib.export_final(workdir, jax.device_get(state.variables()), config, result)
+    return state, result

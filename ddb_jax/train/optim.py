@@ -31,7 +31,7 @@ def mmcv_poly_warmup_schedule(
     """The learning rate at optimiser step ``count`` exactly as mmcv computes it."""
 
     def schedule(count):
-        it = jnp.asarray(count, jnp.float32)
+        it = jnp.asarray(count).astype(jnp.result_type(float))  # float64 under x64
         # Written to avoid float32 cancellation (1 - it/max near the end, ratio 1e-6 at start).
         remaining = jnp.clip((max_iters - it) / max_iters, 0.0, 1.0)
         poly = (base_lr - min_lr) * remaining**power + min_lr

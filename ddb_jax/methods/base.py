@@ -1,0 +1,218 @@
+"""What every training method shares: the protocol, its loss terms, and the one jitted step.
+
+A method (self-training, CKD, supervised) is an object with
+
+- ``init_state(state)``: its train state (self-training adds the EMA teacher to
+  :class:`~ddb_jax.train.state.TrainState`);
+- ``prepare(state, batch, keys, frozen)``: what the step computes without gradients
+  (teacher pseudo-labels, the bridged images), a dict;
+- ``terms``: its loss as a sequence of named terms, each ``term(method, params, ctx) ->
+  (loss, ctx)``; ``ctx`` holds the batch, the keys, what ``prepare`` and earlier terms
+  computed, and the student's running BN statistics (``ctx['batch_stats']``, updated by
+  every student forward in term order, as the reference's successive forwards do). A new
+  loss term is one such function and one config switch (see the self-training method);
+- ``finish(state, outputs)``: what changes besides the optimiser update (the EMA teacher);
+- ``preview(batch, outputs)``: image panels drawn from what the step computed.
+
+``frozen`` is what a method reads but never trains (CKD's teachers and prototype tables):
+an argument of the jitted step, replicated on the mesh, rather than constants baked into
+the compiled program.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ddb_jax import losses
+from ddb_jax.ops import resize_bilinear, upcast
+from ddb_jax.train import previews
+from ddb_jax.train.state import TrainState, apply_gradients
+
+Batch = Mapping[str, jax.Array]
+Context = dict[str, Any]
+Term = Callable[[Any, Any, Context], tuple[jax.Array, Context]]
+# Entries of the context that are inputs, not outputs of the step.
+_INPUTS = ("state", "batch", "keys", "frozen")
+
+
+class Method(Protocol):
+    name: str
+    key_names: tuple[str, ...]
+    terms: Sequence[tuple[str, Term]]
+    metric_names: tuple[str, ...]
+    preview_tag: str
+    preview_panels: tuple[str, ...]
+    student_apply: Callable
+
+    def init_state(self, state: TrainState) -> TrainState: ...
+
+    def prepare(self, state: TrainState, batch: Batch, keys: StepKeys, frozen: Any) -> Context: ...
+
+    def finish(self, state: TrainState, outputs: Context) -> TrainState: ...
+
+    def preview(self, batch: Batch, outputs: Context) -> list[jax.Array]: ...
+
+
+class StepKeys(Mapping):
+    """The random keys of one step, by name.
+
+    ``fold_in(state.key, state.step)`` is split over the method's ``key_names`` (a single
+    name takes the step key itself); any other name (a loss term added later) folds its
+    own CRC-32 into the step key, so adding a term never moves the existing draws.
+    """
+
+    def __init__(self, state: TrainState, names: tuple[str, ...]):
+        self.step_key = jax.random.fold_in(state.key, state.step)
+        self.names = names
+        split = [self.step_key] if len(names) == 1 else jax.random.split(self.step_key, len(names))
+        self._keys = dict(zip(names, split, strict=True))
+
+    def __getitem__(self, name: str) -> jax.Array:
+        if name not in self._keys:
+            self._keys[name] = jax.random.fold_in(self.step_key, zlib.crc32(name.encode()) >> 1)
+        return self._keys[name]
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def student_forward(
+    apply_fn: Callable, params, batch_stats, images: jax.Array, dropout_key: jax.Array
+):
+    """The student in training mode: (logits, feature), and its updated BN statistics."""
+    outputs, updates = apply_fn(
+        {"params": params, "batch_stats": batch_stats},
+        images,
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": dropout_key},
+    )
+    return outputs, updates["batch_stats"]
+
+
+def prediction(logits: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Train ids at ``size`` from logits at the head's stride (for previews)."""
+    return jnp.argmax(resize_bilinear(upcast(logits), size), axis=-1)
+
+
+def labelled_term(
+    method: Method,
+    params,
+    ctx: Context,
+    images: jax.Array,
+    labels: jax.Array,
+    dropout_key: jax.Array,
+    weight: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """mmseg CE of the student (training mode) on ``images``; updates ``ctx['batch_stats']``.
+
+    Returns (loss, logits at the head's stride).
+    """
+    (logits, _), ctx["batch_stats"] = student_forward(
+        method.student_apply, params, ctx["batch_stats"], images, dropout_key
+    )
+    return losses.cross_entropy(logits, labels, weight), logits
+
+
+def source_term(method: Method, params, ctx: Context) -> tuple[jax.Array, Context]:
+    """CE on the labelled source images (every method's first term)."""
+    batch = ctx["batch"]
+    loss, logits = labelled_term(
+        method, params, ctx, batch["source_image"], batch["source_label"],
+        ctx["keys"]["dropout_source"],
+    )  # fmt: skip
+    ctx["acc_source"] = losses.pixel_accuracy(logits, batch["source_label"])
+    ctx["source_prediction"] = prediction(logits, batch["source_label"].shape[1:3])
+    return loss, ctx
+
+
+def method_loss(
+    method: Method, params, state: TrainState, batch: Batch, keys: StepKeys, frozen: Any
+) -> tuple[jax.Array, Context]:
+    """The sum of the method's terms; outputs: everything the step computed, by name
+    (``loss_<term>`` for each term, and ``batch_stats``)."""
+    ctx: Context = {"state": state, "batch": batch, "keys": keys, "frozen": frozen}
+    ctx.update(method.prepare(state, batch, keys, frozen))
+    ctx["batch_stats"] = state.batch_stats
+    total = jnp.zeros((), jnp.result_type(float))
+    for name, term in method.terms:
+        value, ctx = term(method, params, ctx)
+        ctx[f"loss_{name}"] = value
+        total = total + value
+    return total, {k: v for k, v in ctx.items() if k not in _INPUTS}
+
+
+def loss_and_grads(
+    method: Method, state: TrainState, batch: Batch, frozen: Any = None
+) -> tuple[jax.Array, Context, Any]:
+    """(loss, outputs, gradients w.r.t. the student's parameters) of one step."""
+    keys = StepKeys(state, method.key_names)
+    grad_fn = jax.value_and_grad(
+        lambda p: method_loss(method, p, state, batch, keys, frozen), has_aux=True
+    )
+    (loss, outputs), grads = grad_fn(state.params)
+    return loss, outputs, grads
+
+
+def train_step(
+    method: Method,
+    tx: optax.GradientTransformation,
+    state: TrainState,
+    batch: Batch,
+    frozen: Any = None,
+    with_preview: bool = False,
+):
+    """One iteration: loss terms, one optimiser update, the method's own updates.
+
+    Returns ``(state, metrics)``, and with ``with_preview`` also ``{tag: panels}``, the
+    method's preview of this very step (uint8, see :mod:`ddb_jax.train.previews`).
+    """
+    loss, outputs, grads = loss_and_grads(method, state, batch, frozen)
+    new_state = apply_gradients(state, grads, outputs["batch_stats"], tx)
+    new_state = method.finish(new_state, outputs)
+    metrics = {"loss": loss, **{k: outputs[k] for k in method.metric_names if k in outputs}}
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    if not with_preview:
+        return new_state, metrics
+    panels = previews.panel_rows(method.preview(batch, outputs))
+    return new_state, metrics, {method.preview_tag: panels}
+
+
+def make_train_step(
+    method: Method,
+    tx: optax.GradientTransformation,
+    mesh: Mesh | None = None,
+    with_preview: bool = False,
+) -> Callable:
+    """The jitted step ``(state, batch, frozen=None)``, state donated; stages, tests and
+    benchmarks all use this one.
+
+    With ``mesh`` the state and ``frozen`` are replicated and the batch is split over the
+    'data' axis (BatchNorm statistics and gradients are then reduced over the global batch);
+    without, jit places by its inputs.
+    """
+
+    def step(state, batch, frozen=None):
+        return train_step(method, tx, state, batch, frozen, with_preview)
+
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    data = NamedSharding(mesh, PartitionSpec("data"))
+    outputs = (replicated,) * (3 if with_preview else 2)
+    return jax.jit(
+        step,
+        in_shardings=(replicated, data, replicated),
+        out_shardings=outputs,
+        donate_argnums=0,
+    )

@@ -1,0 +1,170 @@
+"""One DDB self-training path (docs/method.md §1.1): an EMA teacher and domain bridging.
+
+Per iteration, as the reference ``ST.forward_train``: the EMA update of the teacher;
+source CE; teacher pseudo-labels on the clean target (teacher BN in training mode,
+dropout off); a bridging mask mixes source and target and the mixed image is strongly
+augmented; weighted CE on the mixed image; gradients of both summed; one AdamW step.
+Masks and augmentation are drawn inside the step from the step's key.
+
+More loss terms plug in through :func:`register_term`: a function of the context and a
+config switch (``config.<name>.enabled``) that turns it on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ddb_jax import bridging, losses
+from ddb_jax.methods import base
+from ddb_jax.train import previews
+from ddb_jax.train.state import TrainState
+
+# name -> term; enabled by config.<name>.enabled (registered by the modules that add them).
+OPTIONAL_TERMS: dict[str, base.Term] = {}
+
+
+def register_term(name: str) -> Callable[[base.Term], base.Term]:
+    """Adds a loss term to every self-training stage whose ``config.<name>.enabled`` is set."""
+
+    def add(term: base.Term) -> base.Term:
+        OPTIONAL_TERMS[name] = term
+        return term
+
+    return add
+
+
+@flax.struct.dataclass
+class SelfTrainingState(TrainState):
+    ema_params: Any  # the EMA teacher
+    ema_batch_stats: Any
+
+    def teacher_variables(self) -> dict[str, Any]:
+        return {"params": self.ema_params, "batch_stats": self.ema_batch_stats}
+
+
+def ema_alpha(step: jax.Array, alpha_max: float) -> jax.Array:
+    """The reference's ramp ``min(1 - 1/(it+1), alpha)``: 0 at step 0, i.e. a plain copy."""
+    step = step.astype(jnp.result_type(float))
+    return jnp.minimum(1.0 - 1.0 / (step + 1.0), alpha_max)
+
+
+def ema_update(ema_params, params, step: jax.Array, alpha_max: float):
+    """EMA over parameters only (BN running statistics are not averaged)."""
+    alpha = ema_alpha(step, alpha_max)
+    return jax.tree_util.tree_map(lambda e, p: alpha * e + (1.0 - alpha) * p, ema_params, params)
+
+
+def no_dropout(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The same architecture with dropout and drop-path off (the EMA teacher's forward)."""
+    cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+    cfg.dropout_ratio = 0.0
+    cfg.drop_path_rate = 0.0
+    return cfg
+
+
+def mixed_term(method: SelfTraining, params, ctx: base.Context):
+    """Weighted CE of the student on the bridged image against the bridged label."""
+    loss, logits = base.labelled_term(
+        method, params, ctx, ctx["mixed_image"], ctx["mixed_label"],
+        ctx["keys"]["dropout_target"], ctx["mixed_weight"],
+    )  # fmt: skip
+    ctx["mixed_prediction"] = base.prediction(logits, ctx["mixed_label"].shape[1:3])
+    return loss, ctx
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfTraining:
+    student_apply: Callable
+    teacher_apply: Callable  # the student's architecture without dropout
+    st: ml_collections.ConfigDict
+    terms: tuple[tuple[str, base.Term], ...] = (("source", base.source_term), ("mixed", mixed_term))
+
+    name: ClassVar[str] = "self_training"
+    key_names: ClassVar[tuple[str, ...]] = ("bridging", "dropout_source", "dropout_target")
+    preview_tag: ClassVar[str] = "bridging"
+    preview_panels: ClassVar[tuple[str, ...]] = (
+        "source image", "source label", "target image", "pseudo-label", "mixed image",
+        "mixed label", "student prediction on the mixed image",
+    )  # fmt: skip
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return (*(f"loss_{n}" for n, _ in self.terms), "acc_source", "pseudo_weight")
+
+    def init_state(self, state: TrainState) -> SelfTrainingState:
+        """Student and teacher start equal (the teacher's copy at iteration 0)."""
+        return SelfTrainingState(
+            **state.fields(),
+            ema_params=jax.tree_util.tree_map(jnp.copy, state.params),
+            ema_batch_stats=jax.tree_util.tree_map(jnp.copy, state.batch_stats),
+        )
+
+    def prepare(self, state: SelfTrainingState, batch, keys, frozen) -> base.Context:
+        """EMA teacher update and its pseudo-labels; the bridged image, label and weight."""
+        ema_params = ema_update(state.ema_params, state.params, state.step, self.st.ema_alpha)
+        # Teacher: BN in training mode (target-batch statistics, own running stats), no dropout.
+        (teacher_logits, _), teacher_vars = self.teacher_apply(
+            {"params": ema_params, "batch_stats": state.ema_batch_stats},
+            batch["target_image"],
+            train=True,
+            mutable=["batch_stats"],
+        )
+        pseudo, pseudo_weight = losses.pseudo_labels(
+            jax.lax.stop_gradient(teacher_logits),
+            batch["source_label"].shape[1:3],
+            self.st.pseudo_threshold,
+            self.st.pseudo_weight_ignore_top,
+            self.st.pseudo_weight_ignore_bottom,
+        )
+        draws = bridging.draw(keys["bridging"], batch["source_label"], self.st)
+        masks = draws["masks"]
+        return {
+            "ema_params": ema_params,
+            "ema_batch_stats": teacher_vars["batch_stats"],
+            "teacher_logits": teacher_logits,
+            "pseudo_labels": pseudo,
+            "pseudo_pixel_weight": pseudo_weight,
+            "pseudo_weight": jnp.mean(pseudo_weight),
+            "draws": draws,
+            "mixed_image": bridging.bridge_images(
+                draws, batch["source_image"], batch["target_image"]
+            ),
+            "mixed_label": bridging.mix(masks, batch["source_label"], pseudo),
+            "mixed_weight": bridging.mix(masks, jnp.ones_like(pseudo_weight), pseudo_weight),
+        }
+
+    def finish(self, state: SelfTrainingState, outputs: base.Context) -> SelfTrainingState:
+        return state.replace(
+            ema_params=outputs["ema_params"], ema_batch_stats=outputs["ema_batch_stats"]
+        )
+
+    def preview(self, batch, outputs: base.Context) -> list[jax.Array]:
+        return [
+            previews.denormalize(batch["source_image"]),
+            previews.colorize(batch["source_label"]),
+            previews.denormalize(batch["target_image"]),
+            previews.colorize(outputs["pseudo_labels"]),
+            previews.denormalize(outputs["mixed_image"]),
+            previews.colorize(outputs["mixed_label"]),
+            previews.colorize(outputs["mixed_prediction"]),
+        ]
+
+
+def create(config: ml_collections.ConfigDict, student_apply: Callable, build_model) -> SelfTraining:
+    """The self-training method of ``config`` (``build_model``: config.model -> a model)."""
+    extra = tuple(
+        (name, term) for name, term in OPTIONAL_TERMS.items() if config.get(name, {}).get("enabled")
+    )
+    return SelfTraining(
+        student_apply=student_apply,
+        teacher_apply=build_model(no_dropout(config.model)).apply,
+        st=config.st,
+        terms=SelfTraining.terms + extra,
+    )

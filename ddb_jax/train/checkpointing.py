@@ -1,0 +1,102 @@
+"""Train-state checkpoints: orbax's async, keep-N CheckpointManager, and what we add to it.
+
+Orbax writes each step into a temporary directory and renames it only when complete, so a
+save cut off half-way is never restored. On top of it: the step whose background write
+failed is named in the error (a full disk, say), and a step directory that lacks orbax's
+metadata (a partial copy, a filesystem without atomic rename) is skipped on restore.
+
+Not orbax's ``best_fn``: that ranks the train-state checkpoints themselves and would trade
+the latest one (which resumption needs) for the best; the best student is exported as a
+model directory instead (:func:`ddb_jax.train.workdir.export_best`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+from absl import logging
+
+from ddb_jax.train import workdir as workdir_lib
+
+METADATA_FILE = "_CHECKPOINT_METADATA"
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, say); the earlier ones are kept."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), workdir_lib.CHECKPOINTS_DIR)
+
+
+def latest_complete_step(manager: ocp.CheckpointManager) -> int | None:
+    """The newest step whose directory orbax finalised (it has its metadata file)."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        path = os.path.join(str(manager.directory), str(step))
+        if os.path.exists(os.path.join(path, METADATA_FILE)):
+            return step
+        logging.warning("skipping incomplete checkpoint %s", path)
+    return None
+
+
+class Checkpoints:
+    """The manager, and the step being written in the background (so a failure names it)."""
+
+    def __init__(self, workdir: str, keep: int):
+        self.directory = checkpoint_dir(workdir)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=True,
+            cleanup_tmp_directories=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.pending: int | None = None
+
+    def restore_latest(self, state: Any) -> tuple[Any, int | None]:
+        """(the latest complete checkpoint, its step), or (``state``, None) if none."""
+        step = latest_complete_step(self.manager)
+        if step is None:
+            return state, None
+        return self.manager.restore(step, args=ocp.args.StandardRestore(state)), step
+
+    def _error(self, step: int | None, err: BaseException) -> CheckpointWriteError:
+        try:
+            self.manager.reload()
+            kept = self.manager.latest_step()
+        except Exception:  # the listing itself may fail on a broken disk
+            kept = "unknown"
+        return CheckpointWriteError(
+            f"writing the checkpoint of step {step} to {self.directory} failed "
+            f"({type(err).__name__}: {err}); the checkpoints written before it are kept "
+            f"(latest: step {kept}); free space and rerun to continue from it"
+        )
+
+    def wait(self) -> None:
+        """Blocks until the background write is done; raises CheckpointWriteError if it failed."""
+        step, self.pending = self.pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:
+            raise self._error(step, err) from err
+
+    def save(self, step: int, state: Any) -> None:
+        self.wait()  # an earlier write's failure is reported under its own step
+        try:
+            self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        except Exception as err:
+            raise self._error(step, err) from err
+        self.pending = step
+
+    def close(self) -> None:
+        """Finishes the pending write (a failure is logged, not raised) and closes."""
+        try:
+            self.wait()
+        except CheckpointWriteError as err:
+            logging.error("%s", err)
+        try:
+            self.manager.close()
+        except Exception as err:
+            logging.warning("closing the checkpoint manager of %s: %s", self.directory, err)

@@ -1,0 +1,135 @@
+"""A training stage's directory: what it holds and how each file is written.
+
+    WORKDIR/config.json    the config of the run (a rerun with another config is refused)
+    WORKDIR/checkpoints/   orbax train-state checkpoints (:mod:`ddb_jax.train.checkpointing`)
+    WORKDIR/events.*       TensorBoard summaries (CLU metric writers)
+    WORKDIR/best/          the best-mIoU student so far, a model directory + score.json
+    WORKDIR/export/        the final student, a model directory (the stage's deliverable)
+    WORKDIR/result.json    the final evaluation
+
+Files are written to a temporary name and renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from ddb_jax import checkpoints
+
+CONFIG_JSON = "config.json"
+RESULT_JSON = "result.json"
+CHECKPOINTS_DIR = "checkpoints"
+EXPORT_DIR = "export"
+BEST_DIR = "best"
+BEST_SCORE = "score.json"
+# Keys that may change between a run and its resumption (they do not change the result).
+RESUMABLE_KEYS = (
+    "log_every", "image_summary_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+    "eval.", "data.root", "data.num_parallel_calls", "model.remat", "stages",
+)  # fmt: skip
+
+
+class WorkdirMismatchError(ValueError):
+    """The workdir holds a run of another config."""
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a.b': leaf} of a nested dict (tuples as lists, as JSON stores them)."""
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+
+
+def config_as_json(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(json.dumps(config.to_dict(), default=list))
+
+
+def config_differences(stored: dict, current: dict) -> list[str]:
+    """'key: old -> new' for every key that differs and matters for the result."""
+    a, b = flatten(stored), flatten(current)
+    keys = sorted(
+        k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_KEYS)
+    )
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
+
+
+def stored_config(workdir: str) -> dict | None:
+    path = os.path.join(workdir, CONFIG_JSON)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Refuses a workdir that holds a run of a different config (naming the keys)."""
+    stored = stored_config(workdir)
+    if stored is None:
+        return
+    diffs = config_differences(stored, config_as_json(config))
+    if diffs:
+        raise WorkdirMismatchError(
+            f"{workdir} holds a run of another config (differing keys: "
+            f"{', '.join(diffs[:10])}); use a new --workdir, or delete {workdir} to redo it"
+        )
+
+
+def record_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Checks the workdir against ``config`` and records it there (first run only)."""
+    check_config(workdir, config)
+    if stored_config(workdir) is None:
+        os.makedirs(workdir, exist_ok=True)
+        # Every process writes the same file, each through its own temporary name.
+        write_json(os.path.join(workdir, CONFIG_JSON), config_as_json(config))
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes ``path`` whole or not at all (a temporary name per process, then a rename)."""
+    tmp = f"{path}.tmp{jax.process_index()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str, data: dict) -> None:
+    write_text(path, json.dumps(data, indent=2))
+
+
+def read_best_score(workdir: str) -> float:
+    path = os.path.join(workdir, BEST_DIR, BEST_SCORE)
+    if os.path.exists(path):
+        with open(path) as f:
+            return float(json.load(f)["miou"])
+    return -1.0
+
+
+def export_best(
+    workdir: str, variables: dict, model_cfg, stage: str, step: int, score: float
+) -> None:
+    """The student of ``step`` as ``best/`` (process 0 only)."""
+    out = os.path.join(workdir, BEST_DIR)
+    checkpoints.save_model_dir(out, variables, model_cfg, {"stage": stage}, overwrite=True)
+    write_json(os.path.join(out, BEST_SCORE), {"miou": score, "step": step})
+
+
+def export_final(
+    workdir: str, variables: dict, config: ml_collections.ConfigDict, result: dict
+) -> None:
+    """The final student as ``export/`` and its evaluation as ``result.json``."""
+    checkpoints.save_model_dir(
+        os.path.join(workdir, EXPORT_DIR),
+        variables,
+        config.model,
+        {"stage": config.stage, "step": str(config.num_steps)},
+        overwrite=True,
+    )
+    summary = {k: v for k, v in result.items() if not isinstance(v, dict)}
+    write_json(os.path.join(workdir, RESULT_JSON), {"step": config.num_steps, **summary})

@@ -1,0 +1,280 @@
+"""Helpers the test modules share, written once: tiny dataset trees, the tiny toy stage,
+subprocess runs of ``python -m ddb_jax.main``, and readers of what a stage wrote.
+
+The PyTorch reference transcriptions are not here: they are the ``torch_ref`` package,
+shared with the benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import TEST_XLA_FLAGS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 900  # a hung collective fails the test instead of hanging `make test`
+
+# --- tiny dataset trees in the converted layouts -------------------------------------------
+
+
+def save_rgb(path: str, image: np.ndarray) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fmt = "JPEG" if path.endswith(".jpg") else "PNG"
+    Image.fromarray(image.astype(np.uint8)).save(path, fmt)
+
+
+def save_gray(path: str, label: np.ndarray) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(label.astype(np.uint8), mode="L").save(path)
+
+
+def scene(i: int, h: int = 16, w: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """Image whose red channel encodes the label (10 * id) and green the file index."""
+    label = np.zeros((h, w), np.uint8)
+    label[: h // 2] = 10
+    label[h // 2 :, : w // 2] = 0
+    label[h // 2 :, w // 2 :] = 13
+    label[0, 0] = 255
+    image = np.stack(
+        [
+            np.where(label == 255, 250, label.astype(np.int32) * 10),
+            np.full((h, w), 10 * i),
+            np.tile(np.arange(w) * 5, (h, 1)),
+        ],
+        -1,
+    )
+    return image.astype(np.uint8), label
+
+
+# Writers of the converted layouts: (root, n) -> dataset directory.
+def write_gta(root: str, n: int = 3, name: str = "gta", h: int = 16, w: int = 24) -> str:
+    d = os.path.join(root, name)
+    for i in range(n):
+        image, label = scene(i, h, w)
+        save_rgb(f"{d}/images/{i:05d}.png", image)
+        save_gray(f"{d}/labels/{i:05d}_labelTrainIds.png", label)
+    return d
+
+
+def write_synscapes(root: str, n: int = 3) -> str:
+    d = os.path.join(root, "synscapes")
+    for i in range(n):
+        image, label = scene(i + 100)
+        save_rgb(f"{d}/img/rgb/{i + 1}.png", image)
+        save_gray(f"{d}/img/class/{i + 1}_gt_labelTrainIds.png", label)
+    return d
+
+
+def write_synthia(root: str, n: int = 2) -> str:
+    d = os.path.join(root, "synthia")
+    for i in range(n):
+        image, label = scene(i)
+        save_rgb(f"{d}/RGB/{i:07d}.png", image)
+        save_gray(f"{d}/GT/LABELS/{i:07d}_labelTrainIds.png", label)
+    return d
+
+
+def write_cityscapes(root: str, n: int = 2, splits=("train", "val"), h=16, w=32) -> str:
+    d = os.path.join(root, "cityscapes")
+    for split in splits:
+        for i in range(n):
+            stem = f"{split}city_{i:06d}_000019"
+            image, label = scene(i, h, w)
+            save_rgb(f"{d}/leftImg8bit/{split}/{split}city/{stem}_leftImg8bit.png", image)
+            save_gray(f"{d}/gtFine/{split}/{split}city/{stem}_gtFine_labelTrainIds.png", label)
+    return d
+
+
+def write_mapillary(root: str, n: int = 2) -> str:
+    d = os.path.join(root, "mapillary")
+    for i in range(n):
+        image, label = scene(i, 20, 30)
+        save_rgb(f"{d}/training/images/m{i}.jpg", image)
+        save_gray(f"{d}/cityscapes_trainIdLabel/train/label/m{i}.png", label)
+        save_rgb(f"{d}/half/val_img/v{i}.jpg", image)
+        save_gray(f"{d}/half/val_label/v{i}.png", label)
+    return d
+
+
+def write_identity_gta(root, n=8, name="gta", offset=0) -> str:
+    """Images whose green channel is 10 * file index (+ offset): identity survives crops."""
+    d = os.path.join(root, name)
+    for i in range(n):
+        label = np.zeros((16, 16), np.uint8)
+        label[:, 8:] = 1
+        image = np.stack([label * 50, np.full((16, 16), 10 * (i + offset)), label], -1)
+        save_rgb(f"{d}/images/{i:05d}.png", image)
+        save_gray(f"{d}/labels/{i:05d}_labelTrainIds.png", label)
+    return d
+
+
+def identities(images) -> list[int]:
+    """The file index of each normalised image written by :func:`write_identity_gta`."""
+    green = images[..., 1] * 57.12 + 116.28
+    return [int(round(g)) // 10 for g in green.reshape(len(images), -1).mean(1)]
+
+
+def data_config(root, **overrides):
+    """``config.data`` for the tiny trees: 16x16 crops, images kept at their size."""
+    from configs.default import get_config
+
+    cfg = get_config().data
+    cfg.root = str(root)
+    cfg.crop_size = (16, 16)
+    cfg.num_parallel_calls = 2
+    # Keep the tiny images at their size (the table would blow them up to 1280x720).
+    cfg.resize_scales = {"gta": None, "synscapes": None, "cityscapes": None}
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+# --- the toy stages with a tiny model ---------------------------------------------------------
+
+# The demo's model at a quarter of its width, lax convs (compile in half the time of im2col),
+# on 32x32 crops: seconds per stage on a CPU.
+TINY = {
+    "model.base_channels": 8,
+    "model.head_channels": 16,
+    "model.conv_impl": "lax",
+    "data.crop_size": (32, 32),
+}
+
+
+def set_keys(config, values: dict):
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        target = config
+        for part in parents:
+            target = target[part]
+        target[leaf] = value
+    return config
+
+
+def tiny_stage(root, stage: str = "r1_cu", **overrides):
+    """The demo's ``stage`` (configs/demo.py) on the toy data in ``root``, tiny model."""
+    from configs import demo
+
+    config = demo.get_config(stage)
+    config.data.root = str(root)
+    return set_keys(config, {**TINY, **overrides})
+
+
+def stage_command(root, workdir, stage: str = "r1_cu", **overrides) -> list[str]:
+    """``python -m ddb_jax.main`` on :func:`tiny_stage`; ``overrides`` are dotted keys
+    (``num_steps=4``, or ``**{'prototypes.batch_size': 4}``)."""
+    values = {**TINY, "data.root": root, **overrides}
+    return [
+        sys.executable, "-m", "ddb_jax.main", f"--config=configs/demo.py:{stage}",
+        f"--workdir={workdir}",
+    ] + [f"--config.{k}={v if not isinstance(v, tuple) else str(v).replace(' ', '')}"
+         for k, v in values.items()]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def process_env(devices: int = 1) -> dict:
+    """The environment of a stage subprocess: CPU, ``devices`` host devices, quiet TF; it
+    inherits the session's compilation cache (tests/conftest.py)."""
+    return dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}",
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
+
+
+def start(command: list[str], log: str, devices: int = 1) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen(command, cwd=ROOT, env=process_env(devices), stdout=out, stderr=out)
+
+
+def finish(proc: subprocess.Popen, log: str) -> int:
+    try:
+        return proc.wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"{log}: no exit within {TIMEOUT_S}s")
+
+
+def tail(log: str, chars: int = 3000) -> str:
+    with open(log) as f:
+        return f.read()[-chars:]
+
+
+def run_to_end(command: list[str], log: str, devices: int = 1) -> None:
+    proc = start(command, log, devices)
+    assert finish(proc, log) == 0, tail(log)
+
+
+def run_processes(commands: list[list[str]], devices: int, logs: list[str]) -> None:
+    """Starts every command at once; all must exit 0 within TIMEOUT_S (else all are killed)."""
+    procs = [start(c, log, devices) for c, log in zip(commands, logs, strict=True)]
+    deadline = time.monotonic() + TIMEOUT_S
+    # Poll all: the first failure ends the others (they would wait for it in a collective).
+    while any(p.poll() is None for p in procs):
+        failed = any(p.returncode not in (None, 0) for p in procs)
+        if failed or time.monotonic() > deadline:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            if not failed:
+                pytest.fail(f"processes did not finish in {TIMEOUT_S}s (hung collective?): {logs}")
+            break
+        time.sleep(0.5)
+    # A process that failed by itself explains more than a peer killed above (-9).
+    ordered = sorted(zip(procs, logs, strict=True), key=lambda pl: pl[0].returncode == -9)
+    for proc, log in ordered:
+        if proc.returncode != 0:
+            pytest.fail(f"{' '.join(proc.args)} exited {proc.returncode}:\n{tail(log)}")
+
+
+def distributed_flags(port: int, count: int, index: int) -> list[str]:
+    return [f"--coordinator_address=localhost:{port}", f"--num_processes={count}",
+            f"--process_id={index}"]  # fmt: skip
+
+
+# --- what a stage wrote -----------------------------------------------------------------------
+
+
+def export_leaves(workdir) -> list[np.ndarray]:
+    from ddb_jax import checkpoints
+    from ddb_jax.train import workdir as workdir_lib
+
+    variables, _ = checkpoints.load_model_dir(os.path.join(workdir, workdir_lib.EXPORT_DIR))
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(variables)]
+
+
+def assert_same_leaves(leaves, reference) -> None:
+    assert len(leaves) == len(reference) > 0
+    for a, b in zip(leaves, reference, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def image_summaries(workdir) -> dict:
+    """{(tag, step): the summary's string_val (width, height, PNG per image)}."""
+    import tensorflow as tf
+
+    images = {}
+    for name in os.listdir(workdir):
+        if not name.startswith("events.out.tfevents"):
+            continue
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name)):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "images":
+                    images[(value.tag, event.step)] = value.tensor.string_val
+    return images
