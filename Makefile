@@ -1,5 +1,9 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
-PY ?= python3.11
+# PY: the interpreter for the virtualenv (Python 3.11 to 3.13; the first one found);
+# EXTRAS: what to install with it, e.g. `make venv EXTRAS=test,cuda12` on a GPU machine.
+PY ?= $(shell for p in python3.11 python3.12 python3.13; do \
+	$$p -c "" 2>/dev/null && { echo $$p; break; }; done)
+EXTRAS ?= test
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -7,9 +11,11 @@ STAMP := $(VENV)/.installed
 .PHONY: venv demo test bench lint clean
 
 $(STAMP): pyproject.toml
+	@test -x $(BIN)/python || test -n "$(PY)" || { echo "error: no python3.11, python3.12 \
+	or python3.13 on PATH; pass one with make PY=/path/to/python3.12" >&2; exit 2; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -17,14 +23,23 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m ddb_jax.demo
 
+# Two workers, one test file each at a time (files share their module fixtures); the
+# compilation cache is shared. TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
+# The benchmark kit on this machine's CPU (minutes): the device check's smoke run, our step vs
+# the PyTorch reference step alternated (DLV2-R18, 128x128, batch 4), the DDB ops and the
+# input pipeline. The idle-machine comparison at full size (DLV2-R101, 512x512, ~15 min):
+# `$(BIN)/python benchmarks/train_step.py --preset cpu-idle`; the GPU check:
+# benchmarks/device_check.sh. Results: benchmarks/RESULTS.md.
 bench: $(STAMP)
+	$(BIN)/python benchmarks/device_check.py --smoke
+	$(BIN)/python benchmarks/train_step.py --depth 18 --size 128 --batch 4 --steps 3 \
+		--conv-impl matmul,lax
 	$(BIN)/python benchmarks/ops.py
 	$(BIN)/python benchmarks/input_pipeline.py
-	$(BIN)/python benchmarks/train_step.py --depth 18 --size 128 --batch 2 --steps 3 --conv-impl im2col,lax \
-		--torch-threads 1,2
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -6,22 +6,24 @@ stage can load as ``init_from``, a teacher, or a model to evaluate:
     OUT/model.json        model config + provenance (source file, prefix, kind)
     OUT/variables/        orbax StandardCheckpointer tree {'params', 'batch_stats'}
 
-It is written into a temporary sibling and renamed into place, so a crash never
-leaves a half-written ``OUT`` and an existing ``OUT`` is replaced only whole.
+``model.json`` is written last and is what makes a directory a model directory: a crash
+never leaves one that loads half-written (locally the directory is also written aside and
+renamed into place, so an existing ``OUT`` is replaced only whole; on an object store,
+where there is no atomic rename, see :func:`ddb_jax.paths.replace_dir`). Local paths and
+URLs (``gs://``) alike, through :mod:`ddb_jax.paths`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from ddb_jax import errors, paths
 
 MODEL_JSON = "model.json"
 VARIABLES_DIR = "variables"
@@ -41,7 +43,7 @@ def _local_checkpointer() -> ocp.StandardCheckpointer:
     )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.InputError, ValueError):
     """A model directory is missing, incomplete or does not fit the config."""
 
 
@@ -52,44 +54,34 @@ def save_model_dir(
     provenance: dict[str, str] | None = None,
     overwrite: bool = False,
 ) -> None:
-    """Writes ``variables`` and ``model_cfg`` to ``out_dir`` atomically."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
+    """Writes ``variables`` and ``model_cfg`` to ``out_dir``, whole or detectably not."""
+    out_dir = paths.resolve(out_dir)
+    if paths.exists(paths.join(out_dir, MODEL_JSON)) and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+    host_variables = jax.device_get(variables)
+    meta = {"model": model_cfg.to_dict(), "provenance": provenance or {}}
+
+    def write(directory: str) -> None:
         checkpointer = _local_checkpointer()
-        checkpointer.save(os.path.join(staging, VARIABLES_DIR), jax.device_get(variables))
+        checkpointer.save(paths.join(directory, VARIABLES_DIR), host_variables)
         checkpointer.wait_until_finished()
         checkpointer.close()
-        meta = {"model": model_cfg.to_dict(), "provenance": provenance or {}}
-        with open(os.path.join(staging, MODEL_JSON), "w") as f:
-            json.dump(meta, f, indent=2, default=list)
-        if os.path.exists(out_dir):
-            trash = f"{staging}.old"
-            os.rename(out_dir, trash)
-            os.rename(staging, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        description = json.dumps(meta, indent=2, default=list)
+        paths.write_text(paths.join(directory, MODEL_JSON), description)  # last: the marker
+
+    paths.replace_dir(out_dir, write, MODEL_JSON)
 
 
 def read_model_config(model_dir: str) -> tuple[ml_collections.ConfigDict, dict[str, str]]:
     """The model config and provenance stored in a model directory."""
-    path = os.path.join(model_dir, MODEL_JSON)
-    if not os.path.isfile(path):
+    path = paths.join(model_dir, MODEL_JSON)
+    if not paths.isfile(path):
         raise CheckpointError(
             f"{model_dir} is not a model directory (no {MODEL_JSON}); convert a .pth with "
             "tools/convert_checkpoint.py or point at a stage's export/ directory"
         )
     try:
-        with open(path) as f:
-            meta = json.load(f)
+        meta = json.loads(paths.read_bytes(path))
         model = meta["model"]
     except (json.JSONDecodeError, KeyError) as err:
         raise CheckpointError(f"{path} is not a valid model description: {err}") from err
@@ -102,8 +94,8 @@ def read_model_config(model_dir: str) -> tuple[ml_collections.ConfigDict, dict[s
 def load_model_dir(model_dir: str) -> tuple[dict[str, Any], ml_collections.ConfigDict]:
     """Restores (variables as numpy, model config) from a model directory."""
     model_cfg, _ = read_model_config(model_dir)
-    path = os.path.join(os.path.abspath(model_dir), VARIABLES_DIR)
-    if not os.path.isdir(path):
+    path = paths.join(paths.resolve(model_dir), VARIABLES_DIR)
+    if not paths.isdir(path):
         raise CheckpointError(f"{model_dir}: missing {VARIABLES_DIR}/ (incomplete write?)")
     try:
         with _local_checkpointer() as checkpointer:

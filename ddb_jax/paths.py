@@ -25,12 +25,20 @@ from collections.abc import Callable
 
 os.environ.setdefault("EPATH_USE_TF", "false")
 
+import fsspec  # noqa: E402
 from etils import epath  # noqa: E402  (reads EPATH_USE_TF)
+
+# gcsfs caches directory listings for the life of the process by default: a stage would
+# not see the files another process (or a resumed run) wrote since its first look.
+for _protocol in ("gs", "gcs"):
+    fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
+
+from ddb_jax import errors  # noqa: E402
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
-class PathError(OSError):
+class PathError(errors.InputError, OSError):
     """A file or directory could not be read or written; the message names it."""
 
 
@@ -108,7 +116,12 @@ def read_bytes(path: str) -> bytes:
     if not is_remote(path):
         with open(path, "rb") as f:
             return f.read()
-    return as_epath(path).read_bytes()
+    try:
+        return as_epath(path).read_bytes()
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{path} does not exist") from err
+    except Exception as err:
+        raise PathError(f"reading {path} failed: {type(err).__name__}: {err}") from err
 
 
 def read_text(path: str) -> str:
@@ -119,11 +132,36 @@ def read_json(path: str):
     return json.loads(read_bytes(path))
 
 
+def bucket_of(path: str) -> str:
+    """``gs://bucket`` of ``gs://bucket/a/b`` ('' for a local path)."""
+    if not is_remote(path):
+        return ""
+    scheme, rest = str(path).split("://", 1)
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+def check_bucket(path: str, what: str = "path") -> None:
+    """Fails at once, naming ``path``, when its bucket does not exist or cannot be listed
+    with these credentials (otherwise the first checkpoint write, hours later, would)."""
+    bucket = bucket_of(path)
+    if not bucket:
+        return
+    try:
+        found = as_epath(bucket).exists()
+    except Exception as err:  # permissions, network: gcsfs raises OSError and others
+        raise PathError(f"{what} {path}: cannot reach bucket {bucket} ({err})") from err
+    if not found:
+        raise PathError(f"{what} {path}: bucket {bucket} does not exist (or is not visible)")
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """Writes ``path`` whole or not at all (locally a temporary name and a rename, per
-    process; remotely one object upload)."""
+    process; remotely one object upload). A failure names ``path``."""
     if is_remote(path):
-        as_epath(path).write_bytes(data)
+        try:
+            as_epath(path).write_bytes(data)
+        except Exception as err:  # gcsfs names the request URL, not the gs:// path
+            raise PathError(f"writing {path} failed: {type(err).__name__}: {err}") from err
         return
     makedirs(os.path.dirname(os.path.abspath(path)))
     handle, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(
@@ -131,11 +169,18 @@ def write_bytes(path: str, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would survive the rename
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str, text: str) -> None:

@@ -5,22 +5,25 @@
                                  docs/method.md §1.4)
     model_dir   ()     str       the model they were computed with (provenance)
 
-Written to a temporary file and renamed, so a reader never sees half a table. A table
+Written whole or not at all (:mod:`ddb_jax.paths`), so a reader never sees half a table.
+A table
 converted from the reference's ``.pth`` (:func:`load_reference_pth`, which stores no
 counts) has count 0 for all-zero rows (a class never seen) and -1 (unknown) elsewhere.
 """
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
+
+from ddb_jax import errors, paths
 
 PROTOTYPES_FILE = "prototypes.npz"
 UNKNOWN_COUNT = -1.0
 
 
-class PrototypeError(ValueError):
+class PrototypeError(errors.InputError, ValueError):
     """A prototype file is missing, unreadable or does not fit the model."""
 
 
@@ -30,10 +33,7 @@ def save_prototypes(path: str, table, counts, model_dir: str = "") -> None:
     counts = np.asarray(counts, np.float32)
     if table.ndim != 2 or counts.shape != table.shape[:1]:
         raise ValueError(f"prototype table {table.shape} and counts {counts.shape} do not fit")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.npz"
-    np.savez(tmp, prototypes=table, counts=counts, model_dir=np.asarray(model_dir))
-    os.replace(tmp, path)
+    paths.save_npz(path, prototypes=table, counts=counts, model_dir=np.asarray(model_dir))
 
 
 def load_prototypes(
@@ -44,10 +44,10 @@ def load_prototypes(
     ``produced_by`` names what writes the file (a pipeline stage), for the error message.
     """
     hint = f" (it is written by {produced_by})" if produced_by else ""
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise PrototypeError(f"prototype file {path!r} does not exist{hint}")
     try:
-        with np.load(path) as data:
+        with np.load(io.BytesIO(paths.read_bytes(path))) as data:
             table = np.asarray(data["prototypes"], np.float32)
             counts = np.asarray(data["counts"], np.float32)
     except (OSError, ValueError, KeyError) as err:
@@ -76,10 +76,11 @@ def load_reference_pth(path: str) -> tuple[np.ndarray, np.ndarray]:
         raise PrototypeError(
             f"reading {path} needs PyTorch, which is not installed: pip install torch==2.13.0"
         ) from err
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise PrototypeError(f"reference prototype file {path!r} does not exist")
     try:
-        value = torch.load(path, map_location="cpu", weights_only=True)
+        data = io.BytesIO(paths.read_bytes(path))
+        value = torch.load(data, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for truncated or foreign files
         first = str(err).splitlines()[0] if str(err) else ""
         raise PrototypeError(

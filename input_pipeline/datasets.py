@@ -3,20 +3,21 @@
 Plain tf.data over the converted files (no TFDS builders): the datasets cannot be
 downloaded automatically (licences), the reference's layouts are what users already
 have on disk, and a TFDS build would copy hundreds of GB of PNGs. A dataset ``name``
-lives at ``f"{root}/{subdir}"`` (``subdir`` is the name except for the toy domains).
+lives at ``f"{root}/{subdir}"`` (``subdir`` is the name except for the toy domains); the
+root may be a local directory or a bucket (``gs://...``, through :mod:`ddb_jax.paths`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
-import os
 from collections.abc import Mapping, Sequence
+
+from ddb_jax import errors, paths
 
 README = "data/README.md"
 
 
-class DatasetError(ValueError):
+class DatasetError(errors.InputError, ValueError):
     """A dataset directory is missing, empty or inconsistent; the message names the files."""
 
 
@@ -64,6 +65,9 @@ DATASETS: Mapping[str, DatasetSpec] = {
     # Toy domains (python -m input_pipeline.toy): small images keep their size.
     "toy_source": DatasetSpec("gta", "toy/gta", None, None),
     "toy_target": DatasetSpec("cityscapes", "toy/cityscapes", None, None),
+    # --extra-sources synthia,synscapes: SYNTHIA- and Synscapes-like sources.
+    "toy_synthia": DatasetSpec("synthia", "toy/synthia", None, None),
+    "toy_synscapes": DatasetSpec("synscapes", "toy/synscapes", None, None),
 }
 
 
@@ -89,11 +93,11 @@ def dataset_spec(name: str) -> DatasetSpec:
 
 
 def dataset_dir(root: str, name: str) -> str:
-    return os.path.join(root, dataset_spec(name).subdir)
+    return paths.join(root, dataset_spec(name).subdir)
 
 
 def _require_dir(path: str, name: str, layout: str) -> None:
-    if not os.path.isdir(path):
+    if not paths.isdir(path):
         spec = LAYOUTS[layout]
         raise DatasetError(
             f"dataset {name!r}: directory {path} does not exist. Expected the {layout} layout: "
@@ -102,7 +106,7 @@ def _require_dir(path: str, name: str, layout: str) -> None:
 
 
 def _glob(pattern: str) -> list[str]:
-    return sorted(glob.glob(pattern))
+    return paths.glob(pattern)
 
 
 def _pair(
@@ -112,15 +116,19 @@ def _pair(
     label_for: dict[str, str],
     label_glob: str,
 ) -> tuple[str, ...]:
-    """Labels in image order; every image needs its label and every label its image."""
-    missing = [img for img in images if not os.path.isfile(label_for[img])]
+    """Labels in image order; every image needs its label and every label its image.
+
+    One listing of the label directory answers both (not a request per file: in a bucket
+    every existence check is a round trip)."""
+    present = set(_glob(paths.join(label_dir, label_glob)))
+    missing = [img for img in images if label_for[img] not in present]
     if missing:
         raise DatasetError(
             f"dataset {name!r}: {len(missing)} image(s) without a label, e.g. {missing[0]} "
             f"has no {label_for[missing[0]]} (did the converter run? see {README})"
         )
     expected = set(label_for.values())
-    orphans = [f for f in _glob(os.path.join(label_dir, label_glob)) if f not in expected]
+    orphans = sorted(present - expected)
     if orphans:
         raise DatasetError(
             f"dataset {name!r}: {len(orphans)} label(s) without an image, e.g. {orphans[0]}; "
@@ -132,7 +140,7 @@ def _pair(
 def list_files(root: str, name: str, split: str = "train", with_labels: bool = True) -> FileList:
     """Lists (and checks) one split of dataset ``name`` under ``root``."""
     spec = dataset_spec(name)
-    directory = os.path.join(root, spec.subdir)
+    directory = paths.join(root, spec.subdir)
     _require_dir(directory, name, spec.layout)
     layout = spec.layout
 
@@ -140,45 +148,45 @@ def list_files(root: str, name: str, split: str = "train", with_labels: bool = T
         image_sub, label_sub, suffix = {
             "gta": ("images", "labels", "_labelTrainIds.png"),
             "synscapes": (
-                os.path.join("img", "rgb"),
-                os.path.join("img", "class"),
+                paths.join("img", "rgb"),
+                paths.join("img", "class"),
                 "_gt_labelTrainIds.png",
             ),
-            "synthia": ("RGB", os.path.join("GT", "LABELS"), "_labelTrainIds.png"),
+            "synthia": ("RGB", paths.join("GT", "LABELS"), "_labelTrainIds.png"),
         }[layout]
         image_dir, label_dir = (
-            os.path.join(directory, image_sub),
-            os.path.join(directory, label_sub),
+            paths.join(directory, image_sub),
+            paths.join(directory, label_sub),
         )
-        images = _glob(os.path.join(image_dir, "*.png"))
+        images = _glob(paths.join(image_dir, "*.png"))
         label_for = {
-            img: os.path.join(label_dir, os.path.basename(img)[: -len(".png")] + suffix)
+            img: paths.join(label_dir, paths.basename(img)[: -len(".png")] + suffix)
             for img in images
         }
         label_glob = "*" + suffix
     elif layout == "cityscapes":
-        image_dir = os.path.join(directory, "leftImg8bit", split)
-        label_dir = os.path.join(directory, "gtFine", split)
-        images = _glob(os.path.join(image_dir, "*", "*_leftImg8bit.png"))
+        image_dir = paths.join(directory, "leftImg8bit", split)
+        label_dir = paths.join(directory, "gtFine", split)
+        images = _glob(paths.join(image_dir, "*", "*_leftImg8bit.png"))
         label_for = {
-            img: os.path.join(
+            img: paths.join(
                 label_dir,
-                os.path.basename(os.path.dirname(img)),
-                os.path.basename(img)[: -len("_leftImg8bit.png")] + "_gtFine_labelTrainIds.png",
+                paths.basename(paths.dirname(img)),
+                paths.basename(img)[: -len("_leftImg8bit.png")] + "_gtFine_labelTrainIds.png",
             )
             for img in images
         }
-        label_glob = os.path.join("*", "*_gtFine_labelTrainIds.png")
+        label_glob = paths.join("*", "*_gtFine_labelTrainIds.png")
     elif layout == "mapillary":
         if split == "train":
-            image_dir = os.path.join(directory, "training", "images")
-            label_dir = os.path.join(directory, "cityscapes_trainIdLabel", "train", "label")
+            image_dir = paths.join(directory, "training", "images")
+            label_dir = paths.join(directory, "cityscapes_trainIdLabel", "train", "label")
         else:
-            image_dir = os.path.join(directory, "half", "val_img")
-            label_dir = os.path.join(directory, "half", "val_label")
-        images = _glob(os.path.join(image_dir, "*.jpg"))
+            image_dir = paths.join(directory, "half", "val_img")
+            label_dir = paths.join(directory, "half", "val_label")
+        images = _glob(paths.join(image_dir, "*.jpg"))
         label_for = {
-            img: os.path.join(label_dir, os.path.basename(img)[: -len(".jpg")] + ".png")
+            img: paths.join(label_dir, paths.basename(img)[: -len(".jpg")] + ".png")
             for img in images
         }
         label_glob = "*.png"
@@ -204,6 +212,7 @@ def check_available(data_cfg, eval_split: str | None = "val", sources: bool = Tr
     """Lists every file set a stage will read (``sources``: the labelled source sets; the
     targets' training images; with ``eval_split``, their labelled split), so a wrong data
     root or a missing dataset fails at once, naming the directory, before any long work."""
+    paths.check_bucket(data_cfg.root, "config.data.root")
     if sources:
         for name in data_cfg.source:
             list_files(data_cfg.root, name, "train", with_labels=True)

@@ -9,12 +9,11 @@ Files written by the reference tools load unchanged: files are matched by base n
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ddb_jax import paths
 from ddb_jax.labels import IGNORE_LABEL as IGNORE
 
 STATS_FILE = "sample_class_stats.json"
@@ -41,27 +40,23 @@ def write_class_stats(out_dir: str, stats: Sequence[tuple[str, Mapping[int, int]
         (STATS_DICT_FILE, by_file),
         (SAMPLES_WITH_CLASS_FILE, with_class),
     ):
-        tmp = os.path.join(out_dir, name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, os.path.join(out_dir, name))
+        paths.write_json(paths.join(out_dir, name), payload)
 
 
 def _load_json(path: str):
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise FileNotFoundError(
             f"{path} not found: rare class sampling needs the class statistics that the dataset "
             "converter writes (tools/convert_datasets/*.py, see data/README.md)"
         )
-    with open(path) as f:
-        return json.load(f)
+    return paths.read_json(path)
 
 
 def load_class_stats(dataset_dirs: Iterable[str]) -> list[dict[int, int]]:
     """Per-image class pixel counts of one or several datasets (``file`` key dropped)."""
     stats = []
     for d in dataset_dirs:
-        for entry in _load_json(os.path.join(d, STATS_FILE)):
+        for entry in _load_json(paths.join(d, STATS_FILE)):
             stats.append({int(c): int(n) for c, n in entry.items() if c != "file"})
     return stats
 
@@ -93,10 +88,10 @@ def samples_with_class(
     dataset_dirs = list(dataset_dirs)
     result: dict[int, list[str]] = {c: [] for c in classes}
     for d in dataset_dirs:
-        path = os.path.join(d, SAMPLES_WITH_CLASS_FILE)
+        path = paths.join(d, SAMPLES_WITH_CLASS_FILE)
         for c, entries in _load_json(path).items():
             if int(c) in result:
-                result[int(c)] += [os.path.basename(f) for f, n in entries if n > min_pixels]
+                result[int(c)] += [paths.basename(f) for f, n in entries if n > min_pixels]
     empty = [c for c, files in result.items() if not files]
     if empty:
         raise ValueError(

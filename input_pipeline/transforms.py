@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from ddb_jax import paths
 from ddb_jax.labels import IGNORE_LABEL
 from ddb_jax.ops import IMAGE_MEAN, IMAGE_STD
 from input_pipeline import photometric
@@ -57,16 +58,33 @@ def _assert_complete(contents: tf.Tensor, path: tf.Tensor, is_jpeg: bool | tf.Te
     ]
 
 
+def read_file(path: tf.Tensor) -> tf.Tensor:
+    """A file's bytes: TensorFlow's reader for local files, the project's path layer for
+    URLs (``gs://``): the same client the rest of the project uses, which (unlike
+    TensorFlow's GCS filesystem) can also be pointed at a storage emulator."""
+
+    def read_url(url: tf.Tensor) -> tf.Tensor:
+        return tf.constant(paths.read_bytes(url.numpy().decode()))
+
+    def from_url() -> tf.Tensor:
+        contents = tf.py_function(read_url, [path], tf.string)
+        contents.set_shape([])
+        return contents
+
+    is_url = tf.strings.regex_full_match(path, r"[a-zA-Z][a-zA-Z0-9+.-]*://.*")
+    return tf.cond(is_url, from_url, lambda: tf.io.read_file(path))
+
+
 def read_image(path: tf.Tensor, is_jpeg: bool | tf.Tensor = False) -> tf.Tensor:
     """RGB uint8 (H, W, 3) from a PNG or JPEG file; truncated files raise naming ``path``."""
-    contents = tf.io.read_file(path)
+    contents = read_file(path)
     with tf.control_dependencies(_assert_complete(contents, path, is_jpeg)):
-        image = tf.py_function(_decode_naming_file, [contents, path], tf.uint8)
+        image = tf.py_function(decode_naming_file, [contents, path], tf.uint8)
     image.set_shape([None, None, 3])
     return image
 
 
-def _decode_naming_file(contents: tf.Tensor, path: tf.Tensor) -> tf.Tensor:
+def decode_naming_file(contents: tf.Tensor, path: tf.Tensor) -> tf.Tensor:
     """Eager decode whose error names the file (graph decode errors cannot be caught).
 
     JPEGs (by content, as cv2.imdecode decides) use libjpeg's accurate integer IDCT,
@@ -82,7 +100,7 @@ def _decode_naming_file(contents: tf.Tensor, path: tf.Tensor) -> tf.Tensor:
 
 def read_label(path: tf.Tensor) -> tf.Tensor:
     """Train-id uint8 (H, W) from an 8-bit grayscale PNG; checks it is one and its ids."""
-    contents = tf.io.read_file(path)
+    contents = read_file(path)
     # PNG IHDR bit depth (byte 24): decode_png(dtype=uint8) silently rescales 16-bit files.
     eight_bit = tf.debugging.Assert(
         tf.equal(tf.strings.substr(contents, 24, 1), b"\x08"),

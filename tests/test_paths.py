@@ -28,6 +28,9 @@ def test_writes_are_whole_and_leave_no_temporary_files(tmp_path, monkeypatch):
     paths.write_text(target, "new")
     assert paths.read_text(target) == "new"
     assert os.listdir(tmp_path / "sub") == ["result.json"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(target).st_mode & 0o777 == 0o666 & ~mask  # as open() would create it
 
     class Boom(Exception):
         pass

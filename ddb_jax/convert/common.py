@@ -15,11 +15,13 @@ from collections.abc import Callable, Iterable, Mapping
 import jax
 import numpy as np
 
+from ddb_jax import errors
+
 # Tensors that carry no model state we need (BatchNorm's step counter).
 IGNORED_SUFFIXES = ("num_batches_tracked",)
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.InputError, ValueError):
     """A checkpoint does not fit the model; the message lists every mismatch."""
 
 

@@ -7,10 +7,12 @@ see mmseg segmentor keys (``backbone.*``, ``decode_head.*``) or a bare backbone.
 
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Mapping
 
 import numpy as np
+
+from ddb_jax import errors, paths
 
 # Model prefixes in DDB checkpoints: self-training (model, ema_model, imnet_model when
 # feature distance was on) and cross-path distillation (stu_model, cu_model, ca_model).
@@ -19,7 +21,7 @@ MODEL_PREFIXES = ("stu_model", "model", "ema_model", "imnet_model", "cu_model", 
 DEPLOYABLE_ORDER = ("stu_model", "model")
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(errors.InputError, ValueError):
     """A file is not a PyTorch checkpoint of the expected layout."""
 
 
@@ -31,10 +33,11 @@ def load_torch_file(path: str, allow_pickle: bool = False) -> Mapping:
         raise ImportError(
             "reading PyTorch .pth files needs torch: pip install 'ddb-jax[test]' (torch==2.13.0)"
         ) from err
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        data = io.BytesIO(paths.read_bytes(path))  # local or gs://
+        checkpoint = torch.load(data, map_location="cpu", weights_only=not allow_pickle)
     except Exception as err:  # torch raises many types for truncated / foreign files
         hint = ""
         if "weights_only" in str(err) and not allow_pickle:

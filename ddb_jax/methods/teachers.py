@@ -6,7 +6,6 @@ naming the config key and the stage that writes the missing file.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -14,14 +13,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddb_jax import checkpoints, models, prototype_io, rounds
+from ddb_jax import checkpoints, errors, models, paths, prototype_io, rounds
 from ddb_jax.methods.self_training import no_dropout
 
 PATHS = ("cu", "ca")
 TEACHER_DTYPES = ("float32", "bfloat16")
 
 
-class DistillationConfigError(ValueError):
+class DistillationConfigError(errors.UsageError, ValueError):
     """config.ckd (or a setting CKD depends on) is not usable."""
 
 
@@ -43,7 +42,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for path in PATHS:
         key = f"ckd.teacher_{path}"
         model_dir = ckd[f"teacher_{path}"]
-        if not model_dir or not os.path.isfile(os.path.join(model_dir, checkpoints.MODEL_JSON)):
+        if not model_dir or not paths.isfile(paths.join(model_dir, checkpoints.MODEL_JSON)):
             state = "is not set" if not model_dir else "is not a model directory"
             raise checkpoints.CheckpointError(
                 f"config.{key}={model_dir!r} {state}; it must be {rounds.produced_by(key)}"
@@ -51,7 +50,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if ckd.proto_rectify:
             key = f"ckd.prototypes_{path}"
             file = ckd[f"prototypes_{path}"]
-            if not file or not os.path.isfile(file):
+            if not file or not paths.isfile(file):
                 state = "is not set" if not file else "does not exist"
                 raise prototype_io.PrototypeError(
                     f"config.{key}={file!r} {state} (needed by config.ckd.proto_rectify="

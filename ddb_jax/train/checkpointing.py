@@ -1,7 +1,8 @@
 """Train-state checkpoints: orbax's async, keep-N CheckpointManager, and what we add to it.
 
-Orbax writes each step into a temporary directory and renames it only when complete, so a
-save cut off half-way is never restored. On top of it: the step whose background write
+Orbax makes each step's save atomic by the means the storage has (locally a temporary
+directory renamed when complete; on GCS a commit file written last), so a save cut off
+half-way is never restored. On top of it: the step whose background write
 failed is named in the error (a full disk, say), and a step directory that lacks orbax's
 metadata (a partial copy, a filesystem without atomic rename) is skipped on restore.
 
@@ -12,30 +13,30 @@ model directory instead (:func:`ddb_jax.train.workdir.export_best`).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import orbax.checkpoint as ocp
 from absl import logging
 
+from ddb_jax import errors, paths
 from ddb_jax.train import workdir as workdir_lib
 
 METADATA_FILE = "_CHECKPOINT_METADATA"
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(errors.InputError, RuntimeError):
     """A checkpoint could not be written (disk full, say); the earlier ones are kept."""
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), workdir_lib.CHECKPOINTS_DIR)
+    return paths.join(paths.resolve(workdir), workdir_lib.CHECKPOINTS_DIR)
 
 
 def latest_complete_step(manager: ocp.CheckpointManager) -> int | None:
     """The newest step whose directory orbax finalised (it has its metadata file)."""
     for step in sorted(manager.all_steps(), reverse=True):
-        path = os.path.join(str(manager.directory), str(step))
-        if os.path.exists(os.path.join(path, METADATA_FILE)):
+        path = paths.join(str(manager.directory), str(step))
+        if paths.exists(paths.join(path, METADATA_FILE)):
             return step
         logging.warning("skipping incomplete checkpoint %s", path)
     return None

@@ -7,19 +7,18 @@
     WORKDIR/export/        the final student, a model directory (the stage's deliverable)
     WORKDIR/result.json    the final evaluation
 
-Files are written to a temporary name and renamed, so a reader never sees half a file.
+Every file is written whole or not at all, on a local disk or in a bucket (``gs://``),
+through :mod:`ddb_jax.paths`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
-import jax
 import ml_collections
 
-from ddb_jax import checkpoints
+from ddb_jax import checkpoints, errors, paths
 
 CONFIG_JSON = "config.json"
 RESULT_JSON = "result.json"
@@ -34,7 +33,7 @@ RESUMABLE_KEYS = (
 )  # fmt: skip
 
 
-class WorkdirMismatchError(ValueError):
+class WorkdirMismatchError(errors.UsageError, ValueError):
     """The workdir holds a run of another config."""
 
 
@@ -62,11 +61,8 @@ def config_differences(stored: dict, current: dict) -> list[str]:
 
 
 def stored_config(workdir: str) -> dict | None:
-    path = os.path.join(workdir, CONFIG_JSON)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    path = paths.join(workdir, CONFIG_JSON)
+    return paths.read_json(path) if paths.exists(path) else None
 
 
 def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -84,40 +80,26 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 def record_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Checks the workdir against ``config`` and records it there (first run only)."""
+    paths.check_bucket(workdir, "--workdir")
     check_config(workdir, config)
     if stored_config(workdir) is None:
-        os.makedirs(workdir, exist_ok=True)
-        # Every process writes the same file, each through its own temporary name.
-        write_json(os.path.join(workdir, CONFIG_JSON), config_as_json(config))
-
-
-def write_text(path: str, text: str) -> None:
-    """Writes ``path`` whole or not at all (a temporary name per process, then a rename)."""
-    tmp = f"{path}.tmp{jax.process_index()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: str, data: dict) -> None:
-    write_text(path, json.dumps(data, indent=2))
+        paths.makedirs(workdir)
+        # Every process writes the same file (each whole), so no process waits for another.
+        paths.write_json(paths.join(workdir, CONFIG_JSON), config_as_json(config))
 
 
 def read_best_score(workdir: str) -> float:
-    path = os.path.join(workdir, BEST_DIR, BEST_SCORE)
-    if os.path.exists(path):
-        with open(path) as f:
-            return float(json.load(f)["miou"])
-    return -1.0
+    path = paths.join(workdir, BEST_DIR, BEST_SCORE)
+    return float(paths.read_json(path)["miou"]) if paths.exists(path) else -1.0
 
 
 def export_best(
     workdir: str, variables: dict, model_cfg, stage: str, step: int, score: float
 ) -> None:
     """The student of ``step`` as ``best/`` (process 0 only)."""
-    out = os.path.join(workdir, BEST_DIR)
+    out = paths.join(workdir, BEST_DIR)
     checkpoints.save_model_dir(out, variables, model_cfg, {"stage": stage}, overwrite=True)
-    write_json(os.path.join(out, BEST_SCORE), {"miou": score, "step": step})
+    paths.write_json(paths.join(out, BEST_SCORE), {"miou": score, "step": step})
 
 
 def export_final(
@@ -125,11 +107,11 @@ def export_final(
 ) -> None:
     """The final student as ``export/`` and its evaluation as ``result.json``."""
     checkpoints.save_model_dir(
-        os.path.join(workdir, EXPORT_DIR),
+        paths.join(workdir, EXPORT_DIR),
         variables,
         config.model,
         {"stage": config.stage, "step": str(config.num_steps)},
         overwrite=True,
     )
     summary = {k: v for k, v in result.items() if not isinstance(v, dict)}
-    write_json(os.path.join(workdir, RESULT_JSON), {"step": config.num_steps, **summary})
+    paths.write_json(paths.join(workdir, RESULT_JSON), {"step": config.num_steps, **summary})
