@@ -1,8 +1,9 @@
 """``make demo``: all of DDB on the embedded toy domains, and the table it ends with.
 
 Generates the toy domains (once), runs ``configs/demo.py`` (source-only and oracle
-baselines, then both rounds of DDB) in ``runs/demo`` and prints the summary table
-with the share of the source-only -> oracle gap the final student recovers. A
+baselines, then both rounds of DDB) in ``runs/demo``, prints the summary table
+with the share of the source-only -> oracle gap the final student recovers, and draws
+``runs/demo/predictions.png`` and ``runs/demo/miou.png`` (:mod:`ddb_jax.pictures`). A
 rerun skips finished stages; ``rm -rf runs/demo`` starts over.
 """
 
@@ -54,6 +55,10 @@ def main() -> int:
     with open(os.path.join(WORKDIR, "summary.json")) as f:
         summary = json.load(f)
     print(gap_report(summary))
+    from ddb_jax import pictures  # runs the models here: JAX and TensorFlow load only now
+
+    for path in pictures.write_demo_pictures(WORKDIR):
+        print(f"wrote {path}")
     print(f"(demo wall time {time.time() - started:.0f} s; results in {WORKDIR}/summary.md)")
     return 0
 

@@ -7,7 +7,6 @@ stages. Tables are printed and written to ``workdir/eval_<target>.md`` and
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -16,7 +15,11 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ddb_jax import checkpoints, evaluate, labels, models
+from ddb_jax import checkpoints, errors, evaluate, label_images, labels, models, paths
+
+
+class EvaluateConfigError(errors.UsageError, ValueError):
+    """Stage 'evaluate' is missing a setting."""
 
 
 def load_for_evaluation(model_dir: str, config: ml_collections.ConfigDict):
@@ -52,37 +55,38 @@ def sum_over_processes(confusion: np.ndarray) -> np.ndarray:
     return (gathered[:, 0].sum(0) << 31) + gathered[:, 1].sum(0)
 
 
-def host_local(variables):
-    """A copy of (replicated, possibly multi-host) variables on this host's first device.
+def on_one_device(variables, device=None):
+    """A copy of (replicated, possibly multi-host) variables on ``device`` (this host's
+    first by default).
 
-    Each host evaluates its own slice of the validation set with a purely local program;
-    only the confusion matrices are combined across hosts.
+    Each host evaluates its own slice of the validation set with a program of one device
+    (a replicated one would run the same images on every device of the mesh); only the
+    confusion matrices are combined across hosts.
     """
-    if jax.process_count() == 1:
-        return variables
-    return jax.device_put(jax.device_get(variables), jax.local_devices()[0])
+    device = device if device is not None else jax.local_devices()[0]
+    return jax.device_put(jax.device_get(variables), device)
 
 
 def prediction_writer(out_dir: str):
     """``on_prediction`` for :func:`evaluate.evaluate`: each prediction as a Cityscapes-palette
     PNG ``out_dir/<image name>`` (every process writes the files of its own slice)."""
-    from PIL import Image
-
-    palette = labels.palette_256()
-    os.makedirs(out_dir, exist_ok=True)
+    paths.makedirs(out_dir)
 
     def write(batch, prediction: np.ndarray) -> None:
         for name, train_ids in zip(batch["name"], prediction, strict=True):
             base = os.path.splitext(name.decode() if isinstance(name, bytes) else str(name))[0]
-            path = os.path.join(out_dir, f"{base}.png")
-            Image.fromarray(palette[train_ids.astype(np.uint8)]).save(f"{path}.tmp.png")
-            os.replace(f"{path}.tmp.png", path)
+            path = paths.join(out_dir, f"{base}.png")
+            label_images.write_png(path, label_images.colorize(train_ids))
 
     return write
 
 
 def evaluate_targets(
-    apply_fn, variables, config: ml_collections.ConfigDict, predictions_dir: str | None = None
+    apply_fn,
+    variables,
+    config: ml_collections.ConfigDict,
+    predictions_dir: str | None = None,
+    device=None,
 ) -> dict:
     """mIoU per target dataset (each evaluated separately) plus their mean.
 
@@ -92,7 +96,7 @@ def evaluate_targets(
     """
     from input_pipeline import evaluation as eval_data
 
-    variables = host_local(variables)
+    variables = on_one_device(variables, device)
     results = {}
     for name in config.data.target:
         dataset = eval_data.make_eval_dataset(
@@ -112,19 +116,24 @@ def evaluate_targets(
             stride=config.eval.stride,
             flip=config.eval.flip,
             on_prediction=(
-                prediction_writer(os.path.join(predictions_dir, name)) if predictions_dir else None
+                prediction_writer(paths.join(predictions_dir, name)) if predictions_dir else None
             ),
         )
         if jax.process_count() > 1:
             confusion = sum_over_processes(result["confusion"])
             result = evaluate.iou_from_confusion(confusion)
             result["confusion"] = confusion
+        # The setting's extra mIoUs (SYNTHIA's 16/13 classes, 7 categories), same matrix.
+        result["protocols"] = evaluate.protocol_scores(
+            result["confusion"], config.eval.miou_protocols
+        )
         results[name] = result
     return results
 
 
 def summarize(results: dict) -> dict:
-    """JSON-friendly {target: {'miou', 'iou': {class: value}}} plus the mean over targets."""
+    """JSON-friendly {target: {'miou', 'iou': {class: value}}} plus the mean over targets, and
+    each target's extra mIoUs ('protocols') when the setting asks for them."""
     summary = {
         name: {
             "miou": r["miou"],
@@ -133,28 +142,32 @@ def summarize(results: dict) -> dict:
         }
         for name, r in results.items()
     }
+    for name, r in results.items():
+        if r.get("protocols"):  # {protocol: {'title', 'miou', 'iou': {class or category: IoU}}}
+            summary[name]["protocols"] = r["protocols"]
     if len(results) > 1:
         summary["mean"] = {"miou": sum(r["miou"] for r in results.values()) / len(results)}
     return summary
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     if not config.checkpoint:
-        raise ValueError("stage 'evaluate' needs --config.checkpoint=MODEL_DIR")
+        raise EvaluateConfigError(
+            "stage 'evaluate' needs a model: --config.checkpoint=MODEL_DIR (a stage's export/ "
+            "or a .pth converted with tools/convert_checkpoint.py)"
+        )
     apply_fn, variables = load_for_evaluation(config.checkpoint, config)
-    variables = jax.device_put(variables)
-    predictions_dir = os.path.join(workdir, "predictions") if config.eval.save_predictions else None
-    results = evaluate_targets(apply_fn, variables, config, predictions_dir)
+    predictions_dir = paths.join(workdir, "predictions") if config.eval.save_predictions else None
+    device = devices[0] if devices else None
+    results = evaluate_targets(apply_fn, variables, config, predictions_dir, device)
     summary = summarize(results)
     if jax.process_index() != 0:  # every process has the same results; one writes them
         return summary
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     for name, result in results.items():
         table = evaluate.format_iou_table(result, title=f"{name} ({config.checkpoint})")
         print(table)
-        with open(os.path.join(workdir, f"eval_{name}.md"), "w") as f:
-            f.write(table + "\n")
-    with open(os.path.join(workdir, "eval_results.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+        paths.write_text(paths.join(workdir, f"eval_{name}.md"), table + "\n")
+    paths.write_json(paths.join(workdir, "eval_results.json"), summary)
     logging.info("evaluation: %s", {k: v["miou"] for k, v in summary.items()})
     return summary

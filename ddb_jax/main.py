@@ -1,23 +1,29 @@
-"""Entry point: ``python -m ddb_jax.main --config=configs/<stage>.py --workdir=DIR``.
+"""Entry point: ``python -m ddb_jax.main --config=configs/<setting>.py --workdir=DIR``.
 
 ``config.stage`` picks what runs: one self-training path, prototypes, cross-path
-distillation, evaluation of a model, or the whole DDB pipeline. Any config key
-can be overridden on the command line (``--config.batch_size=2``); a key that
-does not exist fails with its name before anything runs.
+distillation, evaluation of a model, or the whole DDB pipeline. Any config key can be
+overridden on the command line (``--config.batch_size=2``); a key that does not exist
+fails with its name before anything runs. Every mistake a user can make ends in one line
+``error: ...`` (exit status 2 for a setting, 1 for a file or a failed run; the traceback
+with ``--traceback``): :mod:`ddb_jax.errors`.
 """
 
 from __future__ import annotations
 
+import re
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddb_jax import distributed, models
-from ddb_jax.stages import UnknownStageError, resolve_stage
+from ddb_jax import distributed, errors, models, platforms
+from ddb_jax.stages import resolve_stage
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results of this run.")
-config_flags.DEFINE_config_file("config", None, "A stage config file under configs/.")
+config_flags.DEFINE_config_file("config", None, "A config file under configs/ (FILE or FILE:ARG).")
 flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_bool("traceback", False, "On an error, print the traceback, not just one line.")
 # Multi-host (see ddb_jax/distributed.py and the README's 'Running at scale').
 flags.DEFINE_enum(
     "distributed", "auto", list(distributed.MODES),
@@ -30,34 +36,75 @@ flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes
 flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for all processes to join.")
 
 
+class FlagError(errors.UsageError):
+    """A command-line flag or config override that cannot be used."""
+
+
 def validate(config) -> None:
     """Checks that fail fast, before any data is read or any model is compiled."""
+    from ddb_jax import methods
+
     models.build_model(config.model)
+    if config.stage in methods.KINDS:
+        methods.check_config(config)
+    if config.eval.mode not in ("whole", "slide"):
+        raise FlagError(f"config.eval.mode={config.eval.mode!r}; use 'whole' or 'slide'")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        settings = distributed.resolve(
-            FLAGS.distributed,
-            FLAGS.coordinator_address,
-            FLAGS.num_processes,
-            FLAGS.process_id,
-            FLAGS.distributed_timeout,
-        )
-    except distributed.DistributedConfigError as err:
-        raise app.UsageError(str(err)) from err
+        raise FlagError(f"unexpected arguments: {argv[1:]} (flags are --name=value)")
+    settings = distributed.resolve(
+        FLAGS.distributed,
+        FLAGS.coordinator_address,
+        FLAGS.num_processes,
+        FLAGS.process_id,
+        FLAGS.distributed_timeout,
+    )
     distributed.initialize(settings)
     config = FLAGS.config
-    try:
-        validate(config)
-        run = resolve_stage(config.stage)
-    except (models.ModelConfigError, UnknownStageError) as err:
-        raise app.UsageError(str(err)) from err
-    logging.info("stage %s, workdir %s, %s", config.stage, FLAGS.workdir, distributed.describe())
+    validate(config)
+    run = resolve_stage(config.stage)
+    logging.info("stage %s, workdir %s", config.stage, FLAGS.workdir)
+    logging.info("%s", platforms.describe())
+    platforms.check_backend(config.get("allow_cpu", False))
     run(config, FLAGS.workdir)
 
 
+def _flag_message(err: BaseException) -> str:
+    """What went wrong in a flag or config override, on one line: a misspelt key with
+    ml_collections' suggestion; a config file's failure by its last line, not its traceback."""
+    text = str(err)
+    missing = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
+    if isinstance(err, KeyError | AttributeError) and missing:
+        return f"config key {missing.group(2)!r} does not exist; did you mean {missing.group(1)!r}?"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+        return f"{lines[0].rstrip(':')}: {lines[-1]}"
+    return errors.one_line(err)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a flag or config mistake (a misspelt key, a value of the wrong
+    type, a config file that fails or does not exist) reported as one ``error:`` line, exit
+    status 2 (``--traceback``: the traceback)."""
+    try:
+        args = FLAGS(argv)
+        FLAGS.config.stage  # noqa: B018  (a config file that failed to load fails here)
+        return args
+    except Exception as err:
+        if "--traceback" in argv:
+            raise
+        print(f"error: {_flag_message(err)} (see --helpfull)", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_main(argv: list[str]) -> None:
+    try:
+        main(argv)
+    except Exception as err:  # known errors: one line; bugs: the traceback
+        sys.exit(errors.report(err, traceback=FLAGS.traceback))
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(run_main, flags_parser=parse_flags)

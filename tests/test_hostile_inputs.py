@@ -218,8 +218,12 @@ def test_unknown_config_key_fails_naming_it_before_any_work(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env=dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2"),
     )  # fmt: skip
-    assert result.returncode != 0
-    assert "batchsize" in result.stderr
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1] == (
+        "error: config key 'batchsize' does not exist; did you mean 'batch_size'? (see --helpfull)"
+    )
+    assert "Traceback" not in result.stderr
     assert not workdir.exists()
 
 

@@ -205,10 +205,10 @@ def test_cli_converts_a_reference_pth(tmp_path):
     np.testing.assert_array_equal(counts, expected)
 
 
-def _fails(argv, capsys, *needles):
-    assert calc_prototypes.main(argv) == 1
+def _fails(argv, capsys, *needles, status=1):
+    assert calc_prototypes.main(argv) == status
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("calc_prototypes: error:")
+    assert len(err.splitlines()) == 1 and err.startswith("error:")
     for needle in needles:
         assert needle in err, err
     return err
@@ -226,6 +226,7 @@ def test_cli_bad_input_fails_with_one_line_and_writes_nothing(
     _fails(
         ["--model", str(model_dir), *odd], capsys,
         f"config.prototypes.batch_size={jax.device_count() + 1}", "devices of the mesh",
+        status=2,  # a setting, not a file
     )  # fmt: skip
 
     # Backbone-only (ImageNet) directory: by provenance, and by its variables alone.

@@ -19,11 +19,10 @@ import sys
 import ml_collections
 
 from configs import default
-from ddb_jax import checkpoints, prototype_io, prototype_stage
-from input_pipeline import datasets
+from ddb_jax import checkpoints, errors, prototype_io, prototype_stage
 
 
-class UsageError(ValueError):
+class UsageError(errors.UsageError, ValueError):
     """A command-line value is malformed."""
 
 
@@ -106,16 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             prototype_stage.write_prototypes(
                 out, table, counts, args.model, prototype_stage.describe(config)
             )
-    except (
-        UsageError,
-        prototype_stage.PrototypeStageError,
-        prototype_io.PrototypeError,
-        checkpoints.CheckpointError,
-        datasets.DatasetError,
-        OSError,
-    ) as err:
-        print(f"calc_prototypes: error: {err}", file=sys.stderr)
-        return 1
+    except Exception as err:  # a bad file or flag: one line (exit 1 or 2); a bug: traceback
+        return errors.report(err)
     print(f"wrote {out}")
     return 0
 

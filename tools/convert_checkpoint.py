@@ -22,10 +22,9 @@ import argparse
 import sys
 
 from configs import default
-from ddb_jax import checkpoints, models
+from ddb_jax import checkpoints, errors, models
 from ddb_jax.convert import convert_torch_checkpoint
-from ddb_jax.convert.common import ConversionError
-from ddb_jax.convert.torch_io import MODEL_PREFIXES, CheckpointFormatError
+from ddb_jax.convert.torch_io import MODEL_PREFIXES
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -64,15 +63,8 @@ def main(argv: list[str]) -> int:
         checkpoints.save_model_dir(
             args.out, variables, model_cfg, provenance, overwrite=args.overwrite
         )
-    except (
-        ConversionError,
-        CheckpointFormatError,
-        models.ModelConfigError,
-        FileNotFoundError,
-        FileExistsError,
-    ) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except Exception as err:  # a bad file or flag: one line (exit 1 or 2); a bug: traceback
+        return errors.report(err)
     print(
         f"wrote {args.out}: {provenance['kind']} {model_cfg.backbone}+{model_cfg.head} "
         f"from {args.checkpoint} (prefix {provenance['prefix'] or 'none'})"

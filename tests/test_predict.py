@@ -1,0 +1,329 @@
+"""tools/predict.py: the evaluate stage's predictions pixel for pixel, label-id files that map
+back to the train ids, a .pth that predicts as its converted directory, folders of arbitrary
+images of several sizes whatever the batching, and bad files and flags named in one line."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from configs import test_cityscapes
+from ddb_jax import checkpoints, eval_stage, label_images, labels, models, predict
+from tests.support import save_rgb
+from tools import convert_checkpoint
+from tools import predict as predict_cli
+from torch_ref.resnet_dlv2 import Segmentor, center_classifier, randomize
+
+VAL = os.path.join("toy", "cityscapes", "leftImg8bit", "val")
+
+
+def tiny_model_config() -> ml_collections.ConfigDict:
+    model_cfg = test_cityscapes.get_config().model
+    model_cfg.backbone = "resnet18_v1c"
+    model_cfg.base_channels = 8
+    model_cfg.head_channels = 8
+    return model_cfg
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """A tiny random model whose classifier is spread so that it predicts several classes
+    (as tests/test_eval_stage.py does)."""
+    model_cfg = tiny_model_config()
+    variables = jax.device_get(
+        models.init_variables(models.build_model(model_cfg), jax.random.PRNGKey(3))
+    )
+    conv_seg = variables["params"]["decode_head"]["conv_seg"]
+    conv_seg["kernel"] = conv_seg["kernel"] * 50.0
+    conv_seg["bias"] = conv_seg["bias"] * 0.0
+    out = str(tmp_path_factory.mktemp("model") / "model")
+    checkpoints.save_model_dir(out, variables, model_cfg)
+    return out
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = predict_cli.main([str(a) for a in args + ["--no-progress"]])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def read(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def outputs(out, kind: str) -> dict[str, np.ndarray]:
+    """{relative name: pixels} of every PNG under ``out/kind``."""
+    found = {}
+    for base, _, files in os.walk(os.path.join(out, kind)):
+        for name in files:
+            path = os.path.join(base, name)
+            found[os.path.relpath(path, os.path.join(out, kind))] = read(path)
+    return found
+
+
+# --- the evaluate stage's predictions ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"mode": "slide", "crop_size": (64, 96), "stride": (48, 64), "flip": True},
+    ],
+    ids=["whole", "slide_flip"],
+)
+def test_predictions_equal_the_evaluate_stage_pixel_for_pixel(
+    toy_root, model_dir, tmp_path, capsys, settings
+):
+    config = test_cityscapes.get_config()
+    config.data.root = str(toy_root)
+    config.data.target = ("toy_target",)
+    config.model = tiny_model_config()
+    config.checkpoint = model_dir
+    config.eval.save_predictions = True
+    for key, value in settings.items():
+        config.eval[key] = value
+    eval_stage.run(config, str(tmp_path / "eval"))
+    flags = [f"--mode={config.eval.mode}"]
+    if config.eval.mode == "slide":
+        flags += ["--crop=64,96", "--stride=48,64", "--flip"]
+    out = tmp_path / "pred"
+    args = [model_dir, toy_root / VAL, "--out", out, "--format=cityscapes", "--scale=toy_target"]
+    code, stdout, _ = run_cli(args + flags + ["--batch-size=2"], capsys)
+    assert code == 0 and "wrote 5 image(s)" in stdout and "skipped 0" in stdout
+
+    expected = outputs(tmp_path / "eval" / "predictions", "toy_target")
+    colours = {os.path.basename(k): v for k, v in outputs(out, "color").items()}
+    train_ids = {os.path.basename(k): v for k, v in outputs(out, "trainIds").items()}
+    assert sorted(colours) == sorted(expected) and len(expected) == 5
+    classes = set()
+    for name, eval_colours in expected.items():
+        np.testing.assert_array_equal(colours[name], eval_colours, err_msg=name)
+        np.testing.assert_array_equal(label_images.colorize(train_ids[name]), eval_colours)
+        classes |= set(np.unique(train_ids[name]).tolist())
+    assert len(classes) > 2  # several classes, not a constant map
+
+
+def test_label_id_files_map_back_to_the_train_ids(toy_root, model_dir, tmp_path, capsys):
+    """The server's layout: labelIds/<city>/<image name>.png, Cityscapes ids that the official
+    id -> train id table maps back to the train-id files; overlays blend image and colour."""
+    out = tmp_path / "pred"
+    args = [model_dir, toy_root / VAL, "--out", out, "--format=cityscapes", "--scale=none"]
+    assert run_cli(args, capsys)[0] == 0
+    label_ids = outputs(out, "labelIds")
+    assert sorted(label_ids) == sorted(
+        f"toycity/toycity_{i:06d}_000019_leftImg8bit.png" for i in range(5)
+    )
+    to_train = labels.build_lut(labels.CITYSCAPES_ID_TO_TRAIN_ID, 256)
+    train_ids = outputs(out, "trainIds")
+    for name, ids in label_ids.items():
+        assert ids.dtype == np.uint8 and ids.ndim == 2
+        assert set(np.unique(ids)) <= set(labels.CITYSCAPES_ID_TO_TRAIN_ID)
+        np.testing.assert_array_equal(to_train[ids], train_ids[name])
+        image = read(toy_root / VAL / name)
+        colour = label_images.colorize(train_ids[name]).astype(int)
+        expected = (image.astype(int) + colour + 1) // 2  # alpha 0.5, rounded half up
+        np.testing.assert_array_equal(read(out / "overlay" / name), expected)
+
+
+def test_label_id_table_round_trips_every_class():
+    train_ids = np.arange(19, dtype=np.uint8).reshape(1, 19)
+    ids = label_images.to_cityscapes_ids(train_ids)
+    assert ids.tolist() == [[7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31,
+                             32, 33]]  # fmt: skip
+    np.testing.assert_array_equal(
+        labels.build_lut(labels.CITYSCAPES_ID_TO_TRAIN_ID, 256)[ids], train_ids
+    )
+
+
+# --- a .pth in memory ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ddb_pth(tmp_path_factory, toy_root) -> str:
+    """A DDB self-training checkpoint ({'state_dict'}, student under 'model.', teacher under
+    'ema_model.') of the mmseg-named ResNetV1c-18 + DLV2 model, its classifier centred on
+    the toy target images so that the argmax varies."""
+    images = np.stack([read(p) for p in sorted((toy_root / VAL).rglob("*.png"))[:2]])
+    normalised = (images - np.array([123.675, 116.28, 103.53])) / np.array([58.395, 57.12, 57.375])
+    batch = torch.from_numpy(normalised.transpose(0, 3, 1, 2)).float()
+    student = center_classifier(randomize(Segmentor(18, channels=16), seed=1).eval(), batch)
+    teacher = center_classifier(randomize(Segmentor(18, channels=16), seed=2).eval(), batch)
+    state = {f"model.{k}": v for k, v in student.state_dict().items()}
+    state.update({f"ema_model.{k}": v for k, v in teacher.state_dict().items()})
+    path = tmp_path_factory.mktemp("pth") / "iter_40000.pth"
+    torch.save({"state_dict": state, "meta": {"iter": 40000}}, path)
+    return str(path)
+
+
+def test_a_pth_predicts_as_its_converted_model_directory(toy_root, ddb_pth, tmp_path, capsys):
+    arch = ["--backbone=resnet18_v1c", "--head-channels=16"]
+    converted = tmp_path / "converted"
+    assert convert_checkpoint.main([ddb_pth, str(converted), *arch]) == 0
+    results = {}
+    for name, model, flags in [
+        ("pth", ddb_pth, arch),
+        ("dir", converted, []),
+        ("teacher", ddb_pth, [*arch, "--which=ema_model"]),
+    ]:
+        code, _, err = run_cli([model, toy_root / VAL, "--out", tmp_path / name, *flags], capsys)
+        assert code == 0, err
+        results[name] = outputs(tmp_path / name, "trainIds")
+    assert "converted in memory" in err
+    assert len(results["pth"]) == 5 and results["pth"].keys() == results["dir"].keys()
+    for name, ids in results["pth"].items():
+        np.testing.assert_array_equal(ids, results["dir"][name], err_msg=name)
+    assert len(np.unique(np.concatenate([v.ravel() for v in results["pth"].values()]))) > 2
+    differs = [not np.array_equal(results["teacher"][k], v) for k, v in results["pth"].items()]
+    assert any(differs)  # --which reached the conversion
+    assert not [p for p in os.listdir(tmp_path) if p not in ("converted", *results)]
+
+
+# --- arbitrary files ------------------------------------------------------------------------------
+
+
+def photo(h: int, w: int, seed: int) -> np.ndarray:
+    """A smooth image with edges (so the prediction has structure), uint8 RGB."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:h, 0:w]
+    image = np.stack([xs * 255 // w, ys * 255 // h, (xs + ys) % 64 * 4], -1)
+    image[h // 3 : h // 2, w // 4 : w // 2] = rng.integers(0, 256, 3)
+    return image.astype(np.uint8)
+
+
+# The images of photo_folder: output name -> (height, width).
+PHOTOS = {
+    "img0": (40, 60), "img1": (33, 47), "img2": (40, 60), "street/img3": (64, 48),
+    "street/img4": (33, 47), "street/img5": (64, 48), "grey": (40, 60), "rgba": (33, 47),
+}  # fmt: skip
+
+
+@pytest.fixture
+def photo_folder(tmp_path) -> str:
+    """PNGs and JPEGs of three sizes (img1, img3, img5 are JPEGs; a sub-folder too), a grey
+    and an RGBA PNG, a truncated PNG, a text file named .jpg and a README (not listed)."""
+    folder = tmp_path / "photos"
+    for i, name in enumerate(n for n in PHOTOS if "img" in n):
+        save_rgb(str(folder / f"{name}.{'jpg' if i % 2 else 'png'}"), photo(*PHOTOS[name], i))
+    Image.fromarray(photo(*PHOTOS["grey"], 7)[..., 0]).save(folder / "grey.png")
+    rgba = np.dstack([photo(*PHOTOS["rgba"], 8), np.full(PHOTOS["rgba"], 128, np.uint8)])
+    Image.fromarray(rgba).save(folder / "rgba.png")
+    data = (folder / "img0.png").read_bytes()
+    (folder / "street" / "truncated.png").write_bytes(data[: len(data) // 2])
+    (folder / "notes.jpg").write_text("not an image")
+    (folder / "README.txt").write_text("ignored: not an image extension")
+    return str(folder)
+
+
+def test_a_folder_of_arbitrary_images_does_not_depend_on_the_batching(
+    model_dir, photo_folder, tmp_path, capsys
+):
+    results = {}
+    for batch in (1, 3):
+        out = tmp_path / f"b{batch}"
+        code, stdout, err = run_cli(
+            [model_dir, photo_folder, "--out", out, f"--batch-size={batch}"], capsys
+        )
+        assert code == 0, err
+        last = stdout.strip().splitlines()[-1]
+        assert last == f"wrote 8 image(s) to {out}; skipped 2 (named above)"
+        assert f"{os.path.join(photo_folder, 'street', 'truncated.png')}: truncated" in err
+        assert f"{os.path.join(photo_folder, 'notes.jpg')}: not a decodable image" in err
+        results[batch] = outputs(out, "trainIds")
+    assert sorted(results[1]) == sorted(f"{name}.png" for name in PHOTOS)
+    for name, ids in results[1].items():
+        assert ids.shape == PHOTOS[name[: -len(".png")]]
+        np.testing.assert_array_equal(results[3][name], ids, err_msg=name)
+    assert len(np.unique(np.concatenate([v.ravel() for v in results[1].values()]))) > 1
+
+
+def test_library_batches_of_mixed_sizes_equal_one_by_one(model_dir):
+    """Buckets per size, partial batches padded, oldest bucket flushed: same ids as singles."""
+    variables, model_cfg, _ = predict.load_model(model_dir)
+    predictor = predict.Predictor.from_model(variables, model_cfg)
+    images = [photo(*size, seed=i) for i, size in enumerate([(40, 60), (33, 47)] * 3 + [(20, 20)])]
+    singles = predict.predict_images(predictor, images, batch_size=1)
+    for batch in (2, 4):
+        batched = predict.predict_images(predictor, images, batch_size=batch)
+        for a, b in zip(singles, batched, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert [s.shape for s in singles] == [i.shape[:2] for i in images]
+
+
+def test_scale_resizes_the_input_and_predicts_at_the_image_size(model_dir):
+    """--scale 64,32 (long, short): a 40x60 image runs at 32x48 (mmcv imrescale), and the
+    ids come back at 40x60."""
+    image = photo(40, 60, 0)
+    assert predict.prepare(image, predict.scale_of("64,32")).shape == (32, 48, 3)
+    assert predict.scale_of("cityscapes") == (1024, 512) and predict.scale_of("none") is None
+    variables, model_cfg, _ = predict.load_model(model_dir)
+    predictor = predict.Predictor.from_model(variables, model_cfg)
+    assert predict.predict_images(predictor, [image], (64, 32))[0].shape == (40, 60)
+
+
+def test_strict_stops_at_the_bad_file_in_one_line(model_dir, photo_folder, tmp_path, capsys):
+    code, _, err = run_cli([model_dir, photo_folder, "--out", tmp_path / "out", "--strict"], capsys)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "--strict" in lines[-1]
+    assert "notes.jpg" in lines[-1] or "truncated.png" in lines[-1]
+
+
+# --- usage errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("case", "needle"),
+    [
+        ("missing_input", "nothing_here.png: no such file or folder"),
+        ("empty_pattern", "*.jpeg: the pattern matches no image files"),
+        ("bad_crop", "--crop"),
+        ("bad_scale", "--scale='huge'"),
+        ("missing_model", "no_model: no such model directory or .pth file"),
+        ("not_cityscapes_names", "needs Cityscapes image names"),
+        ("name_clash", "would both be written as img0"),
+    ],
+)
+def test_usage_errors_exit_2_in_one_line_naming_the_input(
+    model_dir, photo_folder, tmp_path, capsys, case, needle
+):
+    model, inputs, flags = model_dir, [photo_folder], []
+    if case == "missing_input":
+        inputs = [os.path.join(photo_folder, "nothing_here.png")]
+    elif case == "empty_pattern":
+        inputs = [os.path.join(photo_folder, "*.jpeg")]
+    elif case == "bad_crop":
+        flags = ["--crop=12"]
+    elif case == "bad_scale":
+        flags = ["--scale=huge"]
+    elif case == "missing_model":
+        model = str(tmp_path / "no_model")
+    elif case == "not_cityscapes_names":
+        flags = ["--format=cityscapes"]
+    elif case == "name_clash":
+        inputs = [os.path.join(photo_folder, "img0.png"), os.path.join(photo_folder, "*.jpg"),
+                  str(tmp_path / "img0.png")]  # fmt: skip
+        save_rgb(inputs[-1], photo(8, 8, 0))
+    code, _, err = run_cli([model, *inputs, "--out", tmp_path / "out", *flags], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+    assert needle in err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_listing_files_folders_and_patterns(photo_folder):
+    files = predict.list_images(
+        [photo_folder, os.path.join(photo_folder, "img0.png"), os.path.join(photo_folder, "s*")]
+    )
+    # img0 and street/ named twice are listed once; README.txt is not an image.
+    assert [f.name for f in files] == [
+        "grey", "img0", "img1", "img2", "notes", "rgba",
+        "street/img3", "street/img4", "street/img5", "street/truncated",
+    ]  # fmt: skip
+    assert files[1].path == os.path.join(photo_folder, "img0.png")

@@ -1,0 +1,198 @@
+"""Predicts segmentation maps for image files: no labels needed.
+
+  python tools/predict.py runs/gta2cs/r2_ckd/export photos/ --out runs/pred
+  python tools/predict.py weight.pth 'frames/*.jpg' --out runs/pred --backbone=resnet101_v1c
+  python tools/predict.py runs/ddb_gta2cs data/cityscapes/leftImg8bit/test --out runs/cs_test \
+      --format cityscapes                    # + labelIds/<city>/*.png for the benchmark server
+
+MODEL is a model directory (a stage's export/, tools/convert_checkpoint.py's output) or a
+DDB / mmseg .pth, converted in memory (--which, --backbone, --head, --num-classes,
+--head-channels as tools/convert_checkpoint.py). INPUTs are image files, folders (searched
+recursively) or glob patterns. Per image: OUT/color/NAME.png (Cityscapes palette),
+OUT/overlay/NAME.png, OUT/trainIds/NAME.png, and with --format cityscapes
+OUT/labelIds/CITY/NAME.png (label ids; zip that folder alone for the server).
+
+Inference is the evaluate stage's (--mode whole|slide, --crop, --stride, --flip as
+config.eval); --scale resizes each image keep-ratio before inference, as the eval pipeline
+does for a dataset: LONG,SHORT, a dataset name (its evaluation scale: cityscapes is
+1024,512), or none (default; cityscapes with --format cityscapes). Predictions come back at
+each image's own size. A file that cannot be read or decoded is named and skipped (counted
+at the end; exit 1 if no image was written); --strict stops at it instead (exit 1). Usage
+errors (a missing input, a bad flag, names --format cityscapes cannot hold) exit 2 before
+any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ddb_jax import errors
+
+
+def pair(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(x) for x in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not H,W (two integers)") from None
+    if a <= 0 or b <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: both sides must be positive")
+    return a, b
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: use 1 or more")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not in 0..1")
+    return value
+
+
+class UsageError(errors.UsageError):
+    """A bad command line; :func:`main` prints it in one line and returns 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors reach :func:`main` (one line, exit status 2) instead of exiting
+    with a usage block."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see --help)")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    from ddb_jax.convert.torch_io import MODEL_PREFIXES
+
+    parser = Parser(
+        prog="tools/predict.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL", help="model directory or .pth file")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, globs")
+    parser.add_argument("--out", "-o", required=True, help="output folder (local or gs://)")
+    parser.add_argument("--format", choices=("default", "cityscapes"), default="default")
+    parser.add_argument("--mode", choices=("whole", "slide"), default="whole")
+    parser.add_argument("--crop", type=pair, default=(512, 512), help="slide window H,W")
+    parser.add_argument("--stride", type=pair, default=(341, 341), help="slide stride H,W")
+    parser.add_argument("--flip", action="store_true", help="average with the flipped image")
+    parser.add_argument(
+        "--scale", default=None, help="LONG,SHORT | none | dataset name (e.g. cityscapes)"
+    )
+    parser.add_argument("--batch-size", type=positive, default=1)
+    parser.add_argument("--alpha", type=fraction, default=0.5, help="overlay colour opacity")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad image")
+    parser.add_argument("--workers", type=positive, default=4, help="decode/encode threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pth = parser.add_argument_group("a .pth MODEL (as tools/convert_checkpoint.py)")
+    pth.add_argument("--which", choices=MODEL_PREFIXES, default=None)
+    pth.add_argument("--backbone", default="resnet101_v1c")
+    pth.add_argument("--head", default=None, help="dlv2 | segformer | daformer | mmseg_segformer")
+    pth.add_argument("--num-classes", type=positive, default=19)
+    pth.add_argument("--head-channels", type=positive, default=None)
+    pth.add_argument("--allow-pickle", action="store_true")
+    args = parser.parse_args(argv)
+    if args.scale is None:
+        args.scale = "cityscapes" if args.format == "cityscapes" else "none"
+    return args
+
+
+def pth_model_config(args: argparse.Namespace):
+    from configs import default
+
+    model_cfg = default.get_model_config()
+    model_cfg.backbone = args.backbone
+    model_cfg.head = args.head or ("dlv2" if args.backbone.startswith("resnet") else "daformer")
+    model_cfg.num_classes = args.num_classes
+    if args.head_channels is not None:
+        model_cfg.head_channels = args.head_channels
+    return model_cfg
+
+
+def main(argv: list[str]) -> int:
+    try:
+        args = parse_args(argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from tqdm import tqdm
+
+    from ddb_jax import checkpoints, models, paths, predict
+    from ddb_jax.convert.common import ConversionError
+    from ddb_jax.convert.torch_io import CheckpointFormatError
+
+    try:
+        scale = predict.scale_of(args.scale)
+        files = predict.list_images(args.inputs)
+        layout = predict.OutputLayout(args.out, args.format == "cityscapes", args.alpha)
+        layout.check_names(files)
+        if not (paths.isdir(args.model) or paths.isfile(args.model)):
+            raise predict.InputError(f"{args.model}: no such model directory or .pth file")
+    except predict.InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        variables, model_cfg, description = predict.load_model(
+            args.model, pth_model_config(args), args.which, args.allow_pickle, args.dtype
+        )
+        if args.format == "cityscapes" and model_cfg.num_classes != 19:
+            raise predict.InputError(
+                f"--format cityscapes needs a 19-class model; {args.model} has "
+                f"{model_cfg.num_classes}"
+            )
+        predictor = predict.Predictor.from_model(
+            variables, model_cfg, mode=args.mode, crop=args.crop, stride=args.stride,
+            flip=args.flip,
+        )  # fmt: skip
+    except predict.InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (
+        checkpoints.CheckpointError, ConversionError, CheckpointFormatError,
+        models.ModelConfigError, OSError,
+    ) as err:  # fmt: skip
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    settings = f"{args.mode}{' + flip' if args.flip else ''}, scale {scale or 'none'}"
+    print(f"{len(files)} image(s); {description}; {settings}", file=sys.stderr)
+    bar = tqdm(total=len(files), unit="img", disable=True if args.no_progress else None)
+    try:
+        counts = predict.predict_files(
+            predictor, files, layout, scale=scale, batch_size=args.batch_size,
+            strict=args.strict, workers=args.workers,
+            on_skip=lambda message: bar.write(f"skipped {message}", file=sys.stderr),
+            progress=bar.update,
+        )  # fmt: skip
+    except predict.ImageError as err:
+        bar.close()
+        print(f"error: {err} (--strict)", file=sys.stderr)
+        return 1
+    except OSError as err:
+        bar.close()
+        print(f"error: writing the outputs failed: {err}", file=sys.stderr)
+        return 1
+    bar.close()
+    skipped = len(counts.skipped)
+    print(
+        f"wrote {counts.written} image(s) to {args.out}; skipped {skipped}"
+        + (" (named above)" if skipped else "")
+    )
+    return 1 if skipped and not counts.written else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
