@@ -1,217 +1,147 @@
-"""Self-training step time: ours (jitted, donated state) vs the PyTorch reference step.
+"""Self-training step time: ours (jitted, donated state) vs the PyTorch reference step,
+alternated step by step in one process.
 
-One run times DDB's self-training iteration (EMA update, source CE, teacher pseudo-labels,
-bridging + strong augmentation, mixed CE, AdamW) as ``train_and_evaluate`` jits it, and the
-PyTorch transcription of the same iteration (torch_ref/self_training.py, mmseg-style
-ResNetV1c + DLV2 head) on the same weights and inputs. Reports ms/step and images/s (source +
-target pairs), XLA's FLOP count of the compiled step and the achieved FLOP/s against a matmul
-peak measured in the same run, the host-side dispatch time, and the number of compilations
-after the first step (asserted to be 0).
+One round runs one step of each of our conv implementations, then one PyTorch reference
+step (torch_ref's transcription of DDB's ``ST.forward_train``: EMA update, source CE,
+teacher pseudo-labels, bridging + strong augmentation, mixed CE, AdamW; mmseg-style
+ResNetV1c + DLV2 head) on the same weights and inputs; a change of machine load during the
+run hits every side alike. Reports the median ms/step, images/s (source+target pairs), XLA's
+FLOP count of the compiled step, the achieved FLOP/s against a matmul peak measured in the
+same run (``jnp.dot`` for ours, ``torch.mm`` for PyTorch), the host dispatch time, the
+compilations after the first step (asserted 0), and the load average before and after.
 
-    .venv/bin/python benchmarks/train_step.py                         # DLV2-R101, 512x512, batch 4
-    .venv/bin/python benchmarks/train_step.py --depth 18 --size 128 --batch 4   # quick CPU size
-    .venv/bin/python benchmarks/train_step.py --conv-impl lax,im2col --dtype float32
+    .venv/bin/python benchmarks/train_step.py --preset cpu-idle      # the CPU comparison
+    .venv/bin/python benchmarks/train_step.py --depth 18 --size 128 --batch 4 --steps 3
+    .venv/bin/python benchmarks/train_step.py --conv-impl lax,matmul --dtype float32
+
+``--preset cpu-idle`` is the idle-machine comparison of benchmarks/RESULTS.md in one
+command: DLV2-R18 at 128x128 batch 4 (our matmul, im2col and lax convs, 5 rounds), then
+DLV2-R101 at 512x512 batch 4 (our matmul convs, 3 rounds; ~15 minutes and ~20 GiB on a
+2-core CPU), with ``--json``/``--markdown`` defaults under runs/benchmarks/ (git-ignored).
 
 Defaults follow the platform: on GPU/TPU bfloat16 compute and ``lax`` convs; on CPU
-float32 and ``im2col`` convs (configs/default.py documents both switches).
+float32 and ``matmul`` convs (configs/default.py documents both switches).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from configs import default  # noqa: E402
-from ddb_jax import methods, models  # noqa: E402
-from ddb_jax.methods import base  # noqa: E402
-from ddb_jax.train import optim, setup  # noqa: E402
-from ddb_jax.train.state import create_train_state  # noqa: E402
+import bench_common as bc  # noqa: E402
 
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+PRESETS = {
+    "cpu-idle": [
+        dict(depth=18, size=128, batch=4, conv_impl="matmul,im2col,lax", steps=5),
+        dict(depth=101, size=512, batch=4, conv_impl="matmul", steps=3),
+    ],
+}
 
 
-class CompileCounter:
-    """Counts XLA backend compilations through jax.monitoring (any jitted function)."""
-
-    def __init__(self):
-        self.count = 0
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, name: str, duration: float, **kwargs) -> None:
-        if name == COMPILE_EVENT:
-            self.count += 1
-
-
-def make_config(args: argparse.Namespace, conv_impl: str):
-    config = default.get_config()
-    config.model.backbone = f"resnet{args.depth}_v1c"
-    config.model.dtype = args.dtype
-    config.model.conv_impl = conv_impl
-    config.batch_size = args.batch
-    config.data.crop_size = (args.size, args.size)
-    return config
-
-
-def make_batch(batch: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 19, size=(batch, size, size)).astype(np.int32)
-    labels[:, : size // 16] = 255
+def compare(args, counter: bc.CompileCounter, log=print) -> dict:
+    """One configuration: our steps and the PyTorch steps alternated; a result dict."""
+    impls = [i for i in args.conv_impl.split(",") if i]
+    threads = [int(t) for t in args.torch_threads.split(",") if t] or [None]
+    load_before = bc.load_average()
+    log(f"DLV2-R{args.depth} {args.size}x{args.size} batch {args.batch}: load {load_before}")
+    peak = bc.matmul_peak(args.dtype, args.peak_size)
+    batch_np = bc.make_batch(args.batch, args.size)
+    runners, ours, theirs = {}, {}, {}
+    for impl in impls:
+        config = bc.st_config(f"resnet{args.depth}_v1c", args.size, args.batch, args.dtype, impl)
+        student, _ = bc.torch_models(config)
+        step = bc.JaxStep(config, batch_np, student, counter)
+        log(f"ours ({impl}): compiled in {step.compile_s:.0f} s, {step.flops / 1e12:.3f} TFLOP")
+        step.warm_up(args.warmup)
+        ours[impl] = step
+        runners[f"ours ({impl}, {args.dtype})"] = step
+    torch_peak = None
+    if not args.no_torch:
+        config = bc.st_config(f"resnet{args.depth}_v1c", args.size, args.batch, "float32", "lax")
+        for n in threads:
+            step = bc.TorchStep(config, batch_np, args.torch_device, threads=n)
+            for _ in range(args.warmup):
+                step(record=False)
+            name = f"PyTorch reference (fp32, {args.torch_device}, {n or 'default'} threads)"
+            theirs[name] = runners[name] = step
+        torch_peak = bc.torch_matmul_peak(args.peak_size, args.torch_device)
+    bc.alternate(runners, args.steps, log)
+    peak_after = bc.matmul_peak(args.dtype, args.peak_size)
+    load_after = bc.load_average()
+    flops = min(s.flops for s in ours.values())  # lax's count: the model's own work
+    rows = []
+    for impl, step in ours.items():
+        r = step.summary()
+        assert r["recompiles"] == 0, r
+        rows.append({"name": f"ours ({impl}, {args.dtype})", "impl": impl, **r})
+    for name, step in theirs.items():
+        rows.append({"name": name, "impl": "torch", "flops": flops, **step.summary()})
+    for r in rows:
+        is_torch = r["impl"] == "torch"
+        matmul = torch_peak if is_torch else max(peak, peak_after)
+        r["images_per_s"] = args.batch / r["step_s"]
+        r["flop_per_s"] = r["flops"] / r["step_s"]
+        r["pct_of_peak"] = 100 * r["flop_per_s"] / matmul
     return {
-        "source_image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
-        "source_label": labels,
-        "target_image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+        "config": {k: getattr(args, k) for k in ("depth", "size", "batch", "dtype", "steps")},
+        "platform": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "load_before": load_before,
+        "load_after": load_after,
+        "jax_matmul_peak": [peak, peak_after],
+        "torch_matmul_peak": torch_peak,
+        "peak_size": args.peak_size,
+        "flops_min": flops,
+        "rows": rows,
     }
 
 
-def matmul_peak(dtype: str, n: int, repeats: int = 5) -> float:
-    """FLOP/s of the best of ``repeats`` n x n jnp.dot calls (the machine's practical peak)."""
-    key_a, key_b = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(key_a, (n, n), jnp.dtype(dtype))
-    b = jax.random.normal(key_b, (n, n), jnp.dtype(dtype))
-    dot = jax.jit(jnp.dot)
-    dot(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dot(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+def markdown(result: dict) -> str:
+    c = result["config"]
+    peaks = ", ".join(f"{p / 1e9:.0f}" for p in result["jax_matmul_peak"])
+    lines = [
+        f"DLV2-R{c['depth']}, {c['size']}x{c['size']}, batch {c['batch']}, platform "
+        f"{result['platform']} ({result['device']}), {c['steps']} alternated rounds (median); "
+        f"load average {result['load_before']} before, {result['load_after']} after",
+        f"matmul peak ({result['peak_size']}^2 {c['dtype']}): jax {peaks} GFLOP/s (before, after)"
+        + (
+            f", torch {result['torch_matmul_peak'] / 1e9:.0f} GFLOP/s"
+            if result["torch_matmul_peak"]
+            else ""
+        ),
+        "",
+        "| implementation | ms/step | images/s | step TFLOP | GFLOP/s | % of matmul peak "
+        "| dispatch ms | recompiles | compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        torch_row = r["impl"] == "torch"
+        lines.append(
+            f"| {r['name']} | {1e3 * r['step_s']:.0f} | {r['images_per_s']:.3f} "
+            f"| {r['flops'] / 1e12:.3f} | {r['flop_per_s'] / 1e9:.0f} | {r['pct_of_peak']:.0f} % "
+            + ("| | | |" if torch_row else (
+                f"| {1e3 * r['dispatch_s']:.1f} | {r['recompiles']} | {r['compile_s']:.0f} |"
+            ))
+        )  # fmt: skip
+    fastest = min((r["step_s"] for r in result["rows"] if r["impl"] == "torch"), default=None)
+    if fastest:
+        lines.append("")
+        for r in result["rows"]:
+            if r["impl"] != "torch":
+                ratio = fastest / r["step_s"]
+                lines.append(f"- {r['name']}: {ratio:.2f}x the PyTorch step's speed")
+    return "\n".join(lines)
 
 
-def torch_sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def torch_matmul_peak(n: int, device: str, repeats: int = 5) -> float:
-    import torch
-
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    torch.mm(a, b)
-    torch_sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        torch_sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
-def torch_models(depth: int, seed: int = 3):
-    import copy
-
-    from torch_ref.resnet_dlv2 import Segmentor, randomize
-
-    student = randomize(Segmentor(depth, num_classes=19, dropout=0.1), seed=seed)
-    return student, copy.deepcopy(student)
-
-
-def jax_state(config, student_torch):
-    """Our train state on the torch student's weights (the same model on both sides)."""
-    from ddb_jax.convert import resnet as resnet_names
-    from ddb_jax.convert.common import convert_state_dict
-    from torch_ref.common import numpy_state_dict
-
-    model = models.build_model(config.model)
-    shapes = models.variable_shapes(model)
-    variables = convert_state_dict(numpy_state_dict(student_torch), shapes, resnet_names.torch_name)
-    tx, _ = optim.make_optimizer(config.optim, config.num_steps)
-    method = methods.create(config, model.apply)
-    state = method.init_state(
-        create_train_state(jax.tree_util.tree_map(jnp.asarray, variables), tx, jax.random.key(0))
-    )
-    return method, tx, state
-
-
-def time_jax(config, student_torch, batch_np, args, counter: CompileCounter) -> dict:
-    """Times the jitted self-training step exactly as train_and_evaluate builds it."""
-    method, tx, state = jax_state(config, student_torch)
-    mesh = setup.make_mesh(config)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    step = base.make_train_step(method, tx, mesh)
-    state = jax.device_put(state, replicated)
-    batch = jax.device_put(batch_np, sharded)
-
-    start = time.perf_counter()
-    compiled = step.lower(state, batch, None).compile()
-    compile_s = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", float("nan")))
-
-    for _ in range(args.warmup):  # the first call reuses the compilation above
-        state, metrics = step(state, batch, None)
-        jax.block_until_ready(metrics)
-    compiles_before, cache_before = counter.count, step._cache_size()
-    times, dispatch = [], []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        state, metrics = step(state, batch, None)
-        dispatched = time.perf_counter()
-        jax.block_until_ready((state, metrics))
-        end = time.perf_counter()
-        times.append(end - start)
-        dispatch.append(dispatched - start)
-    recompiles = counter.count - compiles_before
-    cache_growth = step._cache_size() - cache_before
-    loss = float(metrics["loss"])
-    assert np.isfinite(loss), loss
-    assert recompiles == 0 and cache_growth == 0, (recompiles, cache_growth)
-    return {
-        "step_s": statistics.median(times),
-        "dispatch_s": statistics.median(dispatch),
-        "compile_s": compile_s,
-        "flops": flops,
-        "recompiles": recompiles,
-        "loss": loss,
-    }
-
-
-def time_torch(config, student, teacher, batch_np, args) -> dict:
-    """The PyTorch reference step on the same inputs (draws fixed: jitter and blur both on)."""
-    import torch
-
-    from ddb_jax import bridging
-    from torch_ref.augment import random_draw as fixed_params
-    from torch_ref.optim import make_optimizer
-    from torch_ref.self_training import torch_reference_step
-
-    masks = np.asarray(
-        bridging.make_masks(jax.random.key(1), batch_np["source_label"], config.st.mask)
-    )
-    augs = [fixed_params(10 + i, jitter=True, blur=True) for i in range(args.batch)]
-    student.to(args.torch_device).train()
-    teacher.to(args.torch_device).train()
-    opt = make_optimizer(student, config.optim)
-    times = []
-    for it in range(args.warmup + args.torch_steps):
-        start = time.perf_counter()
-        src, mix, *_ = torch_reference_step(
-            student, teacher, opt, it, batch_np, masks, augs, config, keep_grads=False
-        )
-        torch_sync(args.torch_device)
-        if it >= args.warmup:
-            times.append(time.perf_counter() - start)
-    assert np.isfinite(src + mix)
-    return {"step_s": statistics.median(times), "threads": torch.get_num_threads()}
-
-
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="run a set of configurations")
     parser.add_argument("--depth", type=int, default=101, help="ResNetV1c depth: 18..152")
     parser.add_argument("--size", type=int, default=512, help="square crop size")
     parser.add_argument("--batch", type=int, default=4, help="global batch")
@@ -220,91 +150,57 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16" if on_accel else "float32")
     parser.add_argument(
         "--conv-impl",
-        default="lax" if on_accel else "im2col",
-        help="comma-separated list of conv implementations to time: lax, im2col",
+        default="lax" if on_accel else "matmul",
+        help="comma-separated conv implementations to time: lax, im2col, matmul",
     )
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (median)")
-    parser.add_argument("--torch-steps", type=int, default=None, help="default: --steps")
+    parser.add_argument("--steps", type=int, default=5, help="alternated timed rounds (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
     parser.add_argument("--peak-size", type=int, default=8192 if on_accel else 2048)
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument(
         "--torch-threads",
         default="",
-        help="comma-separated torch intra-op thread counts to time (default: torch's own); "
-        "on a loaded machine 1 thread can be far faster than 2 (OpenMP barriers)",
+        help="comma-separated torch intra-op thread counts, each its own row (default: "
+        "torch's own); on a loaded machine 1 thread can be far faster than 2",
     )
-    parser.add_argument(
-        "--torch-device", default="", help="cpu | cuda (default: cuda when available)"
-    )
-    args = parser.parse_args()
-    args.torch_steps = args.torch_steps or args.steps
+    parser.add_argument("--torch-device", default="", help="cpu | cuda (default: cuda if any)")
+    parser.add_argument("--json", default="", help="write the results here")
+    parser.add_argument("--markdown", default="", help="write the tables here")
+    args = parser.parse_args(argv)
     if not args.torch_device and not args.no_torch:
         import torch
 
         args.torch_device = "cuda" if torch.cuda.is_available() else "cpu"
-    counter = CompileCounter()
-
-    peak = matmul_peak(args.dtype, args.peak_size)
-    config = make_config(args, args.conv_impl.split(",")[0])
-    batch_np = make_batch(args.batch, args.size)
-    rows = []
-    for impl in args.conv_impl.split(","):
-        config = make_config(args, impl)
-        student, _ = torch_models(args.depth)
-        result = time_jax(config, student, batch_np, args, counter)
-        rows.append((f"ours ({impl}, {args.dtype})", result))
-        print(f"ours {impl}: {result}", flush=True)
-    torch_results, torch_peak = [], None
-    if not args.no_torch:
-        import torch
-
-        for threads in [int(t) for t in args.torch_threads.split(",") if t] or [None]:
-            if threads:
-                torch.set_num_threads(threads)
-            student, teacher = torch_models(args.depth)
-            torch_results.append(time_torch(config, student, teacher, batch_np, args))
-            torch_results[-1]["peak"] = torch_matmul_peak(args.peak_size, args.torch_device)
-            print(f"torch: {torch_results[-1]}", flush=True)
-        torch_peak = max(r["peak"] for r in torch_results)
-
-    # The PyTorch row's FLOP/s uses XLA's smallest count (the lax convs; im2col also counts
-    # the multiply-adds with its zero padding), i.e. the model's own work.
-    flops = min(r["flops"] for _, r in rows)
-    print(
-        f"\nDLV2-R{args.depth}, {args.size}x{args.size}, batch {args.batch}, "
-        f"platform {platform} ({jax.devices()[0].device_kind}), {args.steps} timed steps "
-        f"(median) after {args.warmup} warm-up"
+    configs = [{}]
+    if args.preset:
+        configs = PRESETS[args.preset]
+        out = pathlib.Path(__file__).resolve().parents[1] / "runs" / "benchmarks"  # git-ignored
+        args.json = args.json or str(out / f"train_step_{args.preset}.json")
+        args.markdown = args.markdown or str(out / f"train_step_{args.preset}.md")
+    counter = bc.CompileCounter()
+    load_start = bc.load_average()
+    print(f"load average at the start: {load_start}", flush=True)
+    results = []
+    for overrides in configs:
+        run_args = argparse.Namespace(**{**vars(args), **overrides})
+        result = compare(run_args, counter, log=lambda m: print(m, flush=True))
+        results.append(result)
+        print("\n" + markdown(result) + "\n", flush=True)
+    load_end = bc.load_average()
+    print(f"load average at the start: {load_start}, at the end: {load_end}")
+    text = f"load average at the start {load_start}, at the end {load_end}\n\n" + "\n\n".join(
+        markdown(r) for r in results
     )
-    print(
-        f"matmul peak ({args.peak_size}^2, {args.dtype}): jax {peak / 1e9:.0f} GFLOP/s"
-        + (f", torch {torch_peak / 1e9:.0f} GFLOP/s (fp32)" if torch_peak else "")
-    )
-    for name, r in rows:
-        print(f"step FLOPs (XLA cost analysis, {name}): {r['flops'] / 1e12:.3f} TFLOP")
-    print("| implementation | ms/step | images/s | GFLOP/s | % of peak | dispatch ms | "
-          "recompiles | compile s |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in rows:
-        achieved = r["flops"] / r["step_s"]
-        print(
-            f"| {name} | {1e3 * r['step_s']:.0f} | {args.batch / r['step_s']:.2f} | "
-            f"{achieved / 1e9:.0f} | {100 * achieved / peak:.0f} % | "
-            f"{1e3 * r['dispatch_s']:.1f} | {r['recompiles']} | {r['compile_s']:.0f} |"
-        )
-    for torch_result in torch_results:
-        t = torch_result["step_s"]
-        achieved = flops / t
-        print(
-            f"| PyTorch reference (fp32, {args.torch_device}, {torch_result['threads']} threads) | "
-            f"{1e3 * t:.0f} | "
-            f"{args.batch / t:.2f} | {achieved / 1e9:.0f} | "
-            f"{100 * achieved / torch_result['peak']:.0f} % | | | |"
-        )
-    if torch_results:
-        best = min(r["step_s"] for r in torch_results)
-        for name, r in rows:
-            print(f"{name}: {best / r['step_s']:.2f}x the fastest PyTorch step's speed")
+    for path, content in ((args.json, None), (args.markdown, text)):
+        if path:
+            pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w") as f:
+                if content is None:
+                    json.dump({"load_start": load_start, "load_end": load_end,
+                               "runs": results}, f, indent=2)  # fmt: skip
+                else:
+                    f.write(content + "\n")
+            print(f"wrote {path}")
 
 
 if __name__ == "__main__":

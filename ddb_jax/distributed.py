@@ -21,13 +21,15 @@ from collections.abc import Mapping
 
 import jax
 
+from ddb_jax import errors
+
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
 MODES = ("auto", "on", "off")
 
 
-class DistributedConfigError(ValueError):
+class DistributedConfigError(errors.UsageError, ValueError):
     """Inconsistent multi-host settings (names the flag or environment variable)."""
 
 
@@ -125,13 +127,4 @@ def initialize(settings: Settings | None) -> None:
         num_processes=settings.num_processes,
         process_id=settings.process_id,
         initialization_timeout=settings.timeout_s,
-    )
-
-
-def describe() -> str:
-    """One log line: this process among all, and its devices."""
-    return (
-        f"process {jax.process_index()} of {jax.process_count()}, "
-        f"{jax.local_device_count()} local / {jax.device_count()} global devices "
-        f"({jax.devices()[0].platform})"
     )

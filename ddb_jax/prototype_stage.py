@@ -19,7 +19,6 @@ the table is the sequential one whatever the number of hosts or devices.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +30,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from ddb_jax import checkpoints, labels, models, prototype_io, prototypes
+from ddb_jax import checkpoints, errors, labels, models, paths, prototype_io, prototypes
 from ddb_jax.ops import resize_bilinear
 from ddb_jax.train import setup
 from ddb_jax.train import workdir as workdir_lib
@@ -39,7 +38,7 @@ from input_pipeline import datasets, sharding
 from input_pipeline import train as train_data
 
 
-class PrototypeStageError(ValueError):
+class PrototypeStageError(errors.UsageError, ValueError):
     """A prototypes-stage setting is unusable; the message names the config key."""
 
 
@@ -56,12 +55,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
+def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
     """The training stages' mesh (same device choice with several processes), checked
     against ``config.prototypes.batch_size``."""
     check_config(config)
     try:
-        return setup.make_mesh(config, batch_key="prototypes.batch_size")
+        return setup.make_mesh(config, batch_key="prototypes.batch_size", devices=devices)
     except ValueError as err:
         raise PrototypeStageError(str(err)) from err
 
@@ -72,7 +71,7 @@ def check_model_dir(model_dir: str, config: ml_collections.ConfigDict):
     Refuses a missing or non-model directory, a backbone-only (ImageNet) directory and a
     class count other than ``config.model.num_classes``.
     """
-    if not os.path.isdir(model_dir):
+    if not paths.isdir(model_dir):
         raise checkpoints.CheckpointError(f"model directory {model_dir} does not exist")
     stored, provenance = checkpoints.read_model_config(model_dir)
     if provenance.get("kind") == "backbone":
@@ -161,12 +160,15 @@ def _host_value(x: jax.Array) -> np.ndarray:
     return np.asarray(x.addressable_data(0))
 
 
-def compute_prototypes(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+def compute_prototypes(
+    config: ml_collections.ConfigDict, devices=None
+) -> tuple[np.ndarray, np.ndarray]:
     """(table (K, C), counts (K,)) of the model in ``config.checkpoint`` (docs/method.md §1.4).
 
     Every input is checked (config, model directory, datasets) before the model runs.
+    ``devices``: the stage's devices when the pipeline runs it beside others.
     """
-    mesh = make_mesh(config)
+    mesh = make_mesh(config, devices)
     check_model_dir(config.checkpoint, config)
     num_images = target_image_count(config)
     if num_images == 0:
@@ -213,7 +215,7 @@ def compute_prototypes(config: ml_collections.ConfigDict) -> tuple[np.ndarray, n
 
 def summary_path(path: str) -> str:
     """The human-readable summary written beside a prototype file."""
-    return os.path.splitext(path)[0] + "_summary.txt"
+    return path.removesuffix(".npz") + "_summary.txt"
 
 
 def format_summary(table: np.ndarray, counts: np.ndarray, title: str = "") -> str:
@@ -238,10 +240,7 @@ def write_prototypes(
     """Writes ``path`` (atomic, prototype_io) and its summary; prints the summary."""
     text = format_summary(table, counts, title or f"prototypes of {model_dir} -> {path}")
     prototype_io.save_prototypes(path, table, counts, model_dir)
-    tmp = summary_path(path) + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-    os.replace(tmp, summary_path(path))
+    paths.write_text(summary_path(path), text + "\n")
     print(text)
     return path
 
@@ -256,14 +255,14 @@ def describe(config: ml_collections.ConfigDict) -> str:
     )
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> str:
+def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> str:
     """Stage entry point: writes ``workdir/prototypes.npz`` (+ summary); returns its path."""
     check_config(config)
     check_model_dir(config.checkpoint, config)
     datasets.check_available(config.data, eval_split=None, sources=False)
     workdir_lib.record_config(workdir, config)  # after the inputs are checked
-    table, counts = compute_prototypes(config)
-    path = os.path.join(workdir, prototype_io.PROTOTYPES_FILE)
+    table, counts = compute_prototypes(config, devices)
+    path = paths.join(workdir, prototype_io.PROTOTYPES_FILE)
     if jax.process_index() == 0:
         write_prototypes(path, table, counts, config.checkpoint, describe(config))
     return path

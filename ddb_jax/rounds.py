@@ -21,12 +21,13 @@ place.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
+
+from ddb_jax import errors, paths
 
 EXPORT = "export"  # a training stage's final student, a model directory
 PROTOTYPES = "prototypes.npz"  # a prototypes stage's table
@@ -39,10 +40,12 @@ PER_STAGE_KEYS = (
     "ckd.prototypes_ca",
 )  # fmt: skip
 # Keys of a pipeline config that describe the pipeline, not its stages.
-PIPELINE_KEYS = ("pipeline", "stages", "rounds", "baselines", "round2_lr_scale")
+PIPELINE_KEYS = (
+    "pipeline", "stages", "rounds", "baselines", "round2_lr_scale", "seeds", "concurrent_stages",
+)  # fmt: skip
 
 
-class GraphError(ValueError):
+class GraphError(errors.UsageError, ValueError):
     """A stage name or a pipeline setting that the graph does not have."""
 
 
@@ -119,7 +122,7 @@ def find(stages: Sequence[Stage], name: str) -> Stage:
 
 
 def artifact_path(workdir: str, stage: str, artifact: str) -> str:
-    return os.path.join(workdir, stage, artifact)
+    return paths.join(workdir, stage, artifact)
 
 
 def produced_by(key: str) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
+from ddb_jax import errors
+
 # stage name -> "module:function(config, workdir)"
 STAGES = {
     "self_training": "ddb_jax.train.loop:train_and_evaluate",
@@ -20,7 +22,7 @@ STAGES = {
 }
 
 
-class UnknownStageError(ValueError):
+class UnknownStageError(errors.UsageError, ValueError):
     """config.stage names no stage."""
 
 

@@ -7,27 +7,13 @@ import shutil
 
 import numpy as np
 
-from configs import demo
 from ddb_jax import checkpoints, pipeline, prototype_io
-from tests.support import TINY, set_keys
+from tests.support import tiny_pipeline
 
 STAGES = [
     "source_only", "r1_cu", "r1_ca", "r1_proto_cu", "r1_proto_ca", "r1_ckd",
     "r2_cu", "r2_ca", "r2_proto_cu", "r2_proto_ca", "r2_ckd",
 ]  # fmt: skip
-
-
-def tiny_pipeline(root):
-    """The demo's pipeline with 2 steps per stage and the tiny model, without the oracle."""
-    config = demo.get_config("2")
-    config.baselines = ("source_only",)
-    set_keys(config, {**TINY, "model.head_channels": 8})
-    config.data.root = str(root)
-    config.batch_size = 2
-    config.prototypes.num_passes = 1
-    config.prototypes.batch_size = 2
-    config.image_summary_every = 0
-    return config
 
 
 class Spy:
@@ -39,9 +25,9 @@ class Spy:
         self.names = []
         self._resolve = stages.resolve_stage
 
-    def __call__(self, stage_cfg, stage_dir):
+    def __call__(self, stage_cfg, stage_dir, devices=None):
         self.names.append(os.path.basename(stage_dir))
-        return self._resolve(stage_cfg.stage)(stage_cfg, stage_dir)
+        return self._resolve(stage_cfg.stage)(stage_cfg, stage_dir, devices=devices)
 
 
 def test_pipeline_runs_every_stage_and_resumes_stage_by_stage(toy_root, tmp_path):

@@ -21,13 +21,21 @@ DDB_ORDER = [
 ]  # fmt: skip
 
 
+def demo_config():
+    """The demo pipeline, 2 steps per stage, its stages one after another (the order of
+    the recorded calls is checked; tests below run waves at once)."""
+    config = demo.get_config("2")
+    config.concurrent_stages = False
+    return config
+
+
 class Recorder:
     """Stands in for the stages: records (name, config) and writes the deliverable."""
 
     def __init__(self):
         self.calls = []
 
-    def __call__(self, stage_cfg, stage_dir):
+    def __call__(self, stage_cfg, stage_dir, devices=None):
         name = os.path.basename(stage_dir)
         self.calls.append((name, stage_cfg))
         workdir_lib.record_config(stage_dir, stage_cfg)
@@ -51,7 +59,7 @@ class Recorder:
 def test_runs_every_stage_in_order_with_its_inputs_wired(tmp_path):
     workdir = str(tmp_path / "run")
     recorder = Recorder()
-    summary = pipeline.run(demo.get_config("2"), workdir, run_stage=recorder)
+    summary = pipeline.run(demo_config(), workdir, run_stage=recorder)
     assert recorder.names == DDB_ORDER
     cfg = dict(recorder.calls)
 
@@ -83,20 +91,20 @@ def test_runs_every_stage_in_order_with_its_inputs_wired(tmp_path):
 
 def test_rerun_skips_finished_stages_and_redoes_a_deleted_one(tmp_path):
     workdir = str(tmp_path / "run")
-    pipeline.run(demo.get_config("2"), workdir, run_stage=Recorder())
+    pipeline.run(demo_config(), workdir, run_stage=Recorder())
     again = Recorder()
-    pipeline.run(demo.get_config("2"), workdir, run_stage=again)
+    pipeline.run(demo_config(), workdir, run_stage=again)
     assert again.names == []
     shutil.rmtree(os.path.join(workdir, "r2_ckd", "export"))
     os.remove(os.path.join(workdir, "r1_proto_ca", "prototypes.npz"))
     redo = Recorder()
-    pipeline.run(demo.get_config("2"), workdir, run_stage=redo)
+    pipeline.run(demo_config(), workdir, run_stage=redo)
     assert redo.names == ["r1_proto_ca", "r2_ckd"]
 
 
 def test_subset_of_stages(tmp_path):
     workdir = str(tmp_path / "run")
-    config = demo.get_config("2")
+    config = demo_config()
     config.stages = "r1_cu, r1_ca"
     recorder = Recorder()
     summary = pipeline.run(config, workdir, run_stage=recorder)
@@ -109,7 +117,7 @@ def test_subset_of_stages(tmp_path):
 
 
 def test_missing_inputs_name_the_producing_stage_before_anything_runs(tmp_path):
-    config = demo.get_config("2")
+    config = demo_config()
     config.stages = "r1_ca,r1_ckd"
     recorder = Recorder()
     with pytest.raises(pipeline.PipelineError, match=r"r1_ckd needs .*r1_cu.*run r1_cu first"):
@@ -118,35 +126,35 @@ def test_missing_inputs_name_the_producing_stage_before_anything_runs(tmp_path):
 
 
 def test_bad_pipeline_configs_are_refused(tmp_path):
-    config = demo.get_config("2")
+    config = demo_config()
     config.stages = "r1_cu,r3_cu"
     with pytest.raises(pipeline.PipelineError, match="r3_cu"):
         pipeline.run(config, str(tmp_path / "a"), run_stage=Recorder())
-    config = demo.get_config("2")
+    config = demo_config()
     with config.pipeline.r1_cu.unlocked():
         config.pipeline.r1_cu.stage = "ckd"
     with pytest.raises(pipeline.PipelineError, match=r"pipeline.r1_cu.stage .*stage kind"):
         pipeline.run(config, str(tmp_path / "b"), run_stage=Recorder())
-    config = demo.get_config("2")
+    config = demo_config()
     with config.pipeline.unlocked():
         config.pipeline.round1 = rounds.placeholders(config)
     config.pipeline.round1.seed = 3
     with pytest.raises(pipeline.PipelineError, match="config.pipeline.round1"):
         pipeline.run(config, str(tmp_path / "c"), run_stage=Recorder())
     # An input the graph wires cannot be overridden per stage (it would be ignored).
-    config = demo.get_config("2")
+    config = demo_config()
     config.pipeline.r2_cu.init_from = "elsewhere"
     with pytest.raises(pipeline.PipelineError, match="pipeline.r2_cu.init_from is wired"):
         pipeline.run(config, str(tmp_path / "d"), run_stage=Recorder())
     # A key the graph sets per stage, set at the top, would be ignored: refused, naming it.
-    config = demo.get_config("2")
+    config = demo_config()
     config.st.mask = "class"
     with pytest.raises(pipeline.PipelineError, match=r"config.st.mask='class' is set per stage"):
         pipeline.run(config, str(tmp_path / "e"), run_stage=Recorder())
 
 
 def test_top_level_overrides_reach_every_stage_and_stage_overrides_one(tmp_path):
-    config = demo.get_config("2")
+    config = demo_config()
     config.seed = 7
     config.batch_size = 2
     config.optim.lr = 2e-3
@@ -165,7 +173,7 @@ def test_top_level_overrides_reach_every_stage_and_stage_overrides_one(tmp_path)
 
 def test_a_changed_config_is_refused_only_for_stages_that_ran(tmp_path):
     workdir = str(tmp_path / "run")
-    config = demo.get_config("2")
+    config = demo_config()
     config.stages = "r1_cu"
     pipeline.run(config, workdir, run_stage=Recorder())
     config.pipeline.r1_ca.batch_size = 2  # has not run: accepted
@@ -197,7 +205,7 @@ def test_every_config_file_loads_and_names_a_stage():
         if config.stage == "pipeline":
             pipelines.append(name)
             plan = pipeline.plan_stages(config, "runs/x")
-            assert [s.name for s, _, _ in plan if s.name.startswith("r")] == DDB_ORDER[2:], path
+            assert [p.name for p in plan if p.name.startswith("r")] == DDB_ORDER[2:], path
     assert set(pipelines) >= {"gta2cs", "gtasyn2cs", "gta2csmap", "demo", "gta2cs_ddb"}
 
 
@@ -207,12 +215,88 @@ def test_per_stage_config_files_are_the_pipelines_stages():
 
     plan = pipeline.plan_stages(gta2cs.get_config(), "runs/gta2cs")
     checked = 0
-    for stage, stage_cfg, _ in plan:
+    for planned in plan:
         try:
-            module = importlib.import_module(f"configs.gta2cs_{stage.name}")
+            module = importlib.import_module(f"configs.gta2cs_{planned.name}")
         except ModuleNotFoundError:
-            assert "proto" in stage.name  # prototypes: tools/calc_prototypes.py by hand
+            assert "proto" in planned.name  # prototypes: tools/calc_prototypes.py by hand
             continue
-        assert module.get_config().to_dict() == stage_cfg.to_dict(), stage.name
+        assert module.get_config().to_dict() == planned.config.to_dict(), planned.name
         checked += 1
     assert checked == 6
+
+
+def test_waves_group_the_independent_stages_of_every_seed():
+    config = demo_config()
+    config.seeds = (0, 1)
+    plan = pipeline.plan_stages(config, "runs/x")
+    assert [p.name for p in plan][:3] == ["seed0/source_only", "seed0/oracle", "seed0/r1_cu"]
+    assert plan[3].config.seed == 0 and plan[-1].config.seed == 1
+    assert plan[-1].dir == os.path.join("runs/x", "seed1", "r2_ckd")
+    assert plan[-1].config.ckd.teacher_cu == os.path.join("runs/x", "seed1", "r2_cu", "export")
+    waves = pipeline.waves(plan, num_devices=8)
+    names = [sorted(p.name for p in wave) for wave in waves]
+    assert names[0] == sorted(
+        f"seed{s}/{n}" for s in (0, 1) for n in ("source_only", "oracle", "r1_cu", "r1_ca")
+    )
+    assert names[1] == sorted(f"seed{s}/r1_proto_{p}" for s in (0, 1) for p in ("cu", "ca"))
+    assert names[2] == ["seed0/r1_ckd", "seed1/r1_ckd"]
+    assert len(waves) == 6  # two rounds of (paths, prototypes, CKD)
+    # Fewer devices than stages: a level is cut into chunks that each fit the devices.
+    assert [len(w) for w in pipeline.waves(plan, num_devices=3)][:3] == [3, 3, 2]
+
+
+def test_device_groups_are_disjoint_and_divide_every_batch():
+    import jax
+
+    config = demo_config()
+    config.mesh_devices = 0
+    plan = pipeline.plan_stages(config, "runs/x")
+    paths_of_round1 = [p for p in plan if p.stage.name in ("r1_cu", "r1_ca")]
+    devices = jax.devices()[:8]
+    groups = pipeline.device_groups(paths_of_round1, devices)
+    assert [len(g) for g in groups] == [4, 4]  # batch 4 over 4 devices each
+    assert not set(groups[0]) & set(groups[1])
+    config.batch_size = 2  # 4 devices would not divide the batch: 2 each
+    plan = pipeline.plan_stages(config, "runs/x")
+    groups = pipeline.device_groups([p for p in plan if p.level == 0][:2], devices)
+    assert [len(g) for g in groups] == [2, 2]
+    assert pipeline.device_groups(paths_of_round1[:1], devices) is None  # nothing to share
+    assert pipeline.device_groups(paths_of_round1, devices[:1]) is None
+
+
+def test_seeds_run_the_chain_each_and_summarise_mean_and_spread(tmp_path):
+    config = demo_config()
+    config.seeds = (0, 1, 2)
+    config.stages = "r1_cu,r1_ca"
+    recorder = Recorder()
+    summary = pipeline.run(config, str(tmp_path / "run"), run_stage=recorder)
+    assert recorder.names == ["r1_cu", "r1_ca"] * 3
+    assert [c.seed for _, c in recorder.calls] == [0, 0, 1, 1, 2, 2]
+    row = summary["stages"]["r1_cu"]
+    scores = [row["seeds"][str(s)]["miou"] for s in (0, 1, 2)]
+    assert row["miou"] == pytest.approx(np.mean(scores))
+    assert row["std"]["miou"] == pytest.approx(np.std(scores)) and row["std"]["miou"] > 0
+    table = open(tmp_path / "run" / "summary.md").read()
+    assert "seed 2 mIoU" in table and " ± " in table
+
+
+def test_a_wave_runs_at_once_in_threads_on_disjoint_devices(tmp_path):
+    import threading
+
+    config = demo.get_config("2")  # concurrent_stages on (the default)
+    config.mesh_devices = 0
+    config.stages = "r1_cu,r1_ca"
+    seen = []
+    barrier = threading.Barrier(2, timeout=30)  # both must be running at the same time
+
+    def run_stage(stage_cfg, stage_dir, devices=None):
+        seen.append((os.path.basename(stage_dir), tuple(d.id for d in devices)))
+        barrier.wait()
+        Recorder()(stage_cfg, stage_dir)
+
+    pipeline.run(config, str(tmp_path / "run"), run_stage=run_stage)
+    groups = dict(seen)
+    assert set(groups) == {"r1_cu", "r1_ca"}
+    assert len(groups["r1_cu"]) == len(groups["r1_ca"]) == 4
+    assert not set(groups["r1_cu"]) & set(groups["r1_ca"])

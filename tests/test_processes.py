@@ -1,21 +1,28 @@
-"""Real processes and real signals: preemption, resumption and several processes.
+"""Real processes and real signals: preemption, resumption, stages side by side, and
+several processes.
 
-One process: SIGTERM makes the stage save a checkpoint at the step it is on and exit 0;
-the rerun finishes with the parameters of an uninterrupted run, bit for bit. SIGKILL loses
-only the steps since the last periodic checkpoint (possibly a save cut off half-way), and
-the rerun again ends bit-identical: data order and PRNG keys are functions of the step.
+The references are r1_cu and r1_ca of the tiny demo pipeline, run in this process one
+after the other on four of its eight CPU devices each. One process with eight devices:
+
+- SIGTERM makes a stage save a checkpoint at the step it is on and exit 0; the rerun ends
+  with the parameters of the uninterrupted reference, bit for bit.
+- The pipeline runs r1_cu and r1_ca at once, each on its own four devices, reading its data
+  from and writing its workdir to a bucket (a GCS emulator, tests/support.py); SIGKILL
+  during that round loses only the steps since each stage's last periodic checkpoint
+  (possibly a save cut off half-way); the rerun finishes both, bit-identical to the
+  references: data order and PRNG keys are functions of the step, and a stage computes
+  the same on any four devices.
 
 Two processes (one CPU device each, gloo collectives, the same two-device mesh as one
-process with two devices): the pipeline's r1_cu and r1_proto_cu stages; a SIGTERM to one
+process with two devices) that share no disk: each has its own local scratch, data and
+workdir are in the bucket. The pipeline's r1_cu and r1_proto_cu stages; a SIGTERM to one
 process stops both at one step, saved together; the rerun finishes and its student,
-evaluation and prototype table equal those of one process with both devices. This one
-test checks what two used to: multi-process training and evaluation equal one process,
-and a preemption notice that reaches one host only.
+evaluation and prototype table equal those of one process with both devices on the local
+disk. These three tests check what six used to.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -24,21 +31,31 @@ import time
 import numpy as np
 import pytest
 
-from ddb_jax import prototype_io
-from ddb_jax.train import checkpointing
+from ddb_jax import paths, prototype_io
+from ddb_jax.train import checkpointing, loop
 from ddb_jax.train import workdir as workdir_lib
 from tests import support
 from tests.support import assert_same_leaves, export_leaves
 
-NUM_STEPS = 100  # tiny steps take milliseconds: the signal must land before the run ends
+NUM_STEPS = 40  # a tiny 4-device step takes ~0.1 s: the signal lands before the end
 STEPS_2P = 24  # two processes run a step in ~0.5 s here (gloo all-reduces)
 STEP_LINE = re.compile(r"\] \[(\d+)\] .*loss=")
+# The stages of the one-process tests: batch 4 over four devices, a checkpoint every 4 steps.
+STAGE_KEYS = dict(batch_size=4, num_steps=NUM_STEPS, checkpoint_every=4, eval_every=0,
+                  log_every=1, image_summary_every=0)  # fmt: skip
 
 
 def stage(root, workdir, checkpoint_every: int) -> list[str]:
+    """r1_cu alone on four of the process's eight devices."""
+    keys = {**STAGE_KEYS, "checkpoint_every": checkpoint_every}
+    return support.stage_command(root, workdir, "r1_cu", mesh_devices=4, **keys)
+
+
+def concurrent_round(root, workdir) -> list[str]:
+    """The pipeline's r1_cu and r1_ca, at once on four devices each."""
     return support.stage_command(
-        root, workdir, "r1_cu", batch_size=2, mesh_devices=1, num_steps=NUM_STEPS,
-        checkpoint_every=checkpoint_every, eval_every=0, log_every=1, image_summary_every=0,
+        root, workdir, "pipeline", stages="r1_cu,r1_ca", baselines="()", mesh_devices=0,
+        **STAGE_KEYS,
     )  # fmt: skip
 
 
@@ -81,15 +98,21 @@ def latest_checkpoint(workdir) -> int | None:
 
 
 @pytest.fixture(scope="module")
-def straight(toy_root, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("straight") / "run"
-    support.run_to_end(stage(toy_root, workdir, 4), f"{workdir}.log")
-    return export_leaves(workdir)
+def references(toy_root, tmp_path_factory):
+    """{stage: exported leaves} of r1_cu and r1_ca run one after the other, in this process,
+    on four devices each (the same configs the tests' subprocesses run)."""
+    out = {}
+    for name in ("r1_cu", "r1_ca"):
+        workdir = str(tmp_path_factory.mktemp("references") / name)
+        loop.train_and_evaluate(support.tiny_stage(toy_root, name, mesh_devices=4, **STAGE_KEYS),
+                                workdir)  # fmt: skip
+        out[name] = export_leaves(workdir)
+    return out
 
 
-def test_sigterm_saves_the_current_step_and_resumes_identically(toy_root, tmp_path, straight):
+def test_sigterm_saves_the_current_step_and_resumes_identically(toy_root, tmp_path, references):
     workdir, log = tmp_path / "run", str(tmp_path / "first.log")
-    proc = support.start(stage(toy_root, workdir, 1000), log)  # no periodic checkpoint
+    proc = support.start(stage(toy_root, workdir, 1000), log, devices=8)  # no periodic save
     wait_for_step(proc, log, 3)
     proc.send_signal(signal.SIGTERM)
     assert support.finish(proc, log) == 0, support.tail(log)
@@ -99,40 +122,57 @@ def test_sigterm_saves_the_current_step_and_resumes_identically(toy_root, tmp_pa
     assert not os.path.exists(workdir / workdir_lib.EXPORT_DIR)
 
     log2 = str(tmp_path / "second.log")
-    support.run_to_end(stage(toy_root, workdir, 1000), log2)
+    support.run_to_end(stage(toy_root, workdir, 1000), log2, devices=8)
     assert logged_steps(log2)[0] == stopped + 1  # continued, not restarted
-    assert_same_leaves(export_leaves(workdir), straight)
+    assert_same_leaves(export_leaves(workdir), references["r1_cu"])
 
 
-def test_sigkill_loses_only_steps_since_the_last_checkpoint(toy_root, tmp_path, straight):
-    workdir, log = tmp_path / "run", str(tmp_path / "first.log")
-    proc = support.start(stage(toy_root, workdir, 4), log)
+def test_sigkill_during_a_concurrent_round_in_a_bucket_resumes_identically(
+    bucket_toy_root, gcs, tmp_path, references
+):
+    workdir, log = f"{gcs.bucket}/concurrent", str(tmp_path / "first.log")
+    proc = support.start(concurrent_round(bucket_toy_root, workdir), log, devices=8)
     last = wait_for_step(proc, log, 9)
     proc.send_signal(signal.SIGKILL)
     assert support.finish(proc, log) == -signal.SIGKILL
-    # A periodic checkpoint (every 4 steps; the newest save may have been cut off), never
-    # one of a step that was not trained, and the run did not finish.
-    latest = latest_checkpoint(workdir)
-    assert latest is not None and latest % 4 == 0 and 4 <= latest < NUM_STEPS
-    assert last <= logged_steps(log)[-1] and latest <= logged_steps(log)[-1]
-    assert not os.path.exists(workdir / workdir_lib.EXPORT_DIR)
+    text = support.tail(log, 10**7)
+    assert "r1_cu: running (self_training) on devices [0, 1, 2, 3]" in text
+    assert "r1_ca: running (self_training) on devices [4, 5, 6, 7]" in text
+    # Each stage: a periodic checkpoint (every 4 steps; the newest save may have been cut
+    # off), never one of a step that was not trained; neither finished.
+    latest = {}
+    for name in ("r1_cu", "r1_ca"):
+        latest[name] = latest_checkpoint(f"{workdir}/{name}")
+        assert latest[name] is None or latest[name] % 4 == 0, latest
+        assert (latest[name] or 0) <= logged_steps(log)[-1] and last <= NUM_STEPS
+        assert not paths.exists(paths.join(workdir, name, workdir_lib.EXPORT_DIR))
+    assert any(latest.values())
 
     log2 = str(tmp_path / "second.log")
-    support.run_to_end(stage(toy_root, workdir, 4), log2)
-    assert logged_steps(log2)[0] == latest + 1
-    assert_same_leaves(export_leaves(workdir), straight)
+    support.run_to_end(concurrent_round(bucket_toy_root, workdir), log2, devices=8)
+    assert min(logged_steps(log2)) == min(s or 0 for s in latest.values()) + 1
+    for name in ("r1_cu", "r1_ca"):
+        assert_same_leaves(export_leaves(f"{workdir}/{name}"), references[name])
 
 
-def test_two_processes_stop_together_and_equal_one_process_with_two_devices(toy_root, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
+def test_two_processes_stop_together_and_equal_one_process_with_two_devices(
+    toy_root, bucket_toy_root, gcs, tmp_path
+):
+    one, two = str(tmp_path / "one"), f"{gcs.bucket}/two"
     support.run_to_end(two_device_pipeline(toy_root, one), str(tmp_path / "one.log"), devices=2)
+    # Each process's own local scratch (temporary files, caches): no shared disk.
+    scratch = [tmp_path / f"scratch{i}" for i in range(2)]
+    for folder in scratch:
+        folder.mkdir()
 
     def both(tag: str):
         port = support.free_port()
         logs = [str(tmp_path / f"{tag}{i}.log") for i in range(2)]
         procs = [
             support.start(
-                two_device_pipeline(toy_root, two) + support.distributed_flags(port, 2, i), log
+                two_device_pipeline(bucket_toy_root, two) + support.distributed_flags(port, 2, i),
+                log,
+                env={"TMPDIR": str(scratch[i]), "HOME": str(scratch[i])},
             )
             for i, log in enumerate(logs)
         ]
@@ -148,8 +188,8 @@ def test_two_processes_stop_together_and_equal_one_process_with_two_devices(toy_
     assert len(stopped) == 1, stopped
     (stopped,) = stopped
     assert 3 <= stopped < STEPS_2P
-    assert latest_checkpoint(two / "r1_cu") == stopped
-    assert not os.path.exists(two / "r1_proto_cu")
+    assert latest_checkpoint(f"{two}/r1_cu") == stopped
+    assert not paths.exists(f"{two}/r1_proto_cu/prototypes.npz")
 
     procs, logs = both("second")
     for proc, log in zip(procs, logs, strict=True):
@@ -158,22 +198,20 @@ def test_two_processes_stop_together_and_equal_one_process_with_two_devices(toy_
 
     # Every host fed its slice of the same global batches over the same mesh: the students
     # are bit-identical; each host evaluated its slice and the gathered mIoU is the same.
-    assert_same_leaves(export_leaves(two / "r1_cu"), export_leaves(one / "r1_cu"))
-    with open(one / "r1_cu" / "result.json") as a, open(two / "r1_cu" / "result.json") as b:
-        result_one, result_two = json.load(a), json.load(b)
+    assert_same_leaves(export_leaves(f"{two}/r1_cu"), export_leaves(f"{one}/r1_cu"))
+    result_one = paths.read_json(f"{one}/r1_cu/result.json")
+    result_two = paths.read_json(f"{two}/r1_cu/result.json")
     assert result_one == result_two and np.isfinite(result_one["miou"])
     # Written by process 0 only: one TensorBoard file per launch (two), the checkpoints of
     # the stop and of the end.
-    events = [f for f in os.listdir(two / "r1_cu") if f.startswith("events.out")]
+    events = [f for f in paths.listdir(f"{two}/r1_cu") if f.startswith("events.out")]
     assert len(events) == 2
-    assert sorted(os.listdir(two / "r1_cu" / "checkpoints"), key=int) == [
-        str(stopped),
-        str(STEPS_2P),
-    ]
+    checkpoints = sorted(paths.listdir(f"{two}/r1_cu/checkpoints"), key=int)
+    assert checkpoints == [str(stopped), str(STEPS_2P)]
     # Prototypes: each host fed its slice of every batch; the running mean over the gathered
     # batch equals the one-process table (written once, by host 0).
-    table_1, counts_1 = prototype_io.load_prototypes(str(one / "r1_proto_cu/prototypes.npz"), 19)
-    table_2, counts_2 = prototype_io.load_prototypes(str(two / "r1_proto_cu/prototypes.npz"), 19)
+    table_1, counts_1 = prototype_io.load_prototypes(f"{one}/r1_proto_cu/prototypes.npz", 19)
+    table_2, counts_2 = prototype_io.load_prototypes(f"{two}/r1_proto_cu/prototypes.npz", 19)
     assert counts_1.sum() > 0
     np.testing.assert_array_equal(counts_1, counts_2)
     np.testing.assert_allclose(table_1, table_2, rtol=1e-5, atol=1e-6)

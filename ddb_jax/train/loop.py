@@ -17,18 +17,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import periodic_actions
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ddb_jax import methods, models
+from ddb_jax import errors, methods, models, paths
 from ddb_jax.methods import base
 from ddb_jax.train import checkpointing, optim, preemption, setup
 from ddb_jax.train import workdir as workdir_lib
 from ddb_jax.train.state import create_train_state
+from ddb_jax.train.summaries import Summaries
 from input_pipeline import datasets
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(errors.InputError, RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
 
 
@@ -59,17 +60,22 @@ def flat_scalars(result: dict) -> dict[str, float]:
     return flat
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, dict | None]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, devices=None
+) -> tuple[Any, dict | None]:
     """Trains ``config.stage``'s method to ``config.num_steps``, resuming if interrupted.
 
-    Returns (final state, final evaluation), or (state, None) when stopped by a SIGTERM.
+    ``devices``: the devices of this stage when the pipeline runs it beside others (else
+    all, or ``config.mesh_devices``). Returns (final state, final evaluation), or
+    (state, None) when stopped by a SIGTERM.
     """
     # Every input is checked (method settings, datasets, teachers, init weights, mesh) before the
     # config is recorded in the workdir or any data is read.
+    paths.check_bucket(workdir, "--workdir")
     methods.check_config(config)
     datasets.check_available(config.data, config.eval.split if config.eval_every > 0 else None)
     frozen = methods.load_frozen(config)
-    mesh = setup.make_mesh(config)
+    mesh = setup.make_mesh(config, devices=devices)
     model = models.build_model(config.model)
     init_key, state_key = jax.random.split(jax.random.PRNGKey(config.seed))
     variables = setup.initial_variables(config, model, init_key)
@@ -89,8 +95,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
 
     with_preview = config.image_summary_every > 0
     train_step = base.make_train_step(method, tx, mesh, with_preview)
-    evaluate = setup.student_evaluator(config, model.apply)
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    mine = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    evaluate = setup.student_evaluator(config, model.apply, mine[0])
+    summaries = Summaries(workdir)
+    writer = summaries.writer
     report_progress = periodic_actions.ReportProgress(
         num_train_steps=config.num_steps, writer=writer, every_steps=config.log_every
     )
@@ -129,20 +137,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
                     if not bool(jax.device_get(all_finite(state.params))):
                         raise NonFiniteLossError(f"parameters are not finite at step {step}")
                     ckpt.save(step, state)
+                    summaries.sync()
                 if stopping:
                     ckpt.wait()
                     logging.warning("stopped at step %d on request; rerun to continue", step)
-                    writer.flush()
                     return state, None
         ckpt.wait()
     finally:
         # Any exit (an error, a NaN, a stop) still finalises the checkpoints already started;
         # a failure there is logged, the first error is the one raised.
         ckpt.close()
+        summaries.close()
     if not result and config.eval_every > 0:
         # Resumed at the last step (its export was lost): evaluate again for result.json.
         result = evaluate(state.variables())
-    writer.flush()
     if jax.process_index() == 0:
         workdir_lib.export_final(workdir, jax.device_get(state.variables()), config, result)
     return state, result

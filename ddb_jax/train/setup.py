@@ -9,11 +9,18 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from ddb_jax import checkpoints, models
+from ddb_jax import checkpoints, errors, models
 
 
-def make_mesh(config: ml_collections.ConfigDict, batch_key: str = "batch_size") -> Mesh:
-    """1-D 'data' mesh over all devices (or the first ``config.mesh_devices``).
+class MeshError(errors.UsageError, ValueError):
+    """The devices cannot be arranged as config.mesh_devices / the batch size ask."""
+
+
+def make_mesh(
+    config: ml_collections.ConfigDict, batch_key: str = "batch_size", devices=None
+) -> Mesh:
+    """1-D 'data' mesh over all devices (or the first ``config.mesh_devices``), or over
+    ``devices`` (the group the pipeline gave a stage that runs beside others).
 
     With several processes the mesh must hold the same number of devices of every
     process (each feeds its slice of the batch to its own devices), so
@@ -23,8 +30,10 @@ def make_mesh(config: ml_collections.ConfigDict, batch_key: str = "batch_size") 
     """
     count = jax.process_count()
     if config.mesh_devices < 0:
-        raise ValueError(f"config.mesh_devices={config.mesh_devices}; use 0 (all) or more")
-    if count == 1:
+        raise MeshError(f"config.mesh_devices={config.mesh_devices}; use 0 (all) or more")
+    if devices is not None:
+        devices = list(devices)
+    elif count == 1:
         devices = jax.devices()
         if config.mesh_devices:
             devices = devices[: config.mesh_devices]
@@ -32,7 +41,7 @@ def make_mesh(config: ml_collections.ConfigDict, batch_key: str = "batch_size") 
         per_process = jax.local_device_count()
         if config.mesh_devices:
             if config.mesh_devices % count or config.mesh_devices // count > per_process:
-                raise ValueError(
+                raise MeshError(
                     f"config.mesh_devices={config.mesh_devices} cannot be split evenly over "
                     f"{count} processes of {per_process} devices each; use 0 (all devices) "
                     f"or a multiple of {count} up to {count * per_process}"
@@ -44,7 +53,7 @@ def make_mesh(config: ml_collections.ConfigDict, batch_key: str = "batch_size") 
         devices = [d for p in sorted(by_process) for d in by_process[p][:per_process]]
     batch_size = functools.reduce(getattr, batch_key.split("."), config)
     if batch_size % len(devices):
-        raise ValueError(
+        raise MeshError(
             f"config.{batch_key}={batch_size} is not divisible by the {len(devices)} "
             "devices of the mesh; change the batch size or set config.mesh_devices"
         )
@@ -120,15 +129,19 @@ def batch_stream(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable[[int
     return make_batches
 
 
-def student_evaluator(config: ml_collections.ConfigDict, apply_fn: Callable) -> Callable:
-    """``evaluate(variables) -> {target: mIoU, ..., 'miou': mean over targets}``."""
+def student_evaluator(
+    config: ml_collections.ConfigDict, apply_fn: Callable, device=None
+) -> Callable:
+    """``evaluate(variables) -> {target: mIoU, ..., 'miou': mean over targets}``, on
+    ``device`` (one of the stage's; each process evaluates its slice of the files)."""
 
     def evaluate(variables) -> dict:
-        from ddb_jax import eval_stage
+        from ddb_jax import eval_stage, evaluate
 
-        results = eval_stage.evaluate_targets(apply_fn, variables, config)
+        results = eval_stage.evaluate_targets(apply_fn, variables, config, device=device)
         summary = {name: float(r["miou"]) for name, r in results.items()}
         summary["miou"] = sum(summary.values()) / len(summary)
+        summary.update(evaluate.protocol_scalars(results))  # '<target>/<protocol>': mIoU
         return summary
 
     return evaluate
