@@ -65,6 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
     )
     config.batch_size = 4  # global batch (the reference: 1 GPU x 4)
     config.mesh_devices = 0  # devices of the 'data' mesh axis; 0 = all
+    # Run on the CPU although the machine has a GPU or TPU (by default that is refused:
+    # it usually means JAX's CPU build is installed; see the README's Install section).
+    config.allow_cpu = False
 
     # Optimiser and schedule (mmcv AdamW + poly with linear warmup).
     config.optim = ml_collections.ConfigDict(
@@ -78,6 +81,8 @@ def get_config() -> ml_collections.ConfigDict:
             warmup_ratio=1e-6,
             poly_power=1.0,
             min_lr=0.0,
+            # mmcv custom keys with decay_mult=0 (DAFormer: ('norm', 'pos_block')); DDB: none.
+            no_decay_keys=(),
         )
     )
     config.num_steps = 40_000
@@ -94,7 +99,29 @@ def get_config() -> ml_collections.ConfigDict:
             color_jitter_p=0.8,
             color_jitter_strength=0.2,
             blur_p=0.5,
+            # DAFormer's DACS draws (docs/method.md §1.3); DDB draws per image, blurs rows only.
+            coins_per_batch=False,  # one jitter coin and one blur coin per batch
+            blur_2d=False,  # 2-D blur kernel (rows from H, columns from W)
+            classes_from_batch=False,  # class-mix chooses among the batch's label values
         )
+    )
+    # DAFormer's ImageNet feature distance (ddb_jax/methods/feature_distance.py): the
+    # student's last backbone map on the source vs a frozen ImageNet backbone's, on the
+    # cells of thing classes. imnet_from: that backbone's model directory (required).
+    config.fdist = ml_collections.ConfigDict(
+        dict(
+            enabled=False,
+            weight=0.005,
+            classes=(6, 7, 11, 12, 13, 14, 15, 16, 17, 18),  # () = every pixel
+            min_ratio=0.75,
+            imnet_from="",
+        )
+    )
+    # MIC's masked image consistency (ddb_jax/methods/mic.py), an option of every
+    # self-training stage: the colour-augmented target with blocks hidden, trained on the
+    # EMA teacher's pseudo-labels and quality weight.
+    config.mic = ml_collections.ConfigDict(
+        dict(enabled=False, block_size=64, mask_ratio=0.7, weight=1.0, color_augment=True)
     )
 
     # Cross-path knowledge distillation (docs/method.md §1.5), stage 'ckd'. Teachers are
@@ -130,6 +157,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.baselines = ()
     config.round2_lr_scale = 0.1
     config.stages = ""
+    # Repeated runs of the whole chain, one per seed, in workdir/seed<s>/ (e.g. (0, 1, 2));
+    # () runs config.seed alone in workdir/. The summary gives mean and standard deviation.
+    config.seeds = ()
+    # Stages that do not depend on each other (a round's paths, their prototypes, the
+    # seeds) run at once on disjoint groups of this process's devices.
+    config.concurrent_stages = True
 
     # Logging, evaluation and checkpoints.
     config.log_every = 50
@@ -146,6 +179,9 @@ def get_config() -> ml_collections.ConfigDict:
             batch_size=1,
             split="val",
             save_predictions=False,  # write colourised predictions (stage 'evaluate')
+            # Extra mIoUs from the same confusion matrix (ddb_jax/labels.py MIOU_PROTOCOLS):
+            # 'synthia16', 'synthia13' (SYNTHIA's 16 / 13 classes), 'categories7'.
+            miou_protocols=(),
         )
     )
     return config

@@ -21,6 +21,11 @@ Semantics follow what the reference ran, kornia 0.5.8 (``STDataset.color_jitter`
 
 ``draw_strong_params`` (key -> parameters) is separate from ``apply_strong`` (parameters ->
 image) so tests can feed one fixed draw to both this code and a PyTorch reference.
+
+DAFormer's DACS (and MIC) draw some of these once per batch (:func:`share_over_batch`) and
+blur with a 2-D kernel (``blur_2d``: its kernel sizes come from a (1, C, H, W) view, so
+rows from H and columns from W). MIC also hides random blocks of the image
+(:func:`block_keep_mask`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ddb_jax.ops import IMAGE_MEAN, IMAGE_STD
 
@@ -190,21 +196,44 @@ def color_jitter(rgb: jax.Array, params: dict[str, jax.Array]) -> jax.Array:
     return jnp.stack(planes, axis=-1)
 
 
-def gaussian_blur(image: jax.Array, sigma: jax.Array) -> jax.Array:
-    """The reference's blur of one (H, W, C) image: horizontal Gaussian, reflect padding."""
-    h, w, _ = image.shape
-    size = blur_kernel_size(h)
+def _blur_axis(image: jax.Array, sigma: jax.Array, size: int, axis: int) -> jax.Array:
+    """1-D Gaussian of odd length ``size`` along ``axis`` (0 rows, 1 columns) of (H, W, C),
+    reflect padding, taps normalised to sum 1 (kornia's ``get_gaussian_kernel1d``)."""
     if size <= 1:
         return image
     offsets = jnp.arange(size, dtype=image.dtype) - size // 2
     taps = jnp.exp(-(offsets**2) / (2 * jnp.asarray(sigma, image.dtype) ** 2))
     taps = taps / jnp.sum(taps)
-    padded = jnp.pad(image, ((0, 0), (size // 2, size // 2), (0, 0)), mode="reflect")
+    pad = [(0, 0)] * 3
+    pad[axis] = (size // 2, size // 2)
+    padded = jnp.pad(image, pad, mode="reflect")
+    length = image.shape[axis]
+
+    def shifted(i: int) -> jax.Array:
+        return jax.lax.slice_in_dim(padded, i, i + length, axis=axis)
+
     # A weighted sum of shifted slices: one fused elementwise loop, ~8x faster on CPU than
     # the equivalent depthwise conv_general_dilated (3 groups of a 1 x size kernel).
-    out = taps[0] * padded[:, :w]
+    out = taps[0] * shifted(0)
     for i in range(1, size):
-        out = out + taps[i] * padded[:, i : i + w]
+        out = out + taps[i] * shifted(i)
+    return out
+
+
+def gaussian_blur(image: jax.Array, sigma: jax.Array, two_d: bool = False) -> jax.Array:
+    """The reference's blur of one (H, W, C) image, reflect padding.
+
+    DDB (default): horizontal only, of length :func:`blur_kernel_size` of the height.
+    ``two_d`` (DACS/DAFormer, MIC): rows of length ``blur_kernel_size(H)`` and columns of
+    ``blur_kernel_size(W)``; kornia's 2-D kernel is the outer product of the two, so two
+    1-D passes compute it.
+    """
+    h, w, _ = image.shape
+    if two_d:
+        out = _blur_axis(image, sigma, blur_kernel_size(h), axis=0)
+        out = _blur_axis(out, sigma, blur_kernel_size(w), axis=1)
+    else:
+        out = _blur_axis(image, sigma, blur_kernel_size(h), axis=1)
     return out.astype(image.dtype)
 
 
@@ -213,11 +242,13 @@ def apply_strong(
     params: dict[str, jax.Array],
     jitter: bool = True,
     blur: bool = True,
+    blur_2d: bool = False,
 ) -> jax.Array:
     """Strong augmentation of one normalised (H, W, 3) image with given parameters.
 
     ``jitter`` / ``blur`` are the static switches of the reference config (post_pmd,
-    post_blur); the per-image coin flips are in ``params``.
+    post_blur); the per-image coin flips are in ``params``; ``blur_2d`` selects DACS's
+    2-D kernel over DDB's horizontal one (:func:`gaussian_blur`).
     """
     mean = jnp.asarray(IMAGE_MEAN, image.dtype)
     std = jnp.asarray(IMAGE_STD, image.dtype)
@@ -226,7 +257,8 @@ def apply_strong(
         jittered = (color_jitter(rgb, params) * 255.0 - mean) / std
         image = jnp.where(params["jitter"], jittered, image)
     if blur:
-        image = jnp.where(params["blur"], gaussian_blur(image, params["sigma"]), image)
+        blurred = gaussian_blur(image, params["sigma"], two_d=blur_2d)
+        image = jnp.where(params["blur"], blurred, image)
     return image
 
 
@@ -236,3 +268,95 @@ def strong_augment(
     """Strong augmentation of a normalised NHWC batch, an independent draw per image."""
     params = jax.vmap(draw_strong_params)(jax.random.split(key, images.shape[0]))
     return jax.vmap(lambda x, p: apply_strong(x, p, jitter, blur))(images, params)
+
+
+# --- draws shared by a batch (DACS, MIC) --------------------------------------------------
+
+# DACS (DAFormer) flips its jitter and blur coins once per batch and calls kornia per image;
+# MIC calls kornia once on the whole batch, so its op order and blur sigma are shared too.
+DACS_SHARED = ("jitter", "blur")
+MIC_SHARED = ("jitter", "blur", "order", "sigma")
+
+
+def share_over_batch(
+    params: dict[str, jax.Array],
+    key: jax.Array,
+    fields: tuple[str, ...],
+    jitter_prob: float = JITTER_PROB,
+    strength: float = JITTER_STRENGTH,
+    blur_prob: float = BLUR_PROB,
+) -> dict[str, jax.Array]:
+    """Per-image draws (N, ...) with ``fields`` replaced by one draw for the whole batch.
+
+    The shared draw comes from ``key`` with the same law, so the other fields keep their
+    per-image keys (and values) untouched.
+    """
+    shared = draw_strong_params(key, jitter_prob, strength, blur_prob)
+    return {
+        name: jnp.broadcast_to(shared[name], value.shape) if name in fields else value
+        for name, value in params.items()
+    }
+
+
+def draw_batch_params(
+    key: jax.Array,
+    batch_size: int,
+    shared: tuple[str, ...],
+    jitter_prob: float = JITTER_PROB,
+    strength: float = JITTER_STRENGTH,
+    blur_prob: float = BLUR_PROB,
+) -> dict[str, jax.Array]:
+    """A batch's draws: per image, then ``shared`` fields drawn once (see MIC_SHARED)."""
+    image_key, batch_key = jax.random.split(key)
+    params = jax.vmap(lambda k: draw_strong_params(k, jitter_prob, strength, blur_prob))(
+        jax.random.split(image_key, batch_size)
+    )
+    return share_over_batch(params, batch_key, shared, jitter_prob, strength, blur_prob)
+
+
+# --- MIC's block masking -------------------------------------------------------------------
+
+
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source index of each output index of torch's ``interpolate(mode='nearest')``:
+    ``min(floor(dst * scale), in - 1)`` with ``scale = in / out`` in float32, as its kernel
+    rounds (static shapes, so computed on the host)."""
+    if out_size == in_size:
+        return np.arange(out_size)
+    scale = np.float32(in_size) / np.float32(out_size)
+    dst = np.arange(out_size, dtype=np.float32)
+    return np.minimum(np.floor(dst * scale).astype(np.int64), in_size - 1)
+
+
+def block_grid_shape(shape: tuple[int, int], block_size: int) -> tuple[int, int]:
+    """MIC's grid of blocks: ``round(H / block)`` x ``round(W / block)`` (Python rounding)."""
+    grid = tuple(round(n / block_size) for n in shape)
+    if min(grid) < 1:
+        raise ValueError(f"MIC blocks of {block_size} pixels do not fit a {shape} image")
+    return grid  # type: ignore[return-value]
+
+
+def upsample_blocks(keep: jax.Array, shape: tuple[int, int]) -> jax.Array:
+    """(N, gh, gw) block grid -> (N, H, W) by torch's nearest resize (MIC's ``resize``)."""
+    rows = nearest_indices(keep.shape[1], shape[0])
+    cols = nearest_indices(keep.shape[2], shape[1])
+    return keep[:, rows][:, :, cols]
+
+
+def block_keep_grid(
+    key: jax.Array, batch_shape: tuple[int, int, int], block_size: int, mask_ratio: float
+) -> jax.Array:
+    """MIC's ``BlockMaskGenerator`` draw: per image, each block of the grid is kept (True)
+    when its U(0, 1) draw exceeds ``mask_ratio``, i.e. with probability ``1 - mask_ratio``;
+    (N, gh, gw) bool."""
+    n, h, w = batch_shape
+    grid = block_grid_shape((h, w), block_size)
+    return jax.random.uniform(key, (n, *grid), jnp.float32) > mask_ratio
+
+
+def block_keep_mask(
+    key: jax.Array, batch_shape: tuple[int, int, int], block_size: int, mask_ratio: float
+) -> jax.Array:
+    """MIC's pixel mask (N, H, W) bool: :func:`block_keep_grid` upsampled to the image."""
+    grid = block_keep_grid(key, batch_shape, block_size, mask_ratio)
+    return upsample_blocks(grid, batch_shape[1:])

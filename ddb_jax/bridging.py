@@ -5,6 +5,11 @@ A mask is a boolean (H, W) array per sample, True where the bridged image takes 
 *source* pixel. Everything is drawn from a JAX key with fixed shapes so it runs inside the
 jitted train step; the reference draws the same quantities with numpy on the host
 (``STDataset.get_cut_mask`` / ``get_class_mask``).
+
+DAFormer's DACS differs in three draws, each a switch of ``config.st`` (off in DDB):
+``classes_from_batch`` (class-mix chooses among the values of the whole batch's labels,
+``get_class_masks``' ``torch.unique(labels)``), ``coins_per_batch`` (one jitter coin and
+one blur coin for the batch) and ``blur_2d`` (the 2-D blur kernel).
 """
 
 from __future__ import annotations
@@ -75,9 +80,14 @@ def choose_half(key: jax.Array, present: jax.Array) -> jax.Array:
     return present & (ranks < num_chosen)
 
 
-def class_mask(key: jax.Array, labels: jax.Array, num_classes: int = 19) -> jax.Array:
-    """One class-mix mask (H, W): source pixels whose label value is among ceil(n/2) drawn."""
-    chosen = choose_half(key, class_presence(labels, num_classes))
+def class_mask(
+    key: jax.Array, labels: jax.Array, num_classes: int = 19, present: jax.Array | None = None
+) -> jax.Array:
+    """One class-mix mask (H, W): source pixels whose label value is among ceil(n/2) drawn
+    from ``present`` (default: the values of ``labels`` itself)."""
+    if present is None:
+        present = class_presence(labels, num_classes)
+    chosen = choose_half(key, present)
     return chosen[class_slots(labels, num_classes)]
 
 
@@ -87,11 +97,14 @@ def make_masks(
     mode: str,
     area_ratio: float = 0.4,
     num_classes: int = 19,
+    classes_from_batch: bool = False,
 ) -> jax.Array:
     """Boolean (N, H, W) bridging masks for a batch of source labels, one key per sample.
 
     ``mode``: 'cut' (coarse region path), 'class' (fine class path) or 'zero' (no source
-    pixel: CKD's student sees the target image itself).
+    pixel: CKD's student sees the target image itself). ``classes_from_batch``: class-mix
+    draws each sample's ceil(n/2) among the n values of the *batch's* labels (DACS), so a
+    chosen class may be absent from the sample.
     """
     if mode not in MASK_MODES:
         raise ValueError(f"unknown bridging mask mode {mode!r}; use one of {MASK_MODES}")
@@ -101,6 +114,11 @@ def make_masks(
     keys = jax.random.split(key, n)
     if mode == "cut":
         return jax.vmap(lambda k: cut_mask(k, (h, w), area_ratio))(keys)
+    if classes_from_batch:
+        present = class_presence(source_labels, num_classes)
+        return jax.vmap(lambda k, lab: class_mask(k, lab, num_classes, present))(
+            keys, source_labels
+        )
     return jax.vmap(lambda k, lab: class_mask(k, lab, num_classes))(keys, source_labels)
 
 
@@ -116,21 +134,44 @@ def mix(mask: jax.Array, source: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.where(mask, source, target)
 
 
-def draw(key: jax.Array, source_labels: jax.Array, st_cfg) -> dict:
+def needs_batch_key(st_cfg) -> bool:
+    """Whether :func:`draw` takes a second key (draws shared by the batch)."""
+    return bool(st_cfg.get("coins_per_batch", False))
+
+
+def draw(
+    key: jax.Array, source_labels: jax.Array, st_cfg, batch_key: jax.Array | None = None
+) -> dict:
     """The random part of a bridging: masks ('masks', (N, H, W) bool) and each image's strong
-    augmentation parameters ('aug', a dict of (N, ...) arrays), from ``config.st``."""
+    augmentation parameters ('aug', a dict of (N, ...) arrays), from ``config.st``.
+
+    With ``st.coins_per_batch`` the jitter and blur coins are drawn once from ``batch_key``
+    (a key of its own, so every other draw stays what it is without the switch).
+    """
     mask_key, aug_key = jax.random.split(key)
-    masks = make_masks(mask_key, source_labels, st_cfg.mask, area_ratio=st_cfg.cut_area_ratio)
+    masks = make_masks(
+        mask_key, source_labels, st_cfg.mask, area_ratio=st_cfg.cut_area_ratio,
+        classes_from_batch=st_cfg.get("classes_from_batch", False),
+    )  # fmt: skip
     aug = jax.vmap(
         lambda k: augment.draw_strong_params(
             k, st_cfg.color_jitter_p, st_cfg.color_jitter_strength, st_cfg.blur_p
         )
     )(jax.random.split(aug_key, source_labels.shape[0]))
+    if needs_batch_key(st_cfg):
+        if batch_key is None:
+            raise ValueError("config.st.coins_per_batch needs draw(..., batch_key=...)")
+        aug = augment.share_over_batch(
+            aug, batch_key, augment.DACS_SHARED,
+            st_cfg.color_jitter_p, st_cfg.color_jitter_strength, st_cfg.blur_p,
+        )  # fmt: skip
     return {"masks": masks, "aug": aug}
 
 
-def bridge_images(draws: dict, source: jax.Array, target: jax.Array) -> jax.Array:
+def bridge_images(
+    draws: dict, source: jax.Array, target: jax.Array, blur_2d: bool = False
+) -> jax.Array:
     """The bridged images: source where the mask is set, target elsewhere, then each image
-    strongly augmented with its own draw."""
+    strongly augmented with its own draw (``blur_2d``: DACS's 2-D blur kernel)."""
     mixed = mix(draws["masks"], source, target)
-    return jax.vmap(augment.apply_strong)(mixed, draws["aug"])
+    return jax.vmap(lambda x, p: augment.apply_strong(x, p, blur_2d=blur_2d))(mixed, draws["aug"])

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddb_jax import labels
 from ddb_jax.labels import CITYSCAPES_CLASSES, IGNORE_LABEL
 from ddb_jax.ops import resize_bilinear
 
@@ -51,6 +52,52 @@ def iou_from_confusion(confusion: np.ndarray) -> dict[str, Any]:
         "miou": float(np.nanmean(iou)) if np.any(~np.isnan(iou)) else float("nan"),
         "macc": float(np.nanmean(acc)) if np.any(~np.isnan(acc)) else float("nan"),
         "aacc": float(intersection.sum() / total) if total else float("nan"),
+    }
+
+
+def merge_confusion(confusion: np.ndarray, group_of, num_groups: int) -> np.ndarray:
+    """The confusion matrix of groups of classes: entry (a, b) sums every (label, prediction)
+    pair whose label is in group a and whose prediction is in group b."""
+    confusion = np.asarray(confusion, np.int64)
+    onehot = np.zeros((len(group_of), num_groups), np.int64)
+    onehot[np.arange(len(group_of)), np.asarray(group_of)] = 1
+    return onehot.T @ confusion @ onehot
+
+
+def protocol_scores(confusion: np.ndarray, names) -> dict[str, dict[str, Any]]:
+    """The extra mIoUs ``names`` (:data:`ddb_jax.labels.MIOU_PROTOCOLS`) of one 19-class
+    confusion matrix, JSON-friendly: ``{name: {'title', 'miou', 'iou': {group: IoU}}}`` with the
+    IoU of every averaged group (NaN: a group absent from labels and predictions, left out of
+    the mean as mmseg does)."""
+    confusion = np.asarray(confusion)
+    out = {}
+    for name in names:
+        protocol = labels.miou_protocol(name)
+        if confusion.shape[0] != len(protocol.group_of):
+            raise ValueError(
+                f"config.eval.miou_protocols={name!r} needs the {len(protocol.group_of)} "
+                f"Cityscapes classes; this confusion matrix has {confusion.shape[0]}"
+            )
+        merged = merge_confusion(confusion, protocol.group_of, len(protocol.group_names))
+        iou = iou_from_confusion(merged)["iou"][list(protocol.averaged)]
+        out[name] = {
+            "title": protocol.title,
+            "miou": float(np.nanmean(iou)) if np.any(~np.isnan(iou)) else float("nan"),
+            "iou": {
+                protocol.group_names[g]: float(v)
+                for g, v in zip(protocol.averaged, iou, strict=True)
+            },
+        }
+    return out
+
+
+def protocol_scalars(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """``{'<target>/<protocol>': mIoU}`` of :func:`ddb_jax.eval_stage.evaluate_targets`'
+    results: what a training stage adds to its TensorBoard scalars and result.json."""
+    return {
+        f"{target}/{name}": score["miou"]
+        for target, result in results.items()
+        for name, score in result.get("protocols", {}).items()
     }
 
 
@@ -174,10 +221,19 @@ def evaluate(
 
 
 def format_iou_table(result: Mapping[str, Any], class_names=CITYSCAPES_CLASSES, title="") -> str:
-    """A markdown per-class IoU/Acc table (percent), mmseg-style, with the summary row."""
+    """A markdown per-class IoU/Acc table (percent), mmseg-style, with the summary row; then a
+    row per extra mIoU (``result['protocols']``) and a table per protocol of merged groups."""
     lines = [f"### {title}" if title else "", "| class | IoU | Acc |", "|---|---|---|"]
     for name, iou, acc in zip(class_names, result["iou"], result["acc"], strict=False):
         lines.append(f"| {name} | {100 * iou:.2f} | {100 * acc:.2f} |")
     lines.append(f"| **mean** | **{100 * result['miou']:.2f}** | {100 * result['macc']:.2f} |")
+    protocols = result.get("protocols", {})
+    for name, score in protocols.items():
+        lines.append(f"| **{score['title']}** ({name}) | **{100 * score['miou']:.2f}** | |")
     lines.append(f"\naAcc {100 * result['aacc']:.2f}")
+    for name, score in protocols.items():
+        if labels.miou_protocol(name).group_names == tuple(class_names):
+            continue  # a class subset: its IoUs are the rows above
+        lines += ["", f"| {name} | IoU |", "|---|---|"]
+        lines += [f"| {group} | {100 * iou:.2f} |" for group, iou in score["iou"].items()]
     return "\n".join(line for line in lines if line is not None).strip()

@@ -9,9 +9,12 @@ for one dict); the values are the ``trainId`` column of cityscapesscripts' ``lab
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from ddb_jax import errors
 
 IGNORE_LABEL = 255
 NUM_CLASSES = 19
@@ -92,12 +95,76 @@ SYNTHIA_ID_TO_TRAIN_ID: Mapping[int, int] = {
     11: 18,
 }
 SYNTHIA_VALID_IDS = tuple(range(23))
-SYNTHIA_16_CLASSES = tuple(c for c in range(NUM_CLASSES) if c not in (9, 14, 16))
+# Train ids that SYNTHIA-RAND-CITYSCAPES never yields: terrain, truck, train (ids 16, 18, 20
+# above; DAFormer's and DDB's converters mark them "not present in synthia").
+SYNTHIA_ABSENT_CLASSES = (9, 14, 16)
 
 TRAIN_ID_TO_CITYSCAPES_ID: Mapping[int, int] = {v: k for k, v in CITYSCAPES_ID_TO_TRAIN_ID.items()}
+TRAIN_ID_TO_SYNTHIA_ID: Mapping[int, int] = {v: k for k, v in SYNTHIA_ID_TO_TRAIN_ID.items()}
+
+# --- Extra mIoUs of a setting, from the same 19-class confusion matrix ----------------------
+#
+# SYNTHIA->Cityscapes is reported over the 16 classes SYNTHIA has, and over 13 (without wall,
+# fence and pole as well): the subsets of the UDA literature's evaluation code
+# (synthia_set_16 / synthia_set_13 of ZJULearning/MaxSquareLoss utils/eval.py). The model keeps
+# 19 outputs and the subset means are taken over the per-class IoUs of the 19-class confusion
+# matrix, as DAFormer reports them (lhoyer/DAFormer README: "mIoU16 = mIoU19 * 19 / 16" when the
+# three absent classes score 0).
+SYNTHIA_16_CLASSES = tuple(c for c in range(NUM_CLASSES) if c not in SYNTHIA_ABSENT_CLASSES)
+SYNTHIA_13_CLASSES = tuple(c for c in SYNTHIA_16_CLASSES if c not in (3, 4, 5))
+
+# The 7-class protocol (SYNTHIA->Cityscapes/Mapillary in 7 classes, e.g. valeoai/DADA): the
+# categories of cityscapesScripts' labels.py ('category' column; 'void' has no train id). IoU
+# per category is computed from the 19-class confusion matrix with its rows and columns summed
+# by category, i.e. a pixel counts as correct when prediction and label share a category.
+CITYSCAPES_CATEGORIES = ("flat", "construction", "object", "nature", "sky", "human", "vehicle")
+TRAIN_ID_TO_CATEGORY = (
+    0, 0,              # road, sidewalk: flat
+    1, 1, 1,           # building, wall, fence: construction
+    2, 2, 2,           # pole, traffic light, traffic sign: object
+    3, 3,              # vegetation, terrain: nature
+    4,                 # sky
+    5, 5,              # person, rider: human
+    6, 6, 6, 6, 6, 6,  # car, truck, bus, train, motorcycle, bicycle: vehicle
+)  # fmt: skip
 
 
-class UnknownLabelError(ValueError):
+@dataclasses.dataclass(frozen=True)
+class MiouProtocol:
+    """One extra mean IoU: the confusion matrix's rows and columns summed into groups
+    (``group_of[train_id]``), IoU per group, mean over the ``averaged`` groups (NaN ones left
+    out, as mmseg). A class subset keeps one group per class and averages some of them."""
+
+    title: str  # the column / table row, e.g. 'mIoU16'
+    group_names: tuple[str, ...]
+    group_of: tuple[int, ...]  # one group index per train id
+    averaged: tuple[int, ...]
+
+
+_CLASSES_AS_GROUPS = tuple(range(NUM_CLASSES))
+# config.eval.miou_protocols names these.
+MIOU_PROTOCOLS: Mapping[str, MiouProtocol] = {
+    "synthia16": MiouProtocol("mIoU16", CITYSCAPES_CLASSES, _CLASSES_AS_GROUPS, SYNTHIA_16_CLASSES),
+    "synthia13": MiouProtocol("mIoU13", CITYSCAPES_CLASSES, _CLASSES_AS_GROUPS, SYNTHIA_13_CLASSES),
+    "categories7": MiouProtocol(
+        "mIoU7",
+        CITYSCAPES_CATEGORIES,
+        TRAIN_ID_TO_CATEGORY,
+        tuple(range(len(CITYSCAPES_CATEGORIES))),
+    ),
+}
+
+
+def miou_protocol(name: str) -> MiouProtocol:
+    """The protocol ``name`` (a config.eval.miou_protocols entry); unknown names raise."""
+    if name not in MIOU_PROTOCOLS:
+        raise ValueError(
+            f"config.eval.miou_protocols: unknown {name!r}; known: {sorted(MIOU_PROTOCOLS)}"
+        )
+    return MIOU_PROTOCOLS[name]
+
+
+class UnknownLabelError(errors.InputError, ValueError):
     """A label file holds ids outside the table's valid set."""
 
 

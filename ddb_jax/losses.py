@@ -99,3 +99,55 @@ def pseudo_labels(
         jnp.where(keep[:, None], weight, 0.0), (labels.shape[0], *image_size)
     )
     return labels, pixel_weight
+
+
+# --- DAFormer's ImageNet feature distance (docs/method.md §1.1) -----------------------------
+
+
+def downscale_label_ratio(
+    labels: jax.Array,
+    scale_factor: int,
+    min_ratio: float,
+    num_classes: int = 19,
+    ignore_index: int = IGNORE_LABEL,
+) -> jax.Array:
+    """DAFormer's ``downscale_label_ratio``: (N, H, W) labels -> (N, H // s, W // s).
+
+    Each s x s cell takes its most frequent value (the ignore value counting as a class;
+    the first on ties), or ``ignore_index`` when that value covers less than ``min_ratio``
+    of the cell. Rows and columns beyond a multiple of s are dropped, as ``avg_pool2d`` does.
+    """
+    if scale_factor <= 1:
+        raise ValueError(f"downscale_label_ratio needs a scale factor > 1, got {scale_factor}")
+    n, h, w = labels.shape
+    s = scale_factor
+    th, tw = h // s, w // s
+    slots = jnp.where(labels == ignore_index, num_classes, labels).astype(jnp.int32)
+    cells = slots[:, : th * s, : tw * s].reshape(n, th, s, tw, s)
+    one_hot = jax.nn.one_hot(cells, num_classes + 1, dtype=jnp.int32)
+    counts = jnp.sum(one_hot, axis=(2, 4))  # (N, th, tw, K + 1), exact integers
+    best = jnp.argmax(counts, axis=-1)
+    # The reference's ratio: an average pool of the float32 one-hot (exact count / s^2).
+    ratio = jnp.max(counts, axis=-1).astype(jnp.float32) / jnp.float32(s * s)
+    out = jnp.where(best == num_classes, ignore_index, best)
+    return jnp.where(ratio < min_ratio, ignore_index, out).astype(jnp.int32)
+
+
+def masked_feature_distance(
+    student: jax.Array, frozen: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
+    """Mean over the masked pixels of the per-pixel L2 distance of two (N, h, w, C) maps.
+
+    DAFormer's ``masked_feat_dist``. Two deliberate deviations that leave its gradients
+    unchanged: an empty mask gives 0 (the reference's mean of nothing is NaN, with zero
+    gradients), and a pixel where the maps coincide gets the zero subgradient of the norm,
+    as torch's ``norm`` backward gives (a plain sqrt would give NaN there).
+    """
+    diff = upcast(student) - upcast(frozen)
+    squared = jnp.sum(diff * diff, axis=-1)
+    positive = squared > 0
+    distance = jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+    if mask is None:
+        return jnp.mean(distance)
+    mask = mask.astype(distance.dtype)
+    return jnp.sum(distance * mask) / jnp.maximum(jnp.sum(mask), 1.0)

@@ -1,6 +1,7 @@
 """Toy domains: procedurally generated street scenes for the end-to-end demo and tests.
 
     python -m input_pipeline.toy --out data/toy [--seed 0] [--num-train 200] [--num-val 50]
+        [--extra-sources synthia,synscapes]
 
 Both domains draw scenes from the same layout distribution (sky, buildings, trees,
 road with sidewalks, terrain, fences, poles with signs and lights, cars, people), so the
@@ -12,6 +13,16 @@ label statistics match; only the appearance differs, as between GTA5 and Citysca
 Layout cues (sky on top, road at the bottom, shapes) are shared, so a model can bridge
 the gap by adaptation; the colour and texture shift makes a source-only model lose.
 Raw Cityscapes *ids* are written too, so the dataset converters can be run on the output.
+
+Two more sources on request (``--extra-sources synthia,synscapes``), drawn and rendered as the
+toy source but from their own random streams (toy/gta and toy/cityscapes stay the same files):
+- "toy_synthia" (SYNTHIA layout): labels as SYNTHIA ships them, 16-bit RGB PNGs with SYNTHIA's
+  class ids in the first channel, and no terrain, truck or train (toy terrain is SYNTHIA's
+  void: drawn, but unlabelled);
+- "toy_synscapes" (Synscapes layout): class maps in Cityscapes ids.
+Their train ids are written by the real converters, run as a user runs them
+(``python tools/convert_datasets/synthia.py``, ``synscapes.py``; a subprocess, since the input
+pipeline imports nothing of tools/), so the toy chain goes through the converters' path.
 """
 
 from __future__ import annotations
@@ -19,6 +30,9 @@ from __future__ import annotations
 import argparse
 import colorsys
 import os
+import subprocess
+import sys
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -31,6 +45,9 @@ ROAD, SIDEWALK, BUILDING, FENCE, POLE, LIGHT, SIGN, VEGETATION = 0, 1, 2, 4, 5, 
 TERRAIN, SKY, PERSON, CAR = 9, 10, 11, 13
 IGNORE = label_tables.IGNORE_LABEL
 EGO_VEHICLE_ID = 1  # Cityscapes id of the ego vehicle (no train id)
+SYNTHIA_VOID_ID = 0  # SYNTHIA's void class (no train id)
+EXTRA_SOURCES = ("synthia", "synscapes")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SOURCE_PALETTE = {
     ROAD: (70, 70, 78),
@@ -188,8 +205,19 @@ def _write_pair(rng, out_image, out_raw, out_train, domain, shift) -> dict[int, 
     return rcs.class_pixel_counts(train_ids)
 
 
-def generate(out: str, seed: int = 0, num_train: int = 200, num_val: int = 50, shift: float = 1.0):
-    """Writes toy/gta (source, num_train) and toy/cityscapes (target, train + val)."""
+def generate(
+    out: str,
+    seed: int = 0,
+    num_train: int = 200,
+    num_val: int = 50,
+    shift: float = 1.0,
+    extra_sources: Sequence[str] = (),
+) -> None:
+    """Writes toy/gta (source, num_train) and toy/cityscapes (target, train + val), then
+    toy/<name> (num_train) for each of ``extra_sources`` (:data:`EXTRA_SOURCES`)."""
+    unknown = [name for name in extra_sources if name not in EXTRA_SOURCES]
+    if unknown:
+        raise ValueError(f"unknown toy sources {unknown}; the extra sources: {EXTRA_SOURCES}")
     rng = np.random.default_rng(seed)
     gta = os.path.join(out, "gta")
     os.makedirs(os.path.join(gta, "labels"), exist_ok=True)
@@ -226,6 +254,69 @@ def generate(out: str, seed: int = 0, num_train: int = 200, num_val: int = 50, s
             stats.append((rel, counts))
         if split == "train":
             rcs.write_class_stats(city, stats)
+    for name in extra_sources:
+        # A stream of its own per source: no file depends on which other sources are written.
+        rng = np.random.default_rng([seed, 1 + EXTRA_SOURCES.index(name)])
+        write = _write_synthia if name == "synthia" else _write_synscapes
+        write(rng, os.path.join(out, name), num_train, shift)
+        run_converter(name, os.path.join(out, name))
+
+
+def to_synthia_label(train_ids: np.ndarray) -> np.ndarray:
+    """Train ids -> a SYNTHIA label (H, W, 3) uint16: the class id in channel 0 (ignore ->
+    void), an instance id in channel 1 as the release has (the converter must skip it)."""
+    lut = np.full(256, SYNTHIA_VOID_ID, np.uint16)
+    for train_id, raw in label_tables.TRAIN_ID_TO_SYNTHIA_ID.items():
+        lut[train_id] = raw
+    ids = lut[train_ids]
+    instance = np.where(np.isin(train_ids, (PERSON, CAR)), 1000, 0).astype(np.uint16)
+    return np.stack([ids, instance, np.zeros_like(ids)], -1)
+
+
+def save_synthia_label(label: np.ndarray, path: str) -> None:
+    """A 16-bit RGB PNG (PIL cannot write one; TensorFlow can)."""
+    import tensorflow as tf  # noqa: PLC0415  (heavy; only the SYNTHIA source needs it)
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tf.io.write_file(path, tf.io.encode_png(label))
+
+
+def _write_synthia(rng, directory: str, count: int, shift: float) -> None:
+    for i in range(count):
+        train_ids = draw_scene(rng)
+        image = render(rng, train_ids, "source", shift)
+        train_ids[train_ids == TERRAIN] = IGNORE  # SYNTHIA has no terrain class
+        _save_rgb(image, os.path.join(directory, "RGB", f"{i:07d}.png"))
+        save_synthia_label(
+            to_synthia_label(train_ids), os.path.join(directory, "GT", "LABELS", f"{i:07d}.png")
+        )
+
+
+def _write_synscapes(rng, directory: str, count: int, shift: float) -> None:
+    class_dir = os.path.join(directory, "img", "class")
+    os.makedirs(class_dir, exist_ok=True)
+    for i in range(1, count + 1):
+        train_ids = draw_scene(rng)
+        _save_rgb(
+            render(rng, train_ids, "source", shift),
+            os.path.join(directory, "img", "rgb", f"{i}.png"),
+        )
+        conversion.save_label_png(to_raw_ids(train_ids), os.path.join(class_dir, f"{i}.png"))
+
+
+def run_converter(name: str, directory: str) -> None:
+    """``python tools/convert_datasets/<name>.py <directory>``: raw ids -> train ids and the
+    class statistics, exactly as for the real dataset."""
+    tool = os.path.join(REPO, "tools", "convert_datasets", f"{name}.py")
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+    )
+    done = subprocess.run(
+        [sys.executable, tool, directory, "--nproc", "1"],
+        cwd=REPO, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"{tool} {directory} failed:\n{done.stderr[-3000:]}")
 
 
 def main(argv=None) -> None:
@@ -235,9 +326,16 @@ def main(argv=None) -> None:
     parser.add_argument("--num-train", type=int, default=200)
     parser.add_argument("--num-val", type=int, default=50)
     parser.add_argument("--shift", type=float, default=1.0, help="appearance shift strength")
+    parser.add_argument(
+        "--extra-sources",
+        default="",
+        help=f"comma-separated, of {','.join(EXTRA_SOURCES)}: SYNTHIA- / Synscapes-like sources",
+    )
     args = parser.parse_args(argv)
-    generate(args.out, args.seed, args.num_train, args.num_val, args.shift)
-    print(f"wrote toy domains to {args.out}/gta and {args.out}/cityscapes")
+    extra = [name for name in args.extra_sources.split(",") if name]
+    generate(args.out, args.seed, args.num_train, args.num_val, args.shift, extra)
+    written = ", ".join(f"{args.out}/{name}" for name in ["gta", "cityscapes", *extra])
+    print(f"wrote toy domains to {written}")
 
 
 if __name__ == "__main__":

@@ -106,3 +106,59 @@ def test_strong_augment_is_deterministic_per_key_and_vmapped():
     for i in range(4):
         single = apply(images[i], draw(keys[i]))
         np.testing.assert_allclose(a[i], single, atol=1e-5)
+
+
+# --- DAFormer's DACS (2-D blur, draws shared by the batch) ---------------------------------------
+
+
+def test_blur_2d_matches_dacs_kernel():
+    """DACS blurs with kornia's 2-D kernel, rows sized from H and columns from W (3 x 7 here),
+    reflect padding; float64 on both sides, so only rounding separates them."""
+    from torch_ref.daformer_ops import blur2d
+
+    image = np.random.default_rng(2).normal(size=(32, 64, 3))
+    with jax.enable_x64(True):
+        blur = jax.jit(lambda x, s: augment.gaussian_blur(x, s, two_d=True))
+        for sigma in (0.15, 0.7, 1.15):
+            ours = np.asarray(blur(jnp.asarray(image), sigma))
+            ref = blur2d(torch.from_numpy(image.transpose(2, 0, 1)), sigma).numpy()
+            np.testing.assert_allclose(ours, ref.transpose(1, 2, 0), rtol=0, atol=1e-14)
+        # Separable: on an image constant down each column only the 7 horizontal taps act.
+        columns = np.repeat(image[:1], 32, axis=0)
+        horizontal = augment._blur_axis(jnp.asarray(columns), 0.7, 7, axis=1)
+        np.testing.assert_allclose(blur(jnp.asarray(columns), 0.7), horizontal, atol=1e-14)
+        assert not np.allclose(blur(jnp.asarray(image), 0.7), augment.gaussian_blur(image, 0.7))
+
+
+def test_dacs_strong_transform_matches_reference():
+    """Jitter (kornia 0.5.8) then the 2-D blur on one mixed image, given draws, float64."""
+    from torch_ref.daformer_ops import strong as dacs_strong
+
+    apply = jax.jit(lambda x, p: augment.apply_strong(x, p, blur_2d=True))
+    mean, std = np.asarray(IMAGE_MEAN), np.asarray(IMAGE_STD)
+    with jax.enable_x64(True):
+        for seed, (jit_on, blur_on) in enumerate([(True, True), (False, True), (True, False)]):
+            image = (random_rgb(seed).astype(np.float64) * 255.0 - mean) / std
+            params = fixed_params(seed, jit_on, blur_on)
+            ours = np.asarray(apply(jnp.asarray(image), to_jax(params)))
+            ref = dacs_strong(image, params)
+            np.testing.assert_allclose(ours, ref, rtol=0, atol=2.0**-40 * np.abs(ref).max())
+
+
+def test_shared_draws_keep_the_per_image_ones():
+    """share_over_batch replaces only the shared fields, by one draw of the same law."""
+    keys = jax.random.split(jax.random.key(3), 4)
+    per_image = jax.vmap(augment.draw_strong_params)(keys)
+    shared = augment.share_over_batch(per_image, jax.random.key(9), augment.DACS_SHARED)
+    one = augment.draw_strong_params(jax.random.key(9))
+    for name, value in shared.items():
+        if name in augment.DACS_SHARED:
+            np.testing.assert_array_equal(value, np.broadcast_to(one[name], value.shape))
+        else:
+            np.testing.assert_array_equal(value, per_image[name])
+    draw = jax.jit(jax.vmap(lambda k: augment.draw_batch_params(k, 2, augment.DACS_SHARED)))
+    coins = draw(jax.random.split(jax.random.key(4), 4000))
+    assert (coins["jitter"][:, 0] == coins["jitter"][:, 1]).all()
+    assert abs(float(coins["jitter"][:, 0].mean()) - 0.8) < 4 * np.sqrt(0.16 / 4000)
+    assert abs(float(coins["blur"][:, 0].mean()) - 0.5) < 4 * np.sqrt(0.25 / 4000)
+    assert not (coins["sigma"][:, 0] == coins["sigma"][:, 1]).all()  # DACS: sigma per image

@@ -103,3 +103,54 @@ def test_mix_matches_reference_arithmetic():
     np.testing.assert_allclose(
         bridging.mix(mask, jnp.ones((2, H, W)), weight), ref_w.numpy(), rtol=0, atol=1e-7
     )
+
+
+# --- DAFormer's DACS draws ---------------------------------------------------------------------
+
+
+def test_class_mix_from_the_batch_labels_as_dacs():
+    """get_class_masks: each image takes ceil(n/2) of the n values of the whole batch (255
+    included), uniformly, so a chosen value may be absent from it; the mask is its pixels of
+    the chosen values (torch_ref.daformer_ops.class_masks with the same choices)."""
+    from torch_ref.daformer_ops import class_masks
+
+    labels = np.zeros((2, H, W), np.int32)
+    labels[0, :, : W // 2], labels[0, :, W // 2 :] = 0, 2
+    labels[1, : H // 2], labels[1, H // 2 :] = 3, 255
+    values = np.array([0, 2, 3, 255])  # torch.unique(labels): sorted, 255 last
+    make = jax.jit(lambda k: bridging.make_masks(k, labels, "class", classes_from_batch=True))
+    present = bridging.class_presence(jnp.asarray(labels), 19)
+    picks, absent_only = np.zeros(4), 0
+    for seed in range(300):
+        key = jax.random.key(seed)
+        masks = np.asarray(make(key))
+        keys = jax.random.split(key, 2)  # make_masks: one key per image
+        chosen = [np.asarray(bridging.choose_half(k, present)) for k in keys]
+        choices = [np.flatnonzero(c[values.clip(max=19)]) for c in chosen]
+        assert all(len(c) == 2 for c in choices)
+        expected = class_masks(torch.from_numpy(labels), choices).numpy()
+        np.testing.assert_array_equal(masks, expected)
+        picks += sum(np.isin(np.arange(4), c) for c in choices)
+        absent_only += sum(not m.any() for m in masks)
+    assert np.all(np.abs(picks - 300) < 4 * np.sqrt(600 * 0.25))  # each value: 1/2 per image
+    assert absent_only > 0  # e.g. image 0 drew {3, 255}: nothing of it is pasted
+
+
+def test_coins_per_batch_move_no_other_draw():
+    """One jitter and one blur coin per batch from the extra key; masks and every other
+    augmentation draw are those of the same key without the switch."""
+    from configs import default
+
+    st = default.get_config().st
+    labels = jnp.asarray(np.random.default_rng(2).integers(0, 19, (3, H, W)), jnp.int32)
+    plain = bridging.draw(jax.random.key(0), labels, st)
+    st.coins_per_batch = True
+    with pytest.raises(ValueError, match="batch_key"):
+        bridging.draw(jax.random.key(0), labels, st)
+    shared = bridging.draw(jax.random.key(0), labels, st, batch_key=jax.random.key(7))
+    np.testing.assert_array_equal(shared["masks"], plain["masks"])
+    for name, value in shared["aug"].items():
+        if name in ("jitter", "blur"):
+            assert len(set(np.asarray(value).tolist())) == 1
+        else:
+            np.testing.assert_array_equal(value, plain["aug"][name])

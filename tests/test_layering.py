@@ -1,6 +1,7 @@
 """The import layering, kept by a machine (``make lint`` and ``make test`` run this).
 
-- models import nothing of training, data or the methods: only the leaves (ops, labels);
+- models import nothing of training, data or the methods: only the leaves (ops, labels,
+  paths, errors);
 - the DDB ops (bridging, augmentation, losses, prototypes, ensemble) import no model, no
   data and no training code: only each other and the leaves;
 - the input pipeline imports no training code: only itself and the leaves;
@@ -18,7 +19,7 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LEAVES = ("ddb_jax.ops", "ddb_jax.labels")
+LEAVES = ("ddb_jax.ops", "ddb_jax.labels", "ddb_jax.paths", "ddb_jax.errors")
 DDB_OPS = tuple(f"ddb_jax.{m}" for m in ("bridging", "augment", "losses", "prototypes", "ensemble"))
 PROJECT = ("ddb_jax", "input_pipeline", "configs", "tools", "benchmarks", "tests", "torch_ref")
 

@@ -87,15 +87,26 @@ class StepKeys(Mapping):
 
 
 def student_forward(
-    apply_fn: Callable, params, batch_stats, images: jax.Array, dropout_key: jax.Array
+    apply_fn: Callable,
+    params,
+    batch_stats,
+    images: jax.Array,
+    dropout_key: jax.Array,
+    with_backbone: bool = False,
 ):
-    """The student in training mode: (logits, feature), and its updated BN statistics."""
+    """The student in training mode: (logits, feature), and its updated BN statistics.
+
+    ``with_backbone``: (logits, feature, backbone maps) from the same forward
+    (``EncoderDecoder.forward_with_features``).
+    """
+    method = {"method": "forward_with_features"} if with_backbone else {}
     outputs, updates = apply_fn(
         {"params": params, "batch_stats": batch_stats},
         images,
         train=True,
         mutable=["batch_stats"],
         rngs={"dropout": dropout_key},
+        **method,
     )
     return outputs, updates["batch_stats"]
 
@@ -113,23 +124,33 @@ def labelled_term(
     labels: jax.Array,
     dropout_key: jax.Array,
     weight: jax.Array | None = None,
+    backbone_key: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """mmseg CE of the student (training mode) on ``images``; updates ``ctx['batch_stats']``.
 
-    Returns (loss, logits at the head's stride).
+    Returns (loss, logits at the head's stride). With ``backbone_key`` the backbone's maps
+    of this forward are kept in ``ctx[backbone_key]``.
     """
-    (logits, _), ctx["batch_stats"] = student_forward(
-        method.student_apply, params, ctx["batch_stats"], images, dropout_key
-    )
-    return losses.cross_entropy(logits, labels, weight), logits
+    outputs, ctx["batch_stats"] = student_forward(
+        method.student_apply, params, ctx["batch_stats"], images, dropout_key,
+        with_backbone=backbone_key is not None,
+    )  # fmt: skip
+    if backbone_key is not None:
+        ctx[backbone_key] = outputs[2]
+    return losses.cross_entropy(outputs[0], labels, weight), outputs[0]
 
 
 def source_term(method: Method, params, ctx: Context) -> tuple[jax.Array, Context]:
-    """CE on the labelled source images (every method's first term)."""
+    """CE on the labelled source images (every method's first term).
+
+    A method whose later terms read the backbone maps of this forward (DAFormer's feature
+    distance) sets ``keep_source_backbone``; they are then ``ctx['source_backbone']``.
+    """
     batch = ctx["batch"]
+    keep = getattr(method, "keep_source_backbone", False)
     loss, logits = labelled_term(
         method, params, ctx, batch["source_image"], batch["source_label"],
-        ctx["keys"]["dropout_source"],
+        ctx["keys"]["dropout_source"], backbone_key="source_backbone" if keep else None,
     )  # fmt: skip
     ctx["acc_source"] = losses.pixel_accuracy(logits, batch["source_label"])
     ctx["source_prediction"] = prediction(logits, batch["source_label"].shape[1:3])

@@ -116,7 +116,8 @@ class CKD:
             threshold=self.st.pseudo_threshold,
         )
         # The 'zero' mask: the student's target input is the strongly augmented target image.
-        draws = bridging.draw(keys["bridging"], batch["source_label"], self.st)
+        batch_key = keys["bridging_batch"] if bridging.needs_batch_key(self.st) else None
+        draws = bridging.draw(keys["bridging"], batch["source_label"], self.st, batch_key)
         return {
             **targets,
             "pseudo_pixel_weight": targets["pseudo_weight"],
@@ -124,7 +125,10 @@ class CKD:
             "teacher_labels": tuple(jax.numpy.argmax(x, -1) for x in logits),
             "draws": draws,
             "student_image": bridging.bridge_images(
-                draws, batch["source_image"], batch["target_image"]
+                draws,
+                batch["source_image"],
+                batch["target_image"],
+                blur_2d=self.st.get("blur_2d", False),
             ),
         }
 

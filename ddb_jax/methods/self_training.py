@@ -7,13 +7,17 @@ augmented; weighted CE on the mixed image; gradients of both summed; one AdamW s
 Masks and augmentation are drawn inside the step from the step's key.
 
 More loss terms plug in through :func:`register_term`: a function of the context and a
-config switch (``config.<name>.enabled``) that turns it on.
+config switch (``config.<name>.enabled``) that turns it on; the term reads its settings
+as ``method.options[name]`` (``config.<name>``). DAFormer's ImageNet feature distance
+(:mod:`ddb_jax.methods.feature_distance`) and MIC's masked consistency
+(:mod:`ddb_jax.methods.mic`) are such terms. DAFormer's other differences from DDB are
+switches of ``config.st`` read here and in :mod:`ddb_jax.bridging`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import flax
@@ -26,18 +30,66 @@ from ddb_jax.methods import base
 from ddb_jax.train import previews
 from ddb_jax.train.state import TrainState
 
+
+@dataclasses.dataclass(frozen=True)
+class OptionalTerm:
+    """A registered loss term and what it needs besides the context."""
+
+    term: base.Term
+    # Reads ctx['source_backbone'], the backbone maps of the source forward.
+    source_backbone: bool = False
+    # config -> what the term reads but never trains (replicated, in ``frozen[name]``).
+    load_frozen: Callable[[ml_collections.ConfigDict], Any] | None = None
+    # config -> None; raises on unusable settings before anything long runs.
+    check: Callable[[ml_collections.ConfigDict], None] | None = None
+
+
 # name -> term; enabled by config.<name>.enabled (registered by the modules that add them).
-OPTIONAL_TERMS: dict[str, base.Term] = {}
+OPTIONAL_TERMS: dict[str, OptionalTerm] = {}
 
 
-def register_term(name: str) -> Callable[[base.Term], base.Term]:
-    """Adds a loss term to every self-training stage whose ``config.<name>.enabled`` is set."""
+def register_term(
+    name: str,
+    *,
+    source_backbone: bool = False,
+    load_frozen: Callable[[ml_collections.ConfigDict], Any] | None = None,
+    check: Callable[[ml_collections.ConfigDict], None] | None = None,
+) -> Callable[[base.Term], base.Term]:
+    """Adds a loss term to every self-training stage whose ``config.<name>.enabled`` is set.
+
+    Terms run after the source and mixed terms, in registration order (so their student
+    forwards update the BN statistics in that order).
+    """
 
     def add(term: base.Term) -> base.Term:
-        OPTIONAL_TERMS[name] = term
+        OPTIONAL_TERMS[name] = OptionalTerm(term, source_backbone, load_frozen, check)
         return term
 
     return add
+
+
+def enabled_terms(config: ml_collections.ConfigDict) -> dict[str, OptionalTerm]:
+    """The registered terms that ``config`` switches on, in registration order."""
+    return {
+        name: item for name, item in OPTIONAL_TERMS.items() if config.get(name, {}).get("enabled")
+    }
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """The enabled terms' own checks."""
+    for item in enabled_terms(config).values():
+        if item.check is not None:
+            item.check(config)
+
+
+def load_frozen(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    """``{term: what it reads}`` for the enabled terms that need frozen inputs, else None."""
+    frozen = {
+        name: item.load_frozen(config)
+        for name, item in enabled_terms(config).items()
+        if item.load_frozen is not None
+    }
+    return frozen or None
 
 
 @flax.struct.dataclass
@@ -85,6 +137,8 @@ class SelfTraining:
     teacher_apply: Callable  # the student's architecture without dropout
     st: ml_collections.ConfigDict
     terms: tuple[tuple[str, base.Term], ...] = (("source", base.source_term), ("mixed", mixed_term))
+    options: Mapping[str, ml_collections.ConfigDict] = dataclasses.field(default_factory=dict)
+    keep_source_backbone: bool = False  # see base.source_term
 
     name: ClassVar[str] = "self_training"
     key_names: ClassVar[tuple[str, ...]] = ("bridging", "dropout_source", "dropout_target")
@@ -123,7 +177,8 @@ class SelfTraining:
             self.st.pseudo_weight_ignore_top,
             self.st.pseudo_weight_ignore_bottom,
         )
-        draws = bridging.draw(keys["bridging"], batch["source_label"], self.st)
+        batch_key = keys["bridging_batch"] if bridging.needs_batch_key(self.st) else None
+        draws = bridging.draw(keys["bridging"], batch["source_label"], self.st, batch_key)
         masks = draws["masks"]
         return {
             "ema_params": ema_params,
@@ -134,7 +189,10 @@ class SelfTraining:
             "pseudo_weight": jnp.mean(pseudo_weight),
             "draws": draws,
             "mixed_image": bridging.bridge_images(
-                draws, batch["source_image"], batch["target_image"]
+                draws,
+                batch["source_image"],
+                batch["target_image"],
+                blur_2d=self.st.get("blur_2d", False),
             ),
             "mixed_label": bridging.mix(masks, batch["source_label"], pseudo),
             "mixed_weight": bridging.mix(masks, jnp.ones_like(pseudo_weight), pseudo_weight),
@@ -159,12 +217,12 @@ class SelfTraining:
 
 def create(config: ml_collections.ConfigDict, student_apply: Callable, build_model) -> SelfTraining:
     """The self-training method of ``config`` (``build_model``: config.model -> a model)."""
-    extra = tuple(
-        (name, term) for name, term in OPTIONAL_TERMS.items() if config.get(name, {}).get("enabled")
-    )
+    extra = enabled_terms(config)
     return SelfTraining(
         student_apply=student_apply,
         teacher_apply=build_model(no_dropout(config.model)).apply,
         st=config.st,
-        terms=SelfTraining.terms + extra,
+        terms=SelfTraining.terms + tuple((name, item.term) for name, item in extra.items()),
+        options={name: config[name] for name in extra},
+        keep_source_backbone=any(item.source_backbone for item in extra.values()),
     )

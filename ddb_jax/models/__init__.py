@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ddb_jax import errors
+
 RESNET_DEPTHS = (18, 34, 50, 101, 152)
 MIT_VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5")
 # 'segformer' is the DAFormer repo's (NVlabs) all-MLP head, 'mmseg_segformer' mmseg 0.x's
@@ -24,7 +26,7 @@ HEADS = ("dlv2", "segformer", "daformer", "mmseg_segformer")
 MIT_LAYOUTS = ("nvlabs", "mmseg")
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(errors.UsageError, ValueError):
     """A model config names something that does not exist."""
 
 
@@ -37,6 +39,21 @@ class EncoderDecoder(nn.Module):
     def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
         features = self.backbone(images, train=train)
         return self.decode_head(features, train=train)
+
+    def extract_feat(self, images: jax.Array, train: bool = False) -> list[jax.Array]:
+        """The backbone's four maps alone (mmseg's ``extract_feat``): what DAFormer's frozen
+        ImageNet model computes for the feature distance; its variables may hold only
+        ``backbone``."""
+        return self.backbone(images, train=train)
+
+    def forward_with_features(
+        self, images: jax.Array, train: bool = False
+    ) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
+        """``(logits, feature, backbone maps)`` of one forward: the feature distance compares
+        the maps of the very forward that gives the source loss (same drop-path draw)."""
+        features = self.backbone(images, train=train)
+        logits, feature = self.decode_head(features, train=train)
+        return logits, feature, features
 
 
 def parse_backbone(name: str) -> tuple[str, Any]:
@@ -67,6 +84,12 @@ def build_model(model_cfg: ml_collections.ConfigDict) -> EncoderDecoder:
     """Builds the segmentor described by ``config.model`` (see configs/default.py)."""
     family, size = parse_backbone(model_cfg.backbone)
     dtype = compute_dtype(model_cfg.dtype)
+    from ddb_jax.models.resnet import CONV_IMPLS
+
+    if model_cfg.get("conv_impl", "lax") not in CONV_IMPLS:
+        raise ModelConfigError(
+            f"config.model.conv_impl={model_cfg.conv_impl!r}; known: {list(CONV_IMPLS)}"
+        )
     if model_cfg.head not in HEADS:
         raise ModelConfigError(f"config.model.head={model_cfg.head!r}; known heads: {list(HEADS)}")
     if family == "resnet":

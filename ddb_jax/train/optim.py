@@ -9,7 +9,13 @@ iteration ``it`` (0-based, one optimiser step per iteration):
 
 i.e. warmup scales the already-decayed rate. mmcv's ``paramwise_cfg`` custom key
 'head' multiplies base lr by 10 for every parameter whose name contains 'head'
-(all of ``decode_head``); weight decay applies to all parameters.
+(all of ``decode_head``); in DDB weight decay applies to all parameters.
+
+DAFormer adds custom keys with ``decay_mult=0`` ('norm', 'pos_block': no weight decay on
+normalisation layers): ``optim.no_decay_keys``. mmcv gives each parameter the rule of the
+*first* custom key contained in its name, keys tried longest first, then alphabetically;
+the names here are the Flax paths joined by '.', which contain a key exactly when the
+torch names do (tests/test_optim.py checks this on MiT and ResNet).
 """
 
 from __future__ import annotations
@@ -43,24 +49,54 @@ def mmcv_poly_warmup_schedule(
     return schedule
 
 
+HEAD_KEY = "head"
+
+
 def is_head_param(path: tuple) -> bool:
     """mmcv's custom key 'head' matches parameter names containing 'head'."""
     return any("head" in str(getattr(p, "key", p)) for p in path)
 
 
-def param_groups(params) -> dict:
-    """'head' / 'backbone' label for each leaf of ``params`` (for optax.multi_transform)."""
+def param_name(path: tuple) -> str:
+    """A leaf path as a dotted name ('decode_head.conv_seg.kernel')."""
+    return ".".join(str(getattr(p, "key", p)) for p in path)
+
+
+def custom_key_order(no_decay_keys: tuple[str, ...] = ()) -> list[str]:
+    """mmcv's matching order of the custom keys: by length, longest first, then alphabetical."""
+    return sorted(sorted({HEAD_KEY, *no_decay_keys}), key=len, reverse=True)
+
+
+def param_label(path: tuple, no_decay_keys: tuple[str, ...] = ()) -> str:
+    """'head' (lr x head_lr_mult), 'no_decay' (weight decay 0) or 'backbone' (neither): the
+    rule of the first custom key in the parameter's name."""
+    if not no_decay_keys:
+        return "head" if is_head_param(path) else "backbone"
+    name = param_name(path)
+    for key in custom_key_order(tuple(no_decay_keys)):
+        if key in name:
+            return "head" if key == HEAD_KEY else "no_decay"
+    return "backbone"
+
+
+def param_groups(params, no_decay_keys: tuple[str, ...] = ()) -> dict:
+    """The group label of each leaf of ``params`` (for optax.multi_transform)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: "head" if is_head_param(path) else "backbone", params
+        lambda path, _: param_label(path, no_decay_keys), params
     )
 
 
 def make_optimizer(
     optim_cfg: ml_collections.ConfigDict, num_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW per parameter group; returns (transform, backbone schedule for logging)."""
+    """AdamW per parameter group; returns (transform, backbone schedule for logging).
 
-    def adamw(mult: float):
+    Groups: 'backbone' (1x), 'head' (``head_lr_mult``x), and with ``no_decay_keys`` also
+    'no_decay' (1x, no weight decay). Without those keys the optimiser state has the same
+    structure as before they existed, so older checkpoints restore.
+    """
+
+    def adamw(mult: float, weight_decay: float):
         schedule = mmcv_poly_warmup_schedule(
             optim_cfg.lr * mult,
             num_steps,
@@ -70,12 +106,17 @@ def make_optimizer(
             optim_cfg.min_lr * mult,
         )
         tx = optax.adamw(
-            schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=1e-8,
-            weight_decay=optim_cfg.weight_decay,
+            schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=1e-8, weight_decay=weight_decay,
         )  # fmt: skip
         return tx, schedule
 
-    backbone_tx, backbone_schedule = adamw(1.0)
-    head_tx, _ = adamw(optim_cfg.head_lr_mult)
-    tx = optax.multi_transform({"backbone": backbone_tx, "head": head_tx}, param_groups)
+    no_decay_keys = tuple(optim_cfg.get("no_decay_keys", ()))
+    backbone_tx, backbone_schedule = adamw(1.0, optim_cfg.weight_decay)
+    transforms = {
+        "backbone": backbone_tx,
+        "head": adamw(optim_cfg.head_lr_mult, optim_cfg.weight_decay)[0],
+    }
+    if no_decay_keys:
+        transforms["no_decay"] = adamw(1.0, 0.0)[0]
+    tx = optax.multi_transform(transforms, lambda params: param_groups(params, no_decay_keys))
     return tx, backbone_schedule
