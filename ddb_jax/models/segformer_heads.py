@@ -27,9 +27,9 @@ Dtype = Any
 class ConvModule(nn.Module):
     """mmcv ConvModule with BN and ReLU: bias-free conv, BatchNorm, ReLU.
 
-    ``depthwise`` makes the conv one group per input channel (and as many outputs).
-    ``torch_bn`` uses torch's BatchNorm semantics (``resnet.make_norm``: unbiased
-    running variance, float32 statistics) with the same variable names.
+    ``depthwise`` makes the conv one group per input channel (and as many outputs). The
+    BatchNorm is torch's (``resnet.make_norm``: unbiased running variance, float32
+    statistics), with flax's variable names.
     """
 
     features: int
@@ -37,7 +37,6 @@ class ConvModule(nn.Module):
     dilation: int = 1
     depthwise: bool = False
     dtype: Dtype = jnp.float32
-    torch_bn: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -53,16 +52,7 @@ class ConvModule(nn.Module):
             dtype=self.dtype,
             name="conv",
         )(x)
-        if self.torch_bn:
-            return nn.relu(make_norm(train, self.dtype, "bn")(x))
-        x = nn.BatchNorm(
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=1e-5,
-            dtype=self.dtype,
-            name="bn",
-        )(x)
-        return nn.relu(x)
+        return nn.relu(make_norm(train, self.dtype, "bn")(x))
 
 
 class DepthwiseSeparableConvModule(nn.Module):
@@ -199,10 +189,10 @@ class MMSegSegformerHead(nn.Module):
         size = features[0].shape[1:3]
         levels = []
         for i, level in enumerate(features):
-            conv = ConvModule(self.channels, 1, dtype=self.dtype, torch_bn=True, name=f"convs_{i}")
+            conv = ConvModule(self.channels, 1, dtype=self.dtype, name=f"convs_{i}")
             levels.append(resize_bilinear(conv(level, train), size))
         x = jnp.concatenate(levels, axis=-1)
-        fusion = ConvModule(self.channels, 1, dtype=self.dtype, torch_bn=True, name="fusion_conv")
+        fusion = ConvModule(self.channels, 1, dtype=self.dtype, name="fusion_conv")
         feature = fusion(x, train)
         logits = classify(feature, self.num_classes, self.dropout_ratio, train, "conv_seg")
         return logits, feature
