@@ -31,7 +31,7 @@ test: $(STAMP)
 
 # The benchmark kit on this machine's CPU (minutes): the device check's smoke run, our step vs
 # the PyTorch reference step alternated (DLV2-R18, 128x128, batch 4), the DDB ops and the
-# input pipeline. The idle-machine comparison at full size (DLV2-R101, 512x512, ~15 min):
+# input pipeline. The idle-machine comparison at full size (DLV2-R101, 512x512, batch 2, ~10 min):
 # `$(BIN)/python benchmarks/train_step.py --preset cpu-idle`; the GPU check:
 # benchmarks/device_check.sh. Results: benchmarks/RESULTS.md.
 bench: $(STAMP)

@@ -16,7 +16,8 @@ compilations after the first step (asserted 0), and the load average before and 
 
 ``--preset cpu-idle`` is the idle-machine comparison of benchmarks/RESULTS.md in one
 command: DLV2-R18 at 128x128 batch 4 (our matmul, im2col and lax convs, 5 rounds), then
-DLV2-R101 at 512x512 batch 4 (our matmul convs, 3 rounds; ~15 minutes and ~20 GiB on a
+DLV2-R101 at 512x512 batch 2 (our matmul convs, 3 rounds; batch 4 does not fit beside the
+PyTorch step in 23 GiB: the process reached 24 GiB and was killed; ~10 minutes on a
 2-core CPU), with ``--json``/``--markdown`` defaults under runs/benchmarks/ (git-ignored).
 
 Defaults follow the platform: on GPU/TPU bfloat16 compute and ``lax`` convs; on CPU
@@ -39,7 +40,7 @@ import bench_common as bc  # noqa: E402
 PRESETS = {
     "cpu-idle": [
         dict(depth=18, size=128, batch=4, conv_impl="matmul,im2col,lax", steps=5),
-        dict(depth=101, size=512, batch=4, conv_impl="matmul", steps=3),
+        dict(depth=101, size=512, batch=2, conv_impl="matmul", steps=3),
     ],
 }
 
