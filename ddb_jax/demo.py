@@ -36,6 +36,7 @@ def gap_report(summary: dict) -> str:
 
 def main() -> int:
     started = time.time()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up notices
     if not os.path.isdir(os.path.join(TOY_DIR, "gta")):
         subprocess.run([sys.executable, "-m", "input_pipeline.toy", "--out", TOY_DIR], check=True)
     command = [
@@ -45,8 +46,8 @@ def main() -> int:
     os.makedirs(WORKDIR, exist_ok=True)
     log_path = os.path.join(WORKDIR, "demo.log")
     print(f"running the DDB pipeline on the toy domains (logs: {log_path})", flush=True)
-    with open(log_path, "a") as log:
-        done = subprocess.run(command, stderr=log)
+    with open(log_path, "a") as log:  # every stage's output; the table is printed below
+        done = subprocess.run(command, stdout=log, stderr=log)
     if done.returncode:
         with open(log_path) as f:
             print("".join(f.readlines()[-30:]), file=sys.stderr)
@@ -54,6 +55,8 @@ def main() -> int:
         return done.returncode
     with open(os.path.join(WORKDIR, "summary.json")) as f:
         summary = json.load(f)
+    with open(os.path.join(WORKDIR, "summary.md")) as f:
+        print(f.read().rstrip())
     print(gap_report(summary))
     from ddb_jax import pictures  # runs the models here: JAX and TensorFlow load only now
 
