@@ -195,3 +195,51 @@ def adam_param_bound(lr, grad_bound: float, sqrt_v, params, eps: float = EPS64) 
     sqrt_v = np.abs(np.asarray(sqrt_v, np.float64))
     sensitivity = 2.0014 * grad_bound / (np.maximum(sqrt_v - grad_bound, 0.0) + ADAM_EPS)
     return lr * np.minimum(sensitivity, 2.0028) + 16 * eps * (np.abs(params) + lr)
+
+
+# Relative bound of the float64 step parity tests (self-training, DAFormer's DACS, MIC):
+# far above float64 rounding of their ~2^19 operations per value (2^-33 >> 2^19 * 2^-52).
+REL64 = 2.0**-33
+
+
+def assert_self_training_update(config, it, state, grads, ref_grads, ref_student, ref_teacher,
+                                before=None):  # fmt: skip
+    """Iteration ``it`` of a float64 self-training step against the reference: gradients
+    (within REL64 of their scale), parameters after AdamW elementwise (adam_param_bound:
+    from equal parameters, sqrt(v) from the reference's gradients and the gradient bounds
+    of both iterations; at the second, v holds both gradients, bias-corrected), BN
+    statistics of the student and of the EMA teacher, and the EMA parameters (a copy at
+    iteration 0, then one rounding per mix). ``before``: what this returned for the previous
+    iteration (None at the first). Returns (reference gradients by name, gradient bound)."""
+    pairs = paired(grads, "params", ref_grads)
+    grad_bound = REL64 * max(np.abs(r).max() for _, _, r in pairs)
+    assert_within(pairs, grad_bound, f"gradients {it}")
+    this_bound = grad_bound
+    if before is None:
+        sqrt_v = {name: np.abs(r) for name, _, r in pairs}
+    else:
+        grads_before, bound_before = before
+        b2 = config.optim.b2
+        sqrt_v = {
+            name: np.sqrt((b2 * (1 - b2) * grads_before[name] ** 2 + (1 - b2) * r**2) / (1 - b2**2))
+            for name, _, r in pairs
+        }
+        grad_bound = max(grad_bound, bound_before)
+    worst, ratio = 0.0, 0.0
+    for name, ours, r in paired(state.params, "params", ref_student):
+        lr = group_lr(name, config.optim, it, config.num_steps)
+        bound = adam_param_bound(lr, grad_bound, sqrt_v[name], r)
+        assert np.all(np.abs(ours - r) <= bound), (it, name)
+        worst = max(worst, float(np.max(np.abs(ours - r))))
+        ratio = max(ratio, float(np.max(np.abs(ours - r) / bound)))
+    print(f"parameters {it}: max error {worst:.3g}, max error / bound {ratio:.3g}")
+    for tree, ref_dict, what in (
+        (state.batch_stats, ref_student, "student BN statistics"),
+        (state.ema_batch_stats, ref_teacher, "teacher BN statistics"),
+    ):
+        stats = paired(tree, "batch_stats", ref_dict)
+        scale = max(np.abs(r).max() for _, _, r in stats)
+        assert_within(stats, REL64 * scale, f"{what} {it}")
+    for name, ours, r in paired(state.ema_params, "params", ref_teacher):
+        assert np.all(np.abs(ours - r) <= 4 * EPS64 * np.abs(r).max()), (it, name)
+    return {name: r for name, _, r in pairs}, this_bound

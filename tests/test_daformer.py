@@ -38,14 +38,13 @@ from ddb_jax.methods import base, feature_distance
 from ddb_jax.train import optim
 from tests.parity_support import (
     EPS64,
-    adam_param_bound,
+    REL64,
     assert_argmax_agrees,
+    assert_self_training_update,
     assert_within,
-    group_lr,
     initial_state,
     load_into_torch,
     make_config,
-    paired,
     to_flax,
     torch_segmentor,
     torch_threads,
@@ -58,7 +57,6 @@ from torch_ref.losses import resize
 from torch_ref.paramwise import DAFORMER_KEYS, set_learning_rates
 from torch_ref.paramwise import adamw as torch_adamw
 
-REL64 = 2.0**-33
 AUG64 = 2.0**-40
 DRAW32 = 2.0**-15  # a step's returned draws vs the used ones (derived in tests/test_mic.py)
 SIZE = (32, 40)
@@ -161,7 +159,7 @@ def test_dacs_step_with_feature_distance_matches_pytorch():
         assert set(frozen["fdist"]) == {"params", "batch_stats"}  # BN in inference mode
         step = base.make_train_step(method, tx)
         run = jax.jit(lambda s, b, f: (base.loss_and_grads(method, s, b, f), step(s, b, f)))
-        ref_grads_before = None
+        before = None
         for it in range(2):
             batch = blocky_batch(10 + it)
             (_, out, grads), (state, metrics) = run(state, batch, frozen)
@@ -204,40 +202,9 @@ def test_dacs_step_with_feature_distance_matches_pytorch():
             scale = (AUG64 + DRAW32) * max(1.0, np.abs(extra["mixed"]).max())
             assert_within(mixed, scale, f"mixed image {it}")
 
-            pairs = paired(grads, "params", ref_grads)
-            grad_bound = REL64 * max(np.abs(r).max() for _, _, r in pairs)
-            assert_within(pairs, grad_bound, f"gradients {it}")
-
-            # Parameters after AdamW, elementwise as in tests/test_self_training.py.
-            if ref_grads_before is None:
-                sqrt_v = {name: np.abs(r) for name, _, r in pairs}
-                bound_before = grad_bound
-            else:
-                b2 = config.optim.b2
-                sqrt_v = {
-                    name: np.sqrt(
-                        (b2 * (1 - b2) * ref_grads_before[name] ** 2 + (1 - b2) * r**2)
-                        / (1 - b2**2)
-                    )
-                    for name, _, r in pairs
-                }
-                grad_bound = max(grad_bound, bound_before)
-            for name, ours, r in paired(state.params, "params", ref_student):
-                lr = group_lr(name, config.optim, it, config.num_steps)
-                bound = adam_param_bound(lr, grad_bound, sqrt_v[name], r)
-                assert np.all(np.abs(ours - r) <= bound), (it, name)
-            ref_grads_before = {name: r for name, _, r in pairs}
-
-            for tree, ref_dict, what in (
-                (state.batch_stats, ref_student, "student BN statistics"),
-                (state.ema_batch_stats, ref_teacher, "teacher BN statistics"),
-            ):
-                pairs = paired(tree, "batch_stats", ref_dict)
-                scale = max(np.abs(r).max() for _, _, r in pairs)
-                assert_within(pairs, REL64 * scale, f"{what} {it}")
-            # EMA: a copy at iteration 0, then 0.5 / 0.5 (the 0.999 cap is reached at 999).
-            for name, ours, r in paired(state.ema_params, "params", ref_teacher):
-                assert np.all(np.abs(ours - r) <= 4 * EPS64 * np.abs(r).max()), (it, name)
+            before = assert_self_training_update(
+                config, it, state, grads, ref_grads, ref_student, ref_teacher, before
+            )
             if it == 0:
                 load_into_torch(student_t, state.params)
     assert coins == [(False, False), (True, True)], coins

@@ -29,16 +29,14 @@ from ddb_jax.methods import base
 from ddb_jax.methods import mic as mic_method
 from ddb_jax.train import optim
 from tests.parity_support import (
-    EPS64,
-    adam_param_bound,
+    REL64,
     assert_argmax_agrees,
+    assert_self_training_update,
     assert_within,
-    group_lr,
     initial_state,
     load_into_torch,
     make_batch,
     make_config,
-    paired,
     to_flax,
     torch_segmentor,
     torch_threads,
@@ -49,7 +47,6 @@ from torch_ref.daformer import as_numpy_draws, dacs_step
 from torch_ref.losses import resize
 from torch_ref.optim import make_optimizer, set_learning_rates
 
-REL64 = 2.0**-33
 AUG64 = 2.0**-40
 # The draws a step returns may be a few float32 ulps off the ones it used: XLA's CPU code,
 # at the tests' LLVM optimisation level 0, computes a cheap draw inside each fusion that
@@ -99,7 +96,7 @@ def test_step_with_mic_matches_pytorch():
         state = initial_state(method, tx, to_flax(student_t, model), jax.random.PRNGKey(KEY_SEED))
         step = base.make_train_step(method, tx)
         run = jax.jit(lambda s, b: (base.loss_and_grads(method, s, b), step(s, b)))
-        ref_grads_before = None
+        before = None
         for it in range(2):
             batch = make_batch(10 + it)
             # MIC moves no draw of the host: its bridging is the plain draw of its key.
@@ -153,38 +150,10 @@ def test_step_with_mic_matches_pytorch():
             assert abs(float(metrics["loss"]) - total) <= REL64 * total
             assert float(metrics["loss_mic"]) == float(out["loss_mic"])
 
-            pairs = paired(grads, "params", ref_grads)
-            grad_bound = REL64 * max(np.abs(r).max() for _, _, r in pairs)
-            assert_within(pairs, grad_bound, f"gradients {it}")
-            if ref_grads_before is None:
-                sqrt_v = {name: np.abs(r) for name, _, r in pairs}
-                bound_before = grad_bound
-            else:
-                b2 = config.optim.b2
-                sqrt_v = {
-                    name: np.sqrt(
-                        (b2 * (1 - b2) * ref_grads_before[name] ** 2 + (1 - b2) * r**2)
-                        / (1 - b2**2)
-                    )
-                    for name, _, r in pairs
-                }
-                grad_bound = max(grad_bound, bound_before)
-            for name, ours, r in paired(state.params, "params", ref_student):
-                lr = group_lr(name, config.optim, it, config.num_steps)
-                bound = adam_param_bound(lr, grad_bound, sqrt_v[name], r)
-                assert np.all(np.abs(ours - r) <= bound), (it, name)
-            ref_grads_before = {name: r for name, _, r in pairs}
-
-            # BN statistics after the source, mixed and MIC forwards (in that order).
-            for tree, ref_dict, what in (
-                (state.batch_stats, ref_student, "student BN statistics"),
-                (state.ema_batch_stats, ref_teacher, "teacher BN statistics"),
-            ):
-                pairs = paired(tree, "batch_stats", ref_dict)
-                scale = max(np.abs(r).max() for _, _, r in pairs)
-                assert_within(pairs, REL64 * scale, f"{what} {it}")
-            for name, ours, r in paired(state.ema_params, "params", ref_teacher):
-                assert np.all(np.abs(ours - r) <= 4 * EPS64 * np.abs(r).max()), (it, name)
+            # Gradients, AdamW, BN statistics (after the source, mixed and MIC forwards), EMA.
+            before = assert_self_training_update(
+                config, it, state, grads, ref_grads, ref_student, ref_teacher, before
+            )
             if it == 0:
                 load_into_torch(student_t, state.params)
     assert coins == [(False, True), (True, False)], coins

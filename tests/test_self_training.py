@@ -28,9 +28,10 @@ from ddb_jax.methods import base
 from ddb_jax.train import optim
 from tests.parity_support import (
     EPS32,
-    EPS64,
+    REL64,
     adam_param_bound,
     assert_argmax_agrees,
+    assert_self_training_update,
     assert_within,
     group_lr,
     initial_state,
@@ -49,7 +50,6 @@ from torch_ref.losses import resize
 from torch_ref.optim import make_optimizer
 from torch_ref.self_training import torch_reference_step
 
-REL64 = 2.0**-33
 AUG64 = 2.0**-40
 # Float32 (the device-count test): the same 2^19 rounded operations per value, but its
 # rounding errors add up like a random walk (Higham's probabilistic bound, which holds with
@@ -92,7 +92,7 @@ def test_step_matches_pytorch_reference():
         # One program for both: the step and what it computed on the way (XLA shares the
         # common work, so this compiles about as fast as the step alone).
         run = jax.jit(lambda s, b: (base.loss_and_grads(method, s, b), step(s, b)))
-        ref_grads_before = None
+        before = None
         for it in range(2):
             batch = make_batch(10 + it)
             (_, out, grads), (state, metrics) = run(state, batch)
@@ -125,50 +125,9 @@ def test_step_matches_pytorch_reference():
             mixed = [("mixed_image", np.asarray(out["mixed_image"]), extra["mixed"])]
             assert_within(mixed, AUG64 * np.abs(extra["mixed"]).max(), f"mixed image {it}")
 
-            # Gradients of every parameter (iteration 1 starts from equal parameters, below).
-            pairs = paired(grads, "params", ref_grads)
-            grad_scale = max(np.abs(ref).max() for _, _, ref in pairs)
-            grad_bound = REL64 * grad_scale
-            assert_within(pairs, grad_bound, f"gradients {it}")
-
-            # Parameters after the AdamW step, elementwise (see adam_param_bound): from equal
-            # parameters (iteration 1 starts from ours, below), with sqrt(v) from the
-            # gradients of the reference and the gradient bounds of both iterations.
-            if ref_grads_before is None:
-                sqrt_v = {name: np.abs(ref) for name, _, ref in pairs}
-                bound_before = grad_bound
-            else:
-                b2 = config.optim.b2  # v of step 2: both gradients, bias-corrected
-                sqrt_v = {
-                    name: np.sqrt(
-                        (b2 * (1 - b2) * ref_grads_before[name] ** 2 + (1 - b2) * ref**2)
-                        / (1 - b2**2)
-                    )
-                    for name, _, ref in pairs
-                }
-                grad_bound = max(grad_bound, bound_before)
-            worst, ratio = 0.0, 0.0
-            for name, ours, ref in paired(state.params, "params", ref_student):
-                lr = group_lr(name, config.optim, it, config.num_steps)
-                bound = adam_param_bound(lr, grad_bound, sqrt_v[name], ref)
-                assert np.all(np.abs(ours - ref) <= bound), (it, name)
-                worst = max(worst, float(np.max(np.abs(ours - ref))))
-                ratio = max(ratio, float(np.max(np.abs(ours - ref) / bound)))
-            print(f"parameters {it}: max error {worst:.3g}, max error / bound {ratio:.3g}")
-            ref_grads_before = {name: ref for name, _, ref in pairs}
-
-            # BN statistics of the student and of the EMA teacher (training-mode forward on
-            # the clean target), and the teacher's EMA parameters: at iteration 0 a copy of
-            # the student (alpha 0), then 0.5 teacher + 0.5 student, one rounding each.
-            for tree, ref_dict, what in (
-                (state.batch_stats, ref_student, "student BN statistics"),
-                (state.ema_batch_stats, ref_teacher, "teacher BN statistics"),
-            ):
-                pairs = paired(tree, "batch_stats", ref_dict)
-                scale = max(np.abs(ref).max() for _, _, ref in pairs)
-                assert_within(pairs, REL64 * scale, f"{what} {it}")
-            for name, ours, ref in paired(state.ema_params, "params", ref_teacher):
-                assert np.all(np.abs(ours - ref) <= 4 * EPS64 * np.abs(ref).max()), (it, name)
+            before = assert_self_training_update(
+                config, it, state, grads, ref_grads, ref_student, ref_teacher, before
+            )
 
             if it == 0:
                 # Iteration 1 starts from our parameters on both sides. Adam's 1/eps

@@ -207,14 +207,8 @@ class Im2colConv(nn.Module):
         shape = (k, k, x.shape[-1], self.features)
         kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
         pad = d * (k // 2)
-        x = jnp.pad(x.astype(self.dtype), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-        out_h = (x.shape[1] - d * (k - 1) - 1) // s + 1
-        out_w = (x.shape[2] - d * (k - 1) - 1) // s + 1
-        patches = [
-            x[:, i * d : i * d + (out_h - 1) * s + 1 : s, j * d : j * d + (out_w - 1) * s + 1 : s]
-            for i in range(k)
-            for j in range(k)
-        ]
+        out_hw = tuple((n + 2 * pad - d * (k - 1) - 1) // s + 1 for n in x.shape[1:3])
+        patches = _taps(x.astype(self.dtype), k, s, d, out_hw)
         columns = patches[0] if len(patches) == 1 else jnp.concatenate(patches, axis=-1)
         weights = kernel.astype(self.dtype).reshape(-1, self.features)
         return jnp.dot(columns, weights)
