@@ -1,11 +1,13 @@
 """The training loop (ddb_jax/train/loop.py) on the tiny toy stage: a killed run resumes
 exactly; a NaN loss, non-finite parameters or a failed checkpoint write stop the run with
-the last good checkpoint kept; image summaries reach TensorBoard; the workdir keeps its
-config."""
+the last good checkpoint kept; two stages side by side in one process save without
+colliding; image summaries reach TensorBoard; the workdir keeps its config."""
 
 import dataclasses
 import errno
 import os
+import threading
+from concurrent import futures
 
 import jax
 import jax.numpy as jnp
@@ -196,6 +198,31 @@ def test_failed_checkpoint_write_keeps_the_previous_one_and_a_rerun_finishes(
 
 
 # --- image summaries --------------------------------------------------------------------------
+
+
+def test_stages_side_by_side_save_at_the_same_moments_and_restore_their_own(tmp_path):
+    # The pipeline's concurrent stages, reduced to their checkpoints: two threads start
+    # every save at once (orbax alone collides on its process-wide operation id here).
+    start_together = threading.Barrier(2)
+
+    def stage(name: str, offset: float) -> None:
+        ckpt = checkpointing.Checkpoints(str(tmp_path / name), 2)
+        try:
+            for step in range(1, 9):
+                start_together.wait(timeout=60)
+                ckpt.save(step, {"w": jnp.arange(64.0) + offset + step})
+            ckpt.wait()
+        finally:
+            ckpt.close()
+
+    with futures.ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(stage, "a", 0.0), pool.submit(stage, "b", 1000.0)]:
+            done.result()
+    for name, offset in (("a", 0.0), ("b", 1000.0)):
+        step, restored = restore_latest(str(tmp_path / name), {"w": jnp.zeros(64)})
+        assert step == 8
+        np.testing.assert_array_equal(restored["w"], np.arange(64.0) + offset + 8)
+        assert checkpoint_steps(str(tmp_path / name)) == ["7", "8"]
 
 
 def test_image_summaries_are_written_on_their_period(toy_root, tmp_path):

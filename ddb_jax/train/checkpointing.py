@@ -6,6 +6,12 @@ half-way is never restored. On top of it: the step whose background write
 failed is named in the error (a full disk, say), and a step directory that lacks orbax's
 metadata (a partial copy, a filesystem without atomic rename) is skipped on restore.
 
+Saves of stages running side by side in one process are started one at a time: orbax keys
+the signals between a save's blocking part and its background commit by a process-wide
+"current operation id", which a second manager's save moves on; two saves started at once
+in two threads then collide on their temporary directories or wait for a signal that never
+comes (a 300 s timeout). Only the blocking part is serialised; the writes still overlap.
+
 Not orbax's ``best_fn``: that ranks the train-state checkpoints themselves and would trade
 the latest one (which resumption needs) for the best; the best student is exported as a
 model directory instead (:func:`ddb_jax.train.workdir.export_best`).
@@ -13,6 +19,7 @@ model directory instead (:func:`ddb_jax.train.workdir.export_best`).
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -22,6 +29,8 @@ from ddb_jax import errors, paths
 from ddb_jax.train import workdir as workdir_lib
 
 METADATA_FILE = "_CHECKPOINT_METADATA"
+# Held while a save is started (see the module docstring); one for the process.
+_SAVE_START = threading.Lock()
 
 
 class CheckpointWriteError(errors.InputError, RuntimeError):
@@ -86,7 +95,8 @@ class Checkpoints:
     def save(self, step: int, state: Any) -> None:
         self.wait()  # an earlier write's failure is reported under its own step
         try:
-            self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+            with _SAVE_START:
+                self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
         except Exception as err:
             raise self._error(step, err) from err
         self.pending = step
