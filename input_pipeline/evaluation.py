@@ -48,5 +48,6 @@ def make_eval_dataset(
     ds = tf.data.Dataset.from_tensor_slices((list(files.images), list(files.labels), is_jpeg))
     if process_count > 1:
         ds = ds.shard(process_count, process_index)
-    ds = ds.map(load, num_parallel_calls=data_cfg.num_parallel_calls, deterministic=True)
+    parallel = data_cfg.num_parallel_calls
+    ds = ds.map(transforms.plain(load), num_parallel_calls=parallel, deterministic=True)
     return ds.batch(1).prefetch(tf.data.AUTOTUNE)

@@ -225,10 +225,11 @@ def make_train_dataset(
     # Host p's j-th element of global batch s is k = s*B + p*b + j (B = P*b): the hosts'
     # slices, concatenated in process order (the mesh's order), are the one-process batch.
     b, first = per_host_batch, start_batch * per_host_batch * process_count
+    parallel = data_cfg.num_parallel_calls
     ds = (
         tf.data.Dataset.counter()
         .map(lambda i: first + (i // b) * (b * process_count) + process_index * b + i % b)
-        .map(element, num_parallel_calls=data_cfg.num_parallel_calls, deterministic=True)
+        .map(transforms.plain(element), num_parallel_calls=parallel, deterministic=True)
     )
     return _finish(ds, per_host_batch)
 
@@ -276,7 +277,8 @@ def make_target_train_dataset(
             out["valid"] = k < total
         return out
 
+    parallel = data_cfg.num_parallel_calls
     ds = _host_indices(process_index, process_count, count).map(
-        element, num_parallel_calls=data_cfg.num_parallel_calls, deterministic=True
+        transforms.plain(element), num_parallel_calls=parallel, deterministic=True
     )
     return _finish(ds, per_host_batch)
