@@ -24,10 +24,11 @@ demo: $(STAMP)
 	$(BIN)/python -m ddb_jax.demo
 
 # Two workers, one test file each at a time (files share their module fixtures); the
-# compilation cache is shared. TEST_WORKERS=0 runs in this process.
+# compilation cache is shared. Files are started in tests/conftest.py's order (the long ones
+# first), not xdist's default of the most tests first. TEST_WORKERS=0 runs in this process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # The benchmark kit on this machine's CPU (minutes): the device check's smoke run, our step vs
 # the PyTorch reference step alternated (DLV2-R18, 128x128, batch 4), the DDB ops and the

@@ -29,7 +29,8 @@ os.environ.setdefault("FSSPEC_GS_TOKEN", "anon")
 import pytest  # noqa: E402
 
 # The long integration tests, started first so that `make test`'s two workers (pytest-xdist,
-# one test file per worker at a time) do not end on one of them alone.
+# one test file per worker at a time) do not end on one of them alone. The SYNTHIA and
+# Synscapes runs come after the demo pipeline's, whose compiled programs they reuse.
 LONG_FIRST = (
     "test_processes.py", "test_demo_pipeline.py", "test_benchmarks.py",
     "test_synthia_settings.py", "test_determinism.py", "test_train_loop.py",

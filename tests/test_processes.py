@@ -38,10 +38,11 @@ from tests import support
 from tests.support import assert_same_leaves, export_leaves
 
 NUM_STEPS = 40  # a tiny 4-device step takes ~0.1 s: the signal lands before the end
-STEPS_2P = 24  # two processes run a step in ~0.5 s here (gloo all-reduces)
+STEPS_2P = 16  # two processes run a step in ~0.5 s here (gloo all-reduces)
 STEP_LINE = re.compile(r"\] \[(\d+)\] .*loss=")
-# The stages of the one-process tests: batch 4 over four devices, a checkpoint every 4 steps.
-STAGE_KEYS = dict(batch_size=4, num_steps=NUM_STEPS, checkpoint_every=4, eval_every=0,
+# The stages of the one-process tests: batch 4 over four devices, a checkpoint every 8 steps.
+EVERY = 8
+STAGE_KEYS = dict(batch_size=4, num_steps=NUM_STEPS, checkpoint_every=EVERY, eval_every=0,
                   log_every=1, image_summary_every=0)  # fmt: skip
 
 
@@ -132,18 +133,20 @@ def test_sigkill_during_a_concurrent_round_in_a_bucket_resumes_identically(
 ):
     workdir, log = f"{gcs.bucket}/concurrent", str(tmp_path / "first.log")
     proc = support.start(concurrent_round(bucket_toy_root, workdir), log, devices=8)
-    last = wait_for_step(proc, log, 9)
+    # Logged step 2 * EVERY + 1: the save of step 2 * EVERY has started, so (a save waits for
+    # the one before it) the save of step EVERY is complete.
+    last = wait_for_step(proc, log, 2 * EVERY + 1)
     proc.send_signal(signal.SIGKILL)
     assert support.finish(proc, log) == -signal.SIGKILL
     text = support.tail(log, 10**7)
     assert "r1_cu: running (self_training) on devices [0, 1, 2, 3]" in text
     assert "r1_ca: running (self_training) on devices [4, 5, 6, 7]" in text
-    # Each stage: a periodic checkpoint (every 4 steps; the newest save may have been cut
+    # Each stage: a periodic checkpoint (every EVERY steps; the newest save may have been cut
     # off), never one of a step that was not trained; neither finished.
     latest = {}
     for name in ("r1_cu", "r1_ca"):
         latest[name] = latest_checkpoint(f"{workdir}/{name}")
-        assert latest[name] is None or latest[name] % 4 == 0, latest
+        assert latest[name] is None or latest[name] % EVERY == 0, latest
         assert (latest[name] or 0) <= logged_steps(log)[-1] and last <= NUM_STEPS
         assert not paths.exists(paths.join(workdir, name, workdir_lib.EXPORT_DIR))
     assert any(latest.values())

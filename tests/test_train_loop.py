@@ -1,7 +1,8 @@
 """The training loop (ddb_jax/train/loop.py) on the tiny toy stage: a killed run resumes
 exactly; a NaN loss, non-finite parameters or a failed checkpoint write stop the run with
 the last good checkpoint kept; two stages side by side in one process save without
-colliding; image summaries reach TensorBoard; the workdir keeps its config."""
+colliding; stages share a compiled step exactly when it is the same program; image
+summaries reach TensorBoard; the workdir keeps its config."""
 
 import dataclasses
 import errno
@@ -17,9 +18,9 @@ import pytest
 import tensorflow as tf
 from orbax.checkpoint._src.handlers import base_pytree_checkpoint_handler
 
-from ddb_jax import methods
+from ddb_jax import methods, models
 from ddb_jax.methods.self_training import SelfTraining
-from ddb_jax.train import checkpointing, loop, setup
+from ddb_jax.train import checkpointing, loop, optim, setup
 from ddb_jax.train import workdir as workdir_lib
 from tests.support import assert_same_leaves, export_leaves, image_summaries, tiny_stage
 
@@ -223,6 +224,32 @@ def test_stages_side_by_side_save_at_the_same_moments_and_restore_their_own(tmp_
         assert step == 8
         np.testing.assert_array_equal(restored["w"], np.arange(64.0) + offset + 8)
         assert checkpoint_steps(str(tmp_path / name)) == ["7", "8"]
+
+
+def test_stages_share_a_step_only_when_its_program_is_the_same(toy_root):
+    config = tiny_config(toy_root)
+    mesh = setup.make_mesh(config)
+
+    def step_for(cfg, method_class=None):
+        method = methods.create(cfg, models.build_model(cfg.model).apply)
+        if method_class is not None:
+            fields = dataclasses.fields(method)
+            method = method_class(**{f.name: getattr(method, f.name) for f in fields})
+        tx, _ = optim.make_optimizer(cfg.optim, cfg.num_steps)
+        return loop.shared_train_step(cfg, method, tx, mesh, False)
+
+    first = step_for(config)
+    elsewhere = {"seed": 3, "log_every": 5, "data.root": "/elsewhere", "eval.flip": True}
+    assert step_for(tiny_config(toy_root, **elsewhere)) is first
+    assert models.build_model(config.model) is models.build_model(tiny_config(toy_root).model)
+    for changed in ({"optim.lr": 1e-3}, {"num_steps": 7}, {"st.mask": "class"}):
+        assert step_for(tiny_config(toy_root, **changed)) is not first, changed
+
+    class Subclass(SelfTraining):
+        pass
+
+    assert step_for(config, Subclass) is not first
+    assert step_for(config, Subclass) is step_for(config, Subclass)
 
 
 def test_image_summaries_are_written_on_their_period(toy_root, tmp_path):

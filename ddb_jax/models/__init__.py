@@ -8,7 +8,9 @@ classifier (the prototype feature of DDB, docs/method.md §1.4).
 
 from __future__ import annotations
 
+import functools
 import re
+import threading
 from typing import Any
 
 import flax.linen as nn
@@ -80,8 +82,21 @@ def compute_dtype(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
+# One instance per distinct segmentor (modules compare by value): jit caches keyed on
+# ``model.apply`` (a static argument of evaluation, say) then hit across the stages of a
+# process, where each stage's own instance made every stage trace and compile again.
+_CANONICAL: dict[nn.Module, nn.Module] = {}
+_CANONICAL_LOCK = threading.Lock()
+
+
 def build_model(model_cfg: ml_collections.ConfigDict) -> EncoderDecoder:
     """Builds the segmentor described by ``config.model`` (see configs/default.py)."""
+    model = _build(model_cfg)
+    with _CANONICAL_LOCK:
+        return _CANONICAL.setdefault(model, model)
+
+
+def _build(model_cfg: ml_collections.ConfigDict) -> EncoderDecoder:
     family, size = parse_backbone(model_cfg.backbone)
     dtype = compute_dtype(model_cfg.dtype)
     from ddb_jax.models.resnet import CONV_IMPLS
@@ -159,9 +174,14 @@ def build_model(model_cfg: ml_collections.ConfigDict) -> EncoderDecoder:
 def init_variables(model: nn.Module, rng: jax.Array, image_size: tuple[int, int] = (64, 64)):
     """Random initial variables ({'params', 'batch_stats'}) for ``model``."""
     images = jnp.zeros((1, *image_size, 3), jnp.float32)
-    # One compiled program instead of hundreds of eagerly dispatched initialiser ops.
-    init = jax.jit(lambda rngs, x: model.init(rngs, x, train=False))
-    return init({"params": rng, "dropout": rng}, images)
+    return _init(model, {"params": rng, "dropout": rng}, images)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(model: nn.Module, rngs, images):
+    # One compiled program instead of hundreds of eagerly dispatched initialiser ops, and
+    # one per distinct model in a process.
+    return model.init(rngs, images, train=False)
 
 
 def variable_shapes(model: nn.Module, image_size: tuple[int, int] = (64, 64)):

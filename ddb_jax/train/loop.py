@@ -10,6 +10,9 @@ inside a step is :mod:`ddb_jax.methods`; the files of the workdir are
 
 from __future__ import annotations
 
+import collections
+import json
+import threading
 from typing import Any
 
 import jax
@@ -42,6 +45,42 @@ def write_metrics(writer, history: list[tuple[int, dict]]) -> None:
             raise NonFiniteLossError(f"loss is {metrics['loss']} at step {step}")
     mean = {k: float(np.mean([m[k] for m in values])) for k in values[-1]}
     writer.write_scalars(steps[-1], mean)
+
+
+# Config keys a training step's program does not depend on: file locations (a method's
+# inputs arrive as arguments), what the data is called, periods of the loop, the seed (the
+# state carries the key). Stages whose other keys are all equal share one traced and
+# compiled step in a process (a pipeline's reruns, the seeds of a chain, a test session).
+STEP_FREE_KEYS = (
+    "data.root", "data.source", "data.target", "init_from", "checkpoint", "checkpoint_every",
+    "keep_checkpoints", "log_every", "eval_every", "image_summary_every", "eval.", "seed",
+    "prototypes.",
+)  # fmt: skip
+_STEPS: collections.OrderedDict = collections.OrderedDict()
+_STEPS_LOCK = threading.Lock()
+_STEPS_KEPT = 8
+
+
+def step_fingerprint(config: ml_collections.ConfigDict) -> str:
+    flat = workdir_lib.flatten(workdir_lib.config_as_json(config))
+    kept = {k: v for k, v in flat.items() if not k.startswith(STEP_FREE_KEYS)}
+    return json.dumps(kept, sort_keys=True)
+
+
+def shared_train_step(config, method, tx, mesh, with_preview: bool):
+    """:func:`base.make_train_step` for this config, or the one built for an earlier stage
+    of this process whose step is the same program: the same method class, the same
+    config but for STEP_FREE_KEYS (the method and optimiser are built from it), the same
+    mesh."""
+    key = (type(method), step_fingerprint(config), mesh, with_preview)
+    with _STEPS_LOCK:
+        if key in _STEPS:
+            _STEPS.move_to_end(key)
+            return _STEPS[key]
+        step = _STEPS[key] = base.make_train_step(method, tx, mesh, with_preview)
+        while len(_STEPS) > _STEPS_KEPT:
+            _STEPS.popitem(last=False)
+        return step
 
 
 @jax.jit
@@ -94,7 +133,7 @@ def train_and_evaluate(
     start = int(jax.device_get(state.step))
 
     with_preview = config.image_summary_every > 0
-    train_step = base.make_train_step(method, tx, mesh, with_preview)
+    train_step = shared_train_step(config, method, tx, mesh, with_preview)
     mine = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     evaluate = setup.student_evaluator(config, model.apply, mine[0])
     summaries = Summaries(workdir)
