@@ -242,7 +242,7 @@ def test_stages_share_a_step_only_when_its_program_is_the_same(toy_root):
     elsewhere = {"seed": 3, "log_every": 5, "data.root": "/elsewhere", "eval.flip": True}
     assert step_for(tiny_config(toy_root, **elsewhere)) is first
     assert models.build_model(config.model) is models.build_model(tiny_config(toy_root).model)
-    for changed in ({"optim.lr": 1e-3}, {"num_steps": 7}, {"st.mask": "class"}):
+    for changed in ({"optim.lr": 0.123}, {"num_steps": 7}, {"st.mask": "class"}):
         assert step_for(tiny_config(toy_root, **changed)) is not first, changed
 
     class Subclass(SelfTraining):
