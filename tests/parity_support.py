@@ -151,6 +151,18 @@ def per_image_draws(aug: dict) -> list[dict]:
     return [{k: v[i] for k, v in aug.items()} for i in range(len(aug["jitter"]))]
 
 
+def assert_bn_statistics(state, ref_student: dict, ref_teacher: dict, rel: float, label: str):
+    """Student and EMA-teacher running BN statistics within ``rel`` of the largest reference
+    value of each (a relative bound on the collection, not per element)."""
+    for tree, ref_dict, what in (
+        (state.batch_stats, ref_student, "student BN statistics"),
+        (state.ema_batch_stats, ref_teacher, "teacher BN statistics"),
+    ):
+        stats = paired(tree, "batch_stats", ref_dict)
+        scale = max(np.abs(r).max() for _, _, r in stats)
+        assert_within(stats, rel * scale, f"{label}: {what}")
+
+
 def max_error(pairs) -> tuple[float, str]:
     """The largest |ours - reference| over [(name, ours, reference)], and where."""
     worst = max(pairs, key=lambda p: np.max(np.abs(p[1] - p[2])))
@@ -233,13 +245,7 @@ def assert_self_training_update(config, it, state, grads, ref_grads, ref_student
         worst = max(worst, float(np.max(np.abs(ours - r))))
         ratio = max(ratio, float(np.max(np.abs(ours - r) / bound)))
     print(f"parameters {it}: max error {worst:.3g}, max error / bound {ratio:.3g}")
-    for tree, ref_dict, what in (
-        (state.batch_stats, ref_student, "student BN statistics"),
-        (state.ema_batch_stats, ref_teacher, "teacher BN statistics"),
-    ):
-        stats = paired(tree, "batch_stats", ref_dict)
-        scale = max(np.abs(r).max() for _, _, r in stats)
-        assert_within(stats, REL64 * scale, f"{what} {it}")
+    assert_bn_statistics(state, ref_student, ref_teacher, REL64, str(it))
     for name, ours, r in paired(state.ema_params, "params", ref_teacher):
         assert np.all(np.abs(ours - r) <= 4 * EPS64 * np.abs(r).max()), (it, name)
     return {name: r for name, _, r in pairs}, this_bound

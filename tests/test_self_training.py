@@ -31,6 +31,7 @@ from tests.parity_support import (
     REL64,
     adam_param_bound,
     assert_argmax_agrees,
+    assert_bn_statistics,
     assert_self_training_update,
     assert_within,
     group_lr,
@@ -205,13 +206,7 @@ def test_step_is_independent_of_device_count():
             err = abs(float(metrics[key]) - ref)
             assert err <= REL32 * abs(ref), (num_devices, key, err, ref)
         assert float(metrics["pseudo_weight"]) == 0.0
-        for tree, ref_dict, what in (
-            (state.batch_stats, ref_student, "student BN statistics"),
-            (state.ema_batch_stats, ref_teacher, "teacher BN statistics"),
-        ):
-            pairs = paired(tree, "batch_stats", ref_dict)
-            scale = max(np.abs(ref).max() for _, _, ref in pairs)
-            assert_within(pairs, REL32 * scale, f"{num_devices} devices, {what}")
+        assert_bn_statistics(state, ref_student, ref_teacher, REL32, f"{num_devices} devices")
         # The teacher of iteration 0 is the student itself (EMA alpha 0): exactly.
         for a, b in zip(
             jax.tree_util.tree_leaves(state.ema_params),

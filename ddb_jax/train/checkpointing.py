@@ -25,6 +25,7 @@ model directory instead (:func:`ddb_jax.train.workdir.export_best`).
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -42,11 +43,10 @@ _SAVE_START = threading.Lock()
 MIN_REPLICA_SLICE_BYTES = 256 * 1024
 
 
+@functools.cache
 def _register_array_handler() -> None:
-    """orbax's jax.Array handler as registered by default, with the slice minimum above."""
-    handler = ocp.type_handlers.get_type_handler(jax.Array)
-    if getattr(handler, "_min_slice_bytes_for_replica_parallel", None) == MIN_REPLICA_SLICE_BYTES:
-        return
+    """orbax's jax.Array handler as registered by default, with the slice minimum above;
+    once per process (a handler registered later by the user's own code stays)."""
     ocp.type_handlers.register_type_handler(
         jax.Array,
         ocp.type_handlers.ArrayHandler(

@@ -13,15 +13,17 @@ from __future__ import annotations
 import collections
 import json
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from clu import periodic_actions
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ddb_jax import errors, methods, models, paths
 from ddb_jax.methods import base
@@ -47,15 +49,16 @@ def write_metrics(writer, history: list[tuple[int, dict]]) -> None:
     writer.write_scalars(steps[-1], mean)
 
 
-# Config keys a training step's program does not depend on: file locations (a method's
-# inputs arrive as arguments), what the data is called, periods of the loop, the seed (the
-# state carries the key). Stages whose other keys are all equal share one traced and
-# compiled step in a process (a pipeline's reruns, the seeds of a chain, a test session).
-STEP_FREE_KEYS = (
+# Config keys (and groups of keys) a training step's program does not depend on: file
+# locations (a method's inputs arrive as arguments), what the data is called, periods of the
+# loop, the seed (the state carries the key). Stages whose other keys are all equal share
+# one traced and compiled step in a process (a pipeline's reruns, the seeds of a chain, a
+# test session).
+STEP_FREE_KEYS = frozenset({
     "data.root", "data.source", "data.target", "init_from", "checkpoint", "checkpoint_every",
-    "keep_checkpoints", "log_every", "eval_every", "image_summary_every", "eval.", "seed",
-    "prototypes.",
-)  # fmt: skip
+    "keep_checkpoints", "log_every", "eval_every", "image_summary_every", "seed",
+})  # fmt: skip
+STEP_FREE_GROUPS = ("eval.", "prototypes.")  # every key under these
 _STEPS: collections.OrderedDict = collections.OrderedDict()
 _STEPS_LOCK = threading.Lock()
 _STEPS_KEPT = 8
@@ -63,15 +66,25 @@ _STEPS_KEPT = 8
 
 def step_fingerprint(config: ml_collections.ConfigDict) -> str:
     flat = workdir_lib.flatten(workdir_lib.config_as_json(config))
-    kept = {k: v for k, v in flat.items() if not k.startswith(STEP_FREE_KEYS)}
+    kept = {
+        k: v
+        for k, v in flat.items()
+        if k not in STEP_FREE_KEYS and not k.startswith(STEP_FREE_GROUPS)
+    }
     return json.dumps(kept, sort_keys=True)
 
 
-def shared_train_step(config, method, tx, mesh, with_preview: bool):
+def shared_train_step(
+    config: ml_collections.ConfigDict,
+    method: base.Method,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    with_preview: bool,
+) -> Callable:
     """:func:`base.make_train_step` for this config, or the one built for an earlier stage
     of this process whose step is the same program: the same method class, the same
-    config but for STEP_FREE_KEYS (the method and optimiser are built from it), the same
-    mesh."""
+    config but for STEP_FREE_KEYS and STEP_FREE_GROUPS (the method and optimiser are built
+    from it), the same mesh."""
     key = (type(method), step_fingerprint(config), mesh, with_preview)
     with _STEPS_LOCK:
         if key in _STEPS:
