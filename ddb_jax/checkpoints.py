@@ -16,6 +16,7 @@ URLs (``gs://``) alike, through :mod:`ddb_jax.paths`.
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import jax
@@ -30,6 +31,10 @@ VARIABLES_DIR = "variables"
 
 
 KEY_DEFAULTS = {"base_channels": 64}
+# Held while an orbax save of this process is started, by model directories and train-state
+# managers alike: orbax keys a save's signals by one process-wide operation id, which a save
+# started at the same moment in another thread moves on (see ddb_jax.train.checkpointing).
+SAVE_START = threading.Lock()
 
 
 def _local_checkpointer() -> ocp.StandardCheckpointer:
@@ -63,7 +68,8 @@ def save_model_dir(
 
     def write(directory: str) -> None:
         checkpointer = _local_checkpointer()
-        checkpointer.save(paths.join(directory, VARIABLES_DIR), host_variables)
+        with SAVE_START:
+            checkpointer.save(paths.join(directory, VARIABLES_DIR), host_variables)
         checkpointer.wait_until_finished()
         checkpointer.close()
         description = json.dumps(meta, indent=2, default=list)

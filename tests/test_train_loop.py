@@ -12,13 +12,14 @@ from concurrent import futures
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 from orbax.checkpoint._src.handlers import base_pytree_checkpoint_handler
 
-from ddb_jax import methods, models
+from ddb_jax import checkpoints, methods, models
 from ddb_jax.methods.self_training import SelfTraining
 from ddb_jax.train import checkpointing, loop, optim, setup
 from ddb_jax.train import workdir as workdir_lib
@@ -203,7 +204,9 @@ def test_failed_checkpoint_write_keeps_the_previous_one_and_a_rerun_finishes(
 
 def test_stages_side_by_side_save_at_the_same_moments_and_restore_their_own(tmp_path):
     # The pipeline's concurrent stages, reduced to their checkpoints: two threads start
-    # every save at once (orbax alone collides on its process-wide operation id here).
+    # every save at once and then export their model directory (best/), as a stage does
+    # after an evaluation. orbax alone collides on its process-wide operation id here (a
+    # FileExistsError on a temporary directory, or a wait of 300 s for a signal).
     start_together = threading.Barrier(2)
 
     def stage(name: str, offset: float) -> None:
@@ -212,6 +215,12 @@ def test_stages_side_by_side_save_at_the_same_moments_and_restore_their_own(tmp_
             for step in range(1, 9):
                 start_together.wait(timeout=60)
                 ckpt.save(step, {"w": jnp.arange(64.0) + offset + step})
+                checkpoints.save_model_dir(
+                    str(tmp_path / name / "best"),
+                    {"params": {"w": np.arange(64.0) + offset + step}},
+                    ml_collections.ConfigDict({"step": step}),
+                    overwrite=True,
+                )
             ckpt.wait()
         finally:
             ckpt.close()
@@ -224,6 +233,9 @@ def test_stages_side_by_side_save_at_the_same_moments_and_restore_their_own(tmp_
         assert step == 8
         np.testing.assert_array_equal(restored["w"], np.arange(64.0) + offset + 8)
         assert checkpoint_steps(str(tmp_path / name)) == ["7", "8"]
+        best, model_cfg = checkpoints.load_model_dir(str(tmp_path / name / "best"))
+        np.testing.assert_array_equal(best["params"]["w"], np.arange(64.0) + offset + 8)
+        assert model_cfg.step == 8
 
 
 def test_stages_share_a_step_only_when_its_program_is_the_same(toy_root):

@@ -11,6 +11,8 @@ the signals between a save's blocking part and its background commit by a proces
 "current operation id", which a second manager's save moves on; two saves started at once
 in two threads then collide on their temporary directories or wait for a signal that never
 comes (a 300 s timeout). Only the blocking part is serialised; the writes still overlap.
+The model directories a stage exports (``best/``, ``export/``) are orbax saves too and take
+the same lock (:data:`ddb_jax.checkpoints.SAVE_START`).
 
 Orbax writes a replicated array in slices, one per replica, so that the hosts of a pod share
 the write ("replica-parallel"); for the small arrays of a train state (biases, norms: most of
@@ -26,7 +28,6 @@ model directory instead (:func:`ddb_jax.train.workdir.export_best`).
 from __future__ import annotations
 
 import functools
-import threading
 from typing import Any
 
 import jax
@@ -34,12 +35,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint._src.metadata import array_metadata_store
 
-from ddb_jax import errors, paths
+from ddb_jax import checkpoints, errors, paths
 from ddb_jax.train import workdir as workdir_lib
 
 METADATA_FILE = "_CHECKPOINT_METADATA"
-# Held while a save is started (see the module docstring); one for the process.
-_SAVE_START = threading.Lock()
 MIN_REPLICA_SLICE_BYTES = 256 * 1024
 
 
@@ -120,7 +119,7 @@ class Checkpoints:
     def save(self, step: int, state: Any) -> None:
         self.wait()  # an earlier write's failure is reported under its own step
         try:
-            with _SAVE_START:
+            with checkpoints.SAVE_START:
                 self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
         except Exception as err:
             raise self._error(step, err) from err
