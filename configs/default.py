@@ -60,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
             # dataset name -> (long, short) resize scale, or None to keep the size; overrides
             # the per-dataset table of input_pipeline/datasets.py.
             resize_scales={},
-            num_parallel_calls=-1,  # tf.data.AUTOTUNE
+            num_parallel_calls=-1,  # tf.data.AUTOTUNE: one call per core, at most 16
         )
     )
     config.batch_size = 4  # global batch (the reference: 1 GPU x 4)

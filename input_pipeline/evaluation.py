@@ -50,4 +50,4 @@ def make_eval_dataset(
         ds = ds.shard(process_count, process_index)
     parallel = data_cfg.num_parallel_calls
     ds = ds.map(transforms.plain(load), num_parallel_calls=parallel, deterministic=True)
-    return ds.batch(1).prefetch(tf.data.AUTOTUNE)
+    return transforms.finish(ds.batch(1))

@@ -181,13 +181,7 @@ def _host_indices(process_index: int, process_count: int, count: int | None = No
 
 
 def _finish(ds: tf.data.Dataset, per_host_batch: int) -> tf.data.Dataset:
-    options = tf.data.Options()
-    options.deterministic = True
-    return (
-        ds.batch(per_host_batch, drop_remainder=True)
-        .prefetch(tf.data.AUTOTUNE)
-        .with_options(options)
-    )
+    return transforms.finish(ds.batch(per_host_batch, drop_remainder=True))
 
 
 def make_train_dataset(

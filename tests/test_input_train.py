@@ -226,3 +226,17 @@ def test_start_batch_equals_skipping_batches(root, process_count):
         assert not np.array_equal(first["target_image"], started[0]["target_image"])
     with pytest.raises(ValueError, match="start_batch"):
         train.make_train_dataset(cfg, 2, seed=5, start_batch=-1)
+
+
+def test_every_stream_runs_without_the_autotuner_in_file_order(root):
+    # tf.data's autotuner made deleting a finished stage's iterator wait for its model
+    # thread (seconds after every stage; transforms.finish).
+    config = data_config(root)
+    streams = [
+        train.make_train_dataset(config, 2, seed=0),
+        train.make_target_train_dataset(config, 2, seed=0, num_epochs=1),
+        evaluation.make_eval_dataset(config, "cityscapes"),
+    ]
+    for ds in streams:
+        assert ds.options().autotune.enabled is False
+        assert ds.options().deterministic is True
