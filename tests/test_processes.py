@@ -4,8 +4,10 @@ several processes.
 The references are r1_cu and r1_ca of the tiny demo pipeline, run in this process one
 after the other on four of its eight CPU devices each. One process with eight devices:
 
-- SIGTERM makes a stage save a checkpoint at the step it is on and exit 0; the rerun ends
-  with the parameters of the uninterrupted reference, bit for bit.
+- SIGTERM (raised in this process while a stage reads the batch of step 4) makes the stage
+  save a checkpoint at the step it is on and stop; the rerun continues from there and ends
+  with the parameters of the uninterrupted reference, bit for bit. (The command line's
+  exit status 0 after a SIGTERM is checked by the two-process test.)
 - The pipeline runs r1_cu and r1_ca at once, each on its own four devices, reading its data
   from and writing its workdir to a bucket (a GCS emulator, tests/support.py); SIGKILL
   during that round loses only the steps since each stage's last periodic checkpoint
@@ -26,30 +28,26 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 import time
 
 import numpy as np
 import pytest
 
 from ddb_jax import paths, prototype_io
-from ddb_jax.train import checkpointing, loop
+from ddb_jax.train import checkpointing, loop, setup
 from ddb_jax.train import workdir as workdir_lib
 from tests import support
 from tests.support import assert_same_leaves, export_leaves
 
 NUM_STEPS = 40  # a tiny 4-device step takes ~0.1 s: the signal lands before the end
+SIGNAL_AT = 4  # the step during which the one-process test sends SIGTERM
 STEPS_2P = 16  # two processes run a step in ~0.5 s here (gloo all-reduces)
 STEP_LINE = re.compile(r"\] \[(\d+)\] .*loss=")
 # The stages of the one-process tests: batch 4 over four devices, a checkpoint every 8 steps.
 EVERY = 8
 STAGE_KEYS = dict(batch_size=4, num_steps=NUM_STEPS, checkpoint_every=EVERY, eval_every=0,
                   log_every=1, image_summary_every=0)  # fmt: skip
-
-
-def stage(root, workdir, checkpoint_every: int) -> list[str]:
-    """r1_cu alone on four of the process's eight devices."""
-    keys = {**STAGE_KEYS, "checkpoint_every": checkpoint_every}
-    return support.stage_command(root, workdir, "r1_cu", mesh_devices=4, **keys)
 
 
 def concurrent_round(root, workdir) -> list[str]:
@@ -111,20 +109,41 @@ def references(toy_root, tmp_path_factory):
     return out
 
 
-def test_sigterm_saves_the_current_step_and_resumes_identically(toy_root, tmp_path, references):
-    workdir, log = tmp_path / "run", str(tmp_path / "first.log")
-    proc = support.start(stage(toy_root, workdir, 1000), log, devices=8)  # no periodic save
-    wait_for_step(proc, log, 3)
-    proc.send_signal(signal.SIGTERM)
-    assert support.finish(proc, log) == 0, support.tail(log)
-    stopped = stopped_step(log)
-    assert 3 <= stopped < NUM_STEPS
-    assert latest_checkpoint(workdir) == stopped
-    assert not os.path.exists(workdir / workdir_lib.EXPORT_DIR)
+def test_sigterm_saves_the_current_step_and_resumes_identically(
+    toy_root, tmp_path, references, monkeypatch
+):
+    # One process: a real SIGTERM to this process (pytest runs tests in its main thread,
+    # where the stage installs its handler) while the batch of step SIGNAL_AT is read.
+    assert threading.current_thread() is threading.main_thread()
+    config = support.tiny_stage(toy_root, "r1_cu", mesh_devices=4,
+                                **{**STAGE_KEYS, "checkpoint_every": 1000})  # fmt: skip
+    workdir, starts = str(tmp_path / "run"), []
+    batch_stream = setup.batch_stream
 
-    log2 = str(tmp_path / "second.log")
-    support.run_to_end(stage(toy_root, workdir, 1000), log2, devices=8)
-    assert logged_steps(log2)[0] == stopped + 1  # continued, not restarted
+    def stream(signal_at: int | None):
+        def make(cfg, mesh):
+            batches = batch_stream(cfg, mesh)
+
+            def from_step(start: int):
+                starts.append(start)
+                for step, batch in enumerate(batches(start), start + 1):
+                    if step == signal_at:
+                        signal.raise_signal(signal.SIGTERM)
+                    yield batch
+
+            return from_step
+
+        return make
+
+    monkeypatch.setattr(setup, "batch_stream", stream(SIGNAL_AT))
+    _, result = loop.train_and_evaluate(config, workdir)
+    assert result is None  # stopped on request
+    assert latest_checkpoint(workdir) == SIGNAL_AT  # no periodic save: the step it was on
+    assert not os.path.exists(os.path.join(workdir, workdir_lib.EXPORT_DIR))
+
+    monkeypatch.setattr(setup, "batch_stream", stream(None))
+    loop.train_and_evaluate(config, workdir)
+    assert starts == [0, SIGNAL_AT]  # continued, not restarted
     assert_same_leaves(export_leaves(workdir), references["r1_cu"])
 
 
