@@ -170,7 +170,11 @@ def tiny_stage(root, stage: str = "r1_cu", **overrides):
 
 
 def tiny_pipeline(root):
-    """The demo's pipeline with 2 steps per stage and the tiny model, without the oracle."""
+    """The demo's pipeline with 2 steps per stage and the tiny model, without the oracle.
+
+    Round 2 trains at round 1's learning rate, so that its stages run round 1's compiled
+    steps (a learning rate is a constant of the compiled schedule); the round-2 rule
+    itself is checked on the stage configs in tests/test_pipeline.py."""
     from configs import demo
 
     config = demo.get_config("2")
@@ -182,6 +186,7 @@ def tiny_pipeline(root):
     config.prototypes.batch_size = 2
     config.image_summary_every = 0
     config.concurrent_stages = False  # the order of the stages is checked below
+    config.round2_lr_scale = 1.0
     return config
 
 
