@@ -12,8 +12,9 @@ x10, 1500 warm-up iterations, linear decay to 40k), thresholds and jitter are DD
 
 import ml_collections
 
+from ddb_jax.labels import THING_CLASSES
+
 IMNET = "pretrained/mit_b5"
-THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
 
 
 def apply(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

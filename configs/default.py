@@ -7,6 +7,8 @@ key a stage may set exists here, so a misspelt override
 
 import ml_collections
 
+from ddb_jax.labels import THING_CLASSES
+
 
 def get_model_config() -> ml_collections.ConfigDict:
     """DeepLabV2 (ResNetV1c-101, DLV2 adapter head) as in the reference configs."""
@@ -112,7 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
         dict(
             enabled=False,
             weight=0.005,
-            classes=(6, 7, 11, 12, 13, 14, 15, 16, 17, 18),  # () = every pixel
+            classes=THING_CLASSES,  # () = every pixel
             min_ratio=0.75,
             imnet_from="",
         )

@@ -19,11 +19,10 @@ from __future__ import annotations
 import tensorflow as tf
 
 from ddb_jax import paths
-from ddb_jax.labels import IGNORE_LABEL
+from ddb_jax.labels import IGNORE_LABEL, NUM_CLASSES
 from ddb_jax.ops import IMAGE_MEAN, IMAGE_STD
 from input_pipeline import photometric
 
-NUM_CLASSES = 19
 CAT_MAX_RATIO_TRIES = 10
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 JPEG_END = b"\xff\xd9"

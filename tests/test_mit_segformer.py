@@ -24,7 +24,7 @@ from ddb_jax.models import EncoderDecoder, variable_shapes
 from ddb_jax.models.mit import MixVisionTransformer
 from ddb_jax.models.segformer_heads import DAFormerHead, MMSegSegformerHead, SegFormerHead
 from torch_ref import mit_heads as ref
-from torch_ref.common import numpy_state_dict
+from torch_ref.common import nhwc, numpy_state_dict
 
 IMAGE_HW = (65, 97)  # odd sizes: exercises padding, floor-sized sr convs and resizes
 B0 = ref.MIT_B0
@@ -73,18 +73,14 @@ def image() -> np.ndarray:
     return np.random.default_rng(0).normal(size=(1, 3, *IMAGE_HW)).astype(np.float32)
 
 
-def nchw_to_nhwc(x) -> np.ndarray:
-    return np.transpose(np.asarray(x), (0, 2, 3, 1))
-
-
 def torch_outputs(model, image) -> tuple[np.ndarray, np.ndarray]:
     with torch.no_grad():
         logits, feature = model(torch.from_numpy(image))
-    return nchw_to_nhwc(logits), nchw_to_nhwc(feature)
+    return nhwc(logits), nhwc(feature)
 
 
 def flax_outputs(model, variables, image) -> tuple[np.ndarray, np.ndarray]:
-    logits, feature = model.apply(variables, jnp.asarray(nchw_to_nhwc(image)), train=False)
+    logits, feature = model.apply(variables, jnp.asarray(nhwc(image)), train=False)
     return np.asarray(logits), np.asarray(feature)
 
 
@@ -152,7 +148,7 @@ def torch_run(model, image: np.ndarray, train: bool):
         for k, v in model.decode_head.state_dict().items()
         if k.endswith(("running_mean", "running_var"))
     }
-    return nchw_to_nhwc(logits), nchw_to_nhwc(feature), stats
+    return nhwc(logits), nhwc(feature), stats
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval_bn", "train_bn"])
@@ -169,7 +165,7 @@ def test_mmseg_segformer_head_parity(train, image):
 
     model = flax_segmentor("mmseg_segformer", "mmseg", dropout_ratio=0.0 if train else 0.1)
     variables = convert(model, state_dict)
-    x = jnp.asarray(nchw_to_nhwc(image))
+    x = jnp.asarray(nhwc(image))
     if train:
         (logits, feature), updated = model.apply(variables, x, train=True, mutable="batch_stats")
     else:
@@ -333,10 +329,10 @@ def test_encoder_matches_transformers_segformer(image):
         state_dict, {"params": {"backbone": shapes["params"]}}, convert_mit.torch_name
     )
     outs = encoder.apply(
-        {"params": variables["params"]["backbone"]}, jnp.asarray(nchw_to_nhwc(image)), False
+        {"params": variables["params"]["backbone"]}, jnp.asarray(nhwc(image)), False
     )
     for stage, (expected, actual) in enumerate(zip(hidden, outs, strict=True)):
-        expected = nchw_to_nhwc(expected)
+        expected = nhwc(expected)
         assert expected.shape == actual.shape, stage
         assert parity_error(expected, np.asarray(actual)) <= 1e-4, stage
 

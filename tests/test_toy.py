@@ -17,6 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def toy_root(tmp_path_factory):
+    """Its own toy domains (4 validation images, seed 0), not the session's: the tests
+    below compare files with a generation of known arguments."""
     root = tmp_path_factory.mktemp("data")
     toy.generate(str(root / "toy"), seed=0, num_train=12, num_val=4)
     return root

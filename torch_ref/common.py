@@ -21,9 +21,11 @@ def nchw(x) -> torch.Tensor:
     return to_torch(np.asarray(x).transpose(0, 3, 1, 2))
 
 
-def nhwc(x: torch.Tensor) -> np.ndarray:
-    """An NCHW tensor as an NHWC array."""
-    return x.detach().cpu().numpy().transpose(0, 2, 3, 1)
+def nhwc(x) -> np.ndarray:
+    """An NCHW tensor (or array) as an NHWC array."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x).transpose(0, 2, 3, 1)
 
 
 def numpy_state_dict(model: nn.Module) -> dict[str, np.ndarray]:
