@@ -68,11 +68,10 @@ CITYSCAPES_ID_TO_TRAIN_ID: Mapping[int, int] = {
     33: 18,
 }
 # License plate has id -1 in cityscapesscripts; an 8-bit PNG stores it as 255.
+CITYSCAPES_VALID_IDS = tuple(range(34)) + (255,)
 # DAFormer's 'thing' classes (traffic light, sign, person, rider and the vehicles): the cells
 # its ImageNet feature distance is taken on.
 THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
-
-CITYSCAPES_VALID_IDS = tuple(range(34)) + (255,)
 
 # SYNTHIA-RAND-CITYSCAPES class ids (README of the release) -> train ids. Ids 0..22 are
 # valid. Terrain, truck and train do not occur in SYNTHIA: the 16-class protocol drops them
