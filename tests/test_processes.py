@@ -31,6 +31,7 @@ import signal
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -99,12 +100,14 @@ def latest_checkpoint(workdir) -> int | None:
 @pytest.fixture(scope="module")
 def references(toy_root, tmp_path_factory):
     """{stage: exported leaves} of r1_cu and r1_ca run one after the other, in this process,
-    on four devices each (the same configs the tests' subprocesses run)."""
+    each on the four devices the concurrent round gives it (the same configs the tests'
+    subprocesses run; on the same devices their compiled steps are the subprocesses' too:
+    the compilation cache's key holds the devices)."""
     out = {}
-    for name in ("r1_cu", "r1_ca"):
+    for name, devices in (("r1_cu", jax.devices()[:4]), ("r1_ca", jax.devices()[4:8])):
         workdir = str(tmp_path_factory.mktemp("references") / name)
-        loop.train_and_evaluate(support.tiny_stage(toy_root, name, mesh_devices=4, **STAGE_KEYS),
-                                workdir)  # fmt: skip
+        config = support.tiny_stage(toy_root, name, mesh_devices=4, **STAGE_KEYS)
+        loop.train_and_evaluate(config, workdir, devices=devices)
         out[name] = export_leaves(workdir)
     return out
 
