@@ -300,3 +300,44 @@ def test_a_wave_runs_at_once_in_threads_on_disjoint_devices(tmp_path):
     assert set(groups) == {"r1_cu", "r1_ca"}
     assert len(groups["r1_cu"]) == len(groups["r1_ca"]) == 4
     assert not set(groups["r1_cu"]) & set(groups["r1_ca"])
+
+
+def job(workdir, recorder=None, **keys):
+    """One job of a pipeline split over several (a pod's slices): the demo pipeline with
+    ``keys`` (``stages=...``, ``seeds=...``) on the shared ``workdir``."""
+    config = demo_config()
+    for key, value in keys.items():
+        config[key] = value
+    recorder = recorder or Recorder()
+    return recorder, pipeline.run(config, workdir, run_stage=recorder)
+
+
+def test_jobs_that_split_the_paths_share_one_workdir(tmp_path):
+    # A multi-host run's stages use every host, one after another (README): slices run
+    # a round's two paths at once as two jobs on one workdir, with disjoint stages.
+    workdir = str(tmp_path / "run")
+    path_cu, _ = job(workdir, stages="r1_cu,r1_proto_cu")
+    assert path_cu.names == ["r1_cu", "r1_proto_cu"]
+    # A job that needs what another has not produced yet stops before any work.
+    early = Recorder()
+    with pytest.raises(pipeline.PipelineError, match=r"r1_ckd needs .*run r1_ca first"):
+        job(workdir, early, stages="r1_ckd")
+    assert early.calls == []
+    path_ca, _ = job(workdir, stages="r1_ca,r1_proto_ca")
+    assert path_ca.names == ["r1_ca", "r1_proto_ca"]
+    # The last job runs what is left, the round-1 stages skipped, and summarises them all.
+    rest, summary = job(workdir)
+    assert rest.names == [s for s in DDB_ORDER if not s.startswith("r1_") or s == "r1_ckd"]
+    assert list(summary["stages"]) == [s for s in DDB_ORDER if "proto" not in s]
+
+
+def test_jobs_that_split_the_seeds_share_one_workdir(tmp_path):
+    workdir = str(tmp_path / "run")
+    for seed in (0, 1):
+        recorder, _ = job(workdir, seeds=(seed,), stages="r1_cu")
+        assert [c.seed for _, c in recorder.calls] == [seed]
+        assert os.path.exists(os.path.join(workdir, f"seed{seed}", "r1_cu", "result.json"))
+    # Both seeds together: nothing to run, the summary holds each seed and their mean.
+    recorder, summary = job(workdir, seeds=(0, 1), stages="r1_cu")
+    assert recorder.calls == []
+    assert set(summary["stages"]["r1_cu"]["seeds"]) == {"0", "1"}
