@@ -340,4 +340,6 @@ def test_jobs_that_split_the_seeds_share_one_workdir(tmp_path):
     # Both seeds together: nothing to run, the summary holds each seed and their mean.
     recorder, summary = job(workdir, seeds=(0, 1), stages="r1_cu")
     assert recorder.calls == []
-    assert set(summary["stages"]["r1_cu"]["seeds"]) == {"0", "1"}
+    row = summary["stages"]["r1_cu"]
+    assert set(row["seeds"]) == {"0", "1"}
+    assert row["miou"] == pytest.approx(np.mean([row["seeds"][s]["miou"] for s in "01"]))
