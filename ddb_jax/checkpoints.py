@@ -16,6 +16,7 @@ URLs (``gs://``) alike, through :mod:`ddb_jax.paths`.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from typing import Any
 
@@ -23,8 +24,9 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.metadata import array_metadata_store
 
-from ddb_jax import errors, paths
+from ddb_jax import errors, hosts, paths
 
 MODEL_JSON = "model.json"
 VARIABLES_DIR = "variables"
@@ -37,14 +39,52 @@ KEY_DEFAULTS = {"base_channels": 64}
 SAVE_START = threading.Lock()
 
 
+# Orbax's asynchronous directory creation signals between processes under keys named by the
+# process-wide operation id alone (not the barrier prefix): the saves of two stages running
+# on different processes of one job (or a model directory written by one process) would
+# share and delete each other's keys, and a save would wait forever. The directories of a
+# save are created in its blocking part instead (the writes stay asynchronous).
+def async_options() -> ocp.AsyncOptions:
+    """Orbax's async options with directories created synchronously (a new object: orbax
+    edits the one it gets)."""
+    return ocp.AsyncOptions(create_directories_asynchronously=False)
+
+
+MIN_REPLICA_SLICE_BYTES = 256 * 1024  # see ddb_jax.train.checkpointing
+_ARRAY_HANDLER_PRIMARY: list[int] = []  # the primary of the jax.Array handler we registered
+
+
+def use_array_handler(primary_host: int) -> None:
+    """Registers orbax's jax.Array handler as orbax does by default, but for
+    ``primary_host``, the process that writes each array's metadata (orbax's default
+    handler has process 0), and with replica slices of at least MIN_REPLICA_SLICE_BYTES.
+
+    The primary is the first process of the stage this process runs (the pipeline may run
+    a stage on processes 2 and 3 of a job). Registered again only when that changes (a
+    process runs one stage at a time), so a handler the user's own code registers stays."""
+    if _ARRAY_HANDLER_PRIMARY == [primary_host]:
+        return
+    ocp.type_handlers.register_type_handler(
+        jax.Array,
+        ocp.type_handlers.ArrayHandler(
+            primary_host=primary_host,
+            array_metadata_store=array_metadata_store.Store(primary_host=primary_host),
+            min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
+        ),
+        override=True,
+    )
+    _ARRAY_HANDLER_PRIMARY[:] = [primary_host]
+
+
 def _local_checkpointer() -> ocp.StandardCheckpointer:
     """A checkpointer of this process alone: model directories are written by process 0
     only and read by each process on its own, so no cross-process barrier may run."""
     me = jax.process_index()
     return ocp.StandardCheckpointer(
+        async_options=async_options(),
         multiprocessing_options=ocp.options.MultiprocessingOptions(
             primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"model_dir_{me}"
-        )
+        ),
     )
 
 
@@ -58,13 +98,23 @@ def save_model_dir(
     model_cfg: ml_collections.ConfigDict,
     provenance: dict[str, str] | None = None,
     overwrite: bool = False,
+    stage_hosts: hosts.Hosts | None = None,
 ) -> None:
-    """Writes ``variables`` and ``model_cfg`` to ``out_dir``, whole or detectably not."""
+    """Writes ``variables`` and ``model_cfg`` to ``out_dir``, whole or detectably not.
+
+    By this process alone (process 0 of a multi-host job), or, with ``stage_hosts`` of a
+    stage that runs on some of a job's processes, by those processes together, each
+    passing the stage's replicated arrays: orbax writes numpy arrays from process 0 only
+    and refuses one process's own arrays in a multi-host job.
+    """
     out_dir = paths.resolve(out_dir)
     if paths.exists(paths.join(out_dir, MODEL_JSON)) and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
-    host_variables = jax.device_get(variables)
     meta = {"model": model_cfg.to_dict(), "provenance": provenance or {}}
+    if stage_hosts is not None and not stage_hosts.is_whole_job:
+        _save_together(out_dir, variables, meta, stage_hosts)
+        return
+    host_variables = jax.device_get(variables)
 
     def write(directory: str) -> None:
         checkpointer = _local_checkpointer()
@@ -76,6 +126,33 @@ def save_model_dir(
         paths.write_text(paths.join(directory, MODEL_JSON), description)  # last: the marker
 
     paths.replace_dir(out_dir, write, MODEL_JSON)
+
+
+def _save_together(out_dir: str, variables, meta: dict, stage_hosts: hosts.Hosts) -> None:
+    """The stage's processes write ``out_dir`` in place (its primary clears the old one
+    first and writes ``model.json`` last, so a reader that finds it finds a complete
+    directory); orbax's barriers and primary are the stage's."""
+    key = "model_dir_" + re.sub(r"[^A-Za-z0-9]+", "_", out_dir)
+    if stage_hosts.is_primary:
+        paths.remove(paths.join(out_dir, MODEL_JSON))
+        paths.rmtree(out_dir)
+    stage_hosts.barrier(f"{key} cleared")
+    use_array_handler(stage_hosts.primary)
+    checkpointer = ocp.StandardCheckpointer(
+        async_options=async_options(),
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=stage_hosts.primary,
+            active_processes=set(stage_hosts.processes),
+            barrier_sync_key_prefix=key,
+        ),
+    )
+    with SAVE_START:
+        checkpointer.save(paths.join(out_dir, VARIABLES_DIR), variables)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    if stage_hosts.is_primary:
+        paths.write_text(paths.join(out_dir, MODEL_JSON), json.dumps(meta, indent=2, default=list))
+    stage_hosts.barrier(f"{key} written")
 
 
 def read_model_config(model_dir: str) -> tuple[ml_collections.ConfigDict, dict[str, str]]:
@@ -105,7 +182,11 @@ def load_model_dir(model_dir: str) -> tuple[dict[str, Any], ml_collections.Confi
         raise CheckpointError(f"{model_dir}: missing {VARIABLES_DIR}/ (incomplete write?)")
     try:
         with _local_checkpointer() as checkpointer:
-            variables = checkpointer.restore(path)
+            # Into numpy arrays of the stored shapes: a directory written by several processes
+            # records their devices, which orbax would otherwise insist on restoring onto.
+            stored = checkpointer.metadata(path).item_metadata
+            target = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), stored)
+            variables = checkpointer.restore(path, target)
     except Exception as err:
         raise CheckpointError(f"{path} could not be restored: {err}") from err
     return jax.tree_util.tree_map(np.asarray, variables), model_cfg

@@ -122,6 +122,9 @@ def initialize(settings: Settings | None) -> None:
     """Starts the JAX distributed runtime (a no-op for ``None``: one process)."""
     if settings is None:
         return
+    # Stages stop on SIGTERM by our own agreement, scoped to each stage's processes
+    # (ddb_jax.train.preemption); JAX's service would install a second SIGTERM handler.
+    jax.config.update("jax_enable_preemption_service", False)
     jax.distributed.initialize(
         coordinator_address=settings.coordinator_address,
         num_processes=settings.num_processes,

@@ -13,9 +13,9 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
-from ddb_jax import checkpoints, errors, evaluate, label_images, labels, models, paths
+from ddb_jax import checkpoints, errors, evaluate, hosts, label_images, labels, models, paths
 
 
 class EvaluateConfigError(errors.UsageError, ValueError):
@@ -39,19 +39,20 @@ def load_for_evaluation(model_dir: str, config: ml_collections.ConfigDict):
     return model.apply, variables
 
 
-def sum_over_processes(confusion: np.ndarray) -> np.ndarray:
-    """The sum of every process's int64 confusion matrix (the identity on one process).
+def sum_over_processes(confusion: np.ndarray, stage_hosts: hosts.Hosts) -> np.ndarray:
+    """The sum of the int64 confusion matrices of the stage's processes (the identity for
+    one process).
 
     JAX collectives run in 32 bits (x64 off) and a matrix entry can pass 2**31 pixels
     (Mapillary's 2000 validation images), so the counts travel as two 31-bit halves.
     """
-    if jax.process_count() == 1:
+    if stage_hosts.count == 1:
         return confusion
     confusion = np.asarray(confusion, np.int64)
     if confusion.min() < 0 or confusion.max() >= 2**62:
         raise ValueError("confusion counts outside 0..2**62 cannot be gathered")
     halves = np.stack([confusion >> 31, confusion & (2**31 - 1)]).astype(np.int32)
-    gathered = np.asarray(multihost_utils.process_allgather(halves), np.int64)
+    gathered = np.asarray(stage_hosts.gather(halves), np.int64)
     return (gathered[:, 0].sum(0) << 31) + gathered[:, 1].sum(0)
 
 
@@ -86,25 +87,28 @@ def evaluate_targets(
     variables,
     config: ml_collections.ConfigDict,
     predictions_dir: str | None = None,
-    device=None,
+    stage_hosts: hosts.Hosts | None = None,
 ) -> dict:
     """mIoU per target dataset (each evaluated separately) plus their mean.
 
-    With several processes each evaluates its slice of the files and the confusion
-    matrices are summed over processes; every process returns the same result.
-    ``predictions_dir``: also write colourised predictions to ``<dir>/<target>/``.
+    On the first device each process has in the stage's mesh (``stage_hosts``; default:
+    every process and device). With several processes each evaluates its slice of the
+    files and the confusion matrices are summed over the stage's processes; each of them
+    returns the same result. ``predictions_dir``: also write colourised predictions to
+    ``<dir>/<target>/``.
     """
     from input_pipeline import evaluation as eval_data
 
-    variables = on_one_device(variables, device)
+    stage_hosts = stage_hosts or hosts.Hosts.everyone()
+    variables = on_one_device(variables, stage_hosts.local_devices[0])
     results = {}
     for name in config.data.target:
         dataset = eval_data.make_eval_dataset(
             config.data,
             name,
             split=config.eval.split,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
+            process_index=stage_hosts.index,
+            process_count=stage_hosts.count,
         )
         result = evaluate.evaluate(
             apply_fn,
@@ -119,8 +123,8 @@ def evaluate_targets(
                 prediction_writer(paths.join(predictions_dir, name)) if predictions_dir else None
             ),
         )
-        if jax.process_count() > 1:
-            confusion = sum_over_processes(result["confusion"])
+        if stage_hosts.count > 1:
+            confusion = sum_over_processes(result["confusion"], stage_hosts)
             result = evaluate.iou_from_confusion(confusion)
             result["confusion"] = confusion
         # The setting's extra mIoUs (SYNTHIA's 16/13 classes, 7 categories), same matrix.
@@ -158,10 +162,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
         )
     apply_fn, variables = load_for_evaluation(config.checkpoint, config)
     predictions_dir = paths.join(workdir, "predictions") if config.eval.save_predictions else None
-    device = devices[0] if devices else None
-    results = evaluate_targets(apply_fn, variables, config, predictions_dir, device)
+    mesh = Mesh(np.asarray(devices if devices else jax.devices()), ("data",))
+    stage_hosts = hosts.Hosts.of(mesh)
+    results = evaluate_targets(apply_fn, variables, config, predictions_dir, stage_hosts)
     summary = summarize(results)
-    if jax.process_index() != 0:  # every process has the same results; one writes them
+    if not stage_hosts.is_primary:  # every process has the same results; one writes them
         return summary
     paths.makedirs(workdir)
     for name, result in results.items():

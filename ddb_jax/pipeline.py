@@ -11,8 +11,9 @@ reference needs a person to rename and move checkpoints between stages.
 
 Stages that do not depend on each other (a round's two paths, their prototypes, the
 baselines, the same stage of every seed) form a *wave*; with several devices, the stages
-of a wave run at once on disjoint groups of them, each data-parallel within its group
-(one process; with several processes the stages of a wave run one after another).
+of a wave run at once on disjoint groups of them, each data-parallel within its group: in
+one process, groups of its devices; in a multi-host job, groups of whole processes (each
+process runs the stage of its group; all meet between waves).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ddb_jax import errors, labels, paths, rounds
+from ddb_jax import errors, hosts, labels, paths, rounds
 from ddb_jax.train import preemption
 from ddb_jax.train import workdir as workdir_lib
 
@@ -299,45 +300,75 @@ def plan_stages(config: ml_collections.ConfigDict, workdir: str) -> list[Planned
     return plan
 
 
+def _global_batch(planned: Planned) -> int:
+    cfg = planned.config
+    return cfg.prototypes.batch_size if cfg.stage == "prototypes" else cfg.batch_size
+
+
 def device_groups(plan: list[Planned], devices: list) -> list[list] | None:
     """Disjoint groups of ``devices``, one per stage of ``plan`` (a wave), or None to run
-    them one after another (one stage, one device, or several processes).
+    them one after another (one stage, one device, or too few processes).
 
-    A group has as many devices as the stages can share equally, at most each stage's
-    ``mesh_devices``, and a number that divides every stage's global batch.
+    One process: a group has as many devices as the stages can share equally, at most
+    each stage's ``mesh_devices``, and a number that divides every stage's global batch.
+    Several processes: :func:`process_groups`.
     """
-    if len(plan) < 2 or len(devices) < 2 or jax.process_count() > 1:
+    if len(plan) < 2 or len(devices) < 2:
         return None
+    if len({d.process_index for d in devices}) > 1:
+        return process_groups(plan, devices)
     size = len(devices) // len(plan)
     for planned in plan:
-        cfg = planned.config
-        batch = cfg.prototypes.batch_size if cfg.stage == "prototypes" else cfg.batch_size
-        size = math.gcd(size, batch) if size else 0
-        if cfg.mesh_devices:
-            size = min(size, cfg.mesh_devices)
+        size = math.gcd(size, _global_batch(planned)) if size else 0
+        if planned.config.mesh_devices:
+            size = min(size, planned.config.mesh_devices)
     if size < 1:
         return None
     return [devices[i * size : (i + 1) * size] for i in range(len(plan))]
 
 
-def waves(plan: list[Planned], num_devices: int) -> list[list[Planned]]:
+def process_groups(plan: list[Planned], devices: list) -> list[list] | None:
+    """With several processes, a group is made of whole processes (the processes divided
+    equally among the stages, in order; any left over wait), the same number of devices
+    from each: the most that keeps the group's size dividing every stage's global batch
+    and within its ``mesh_devices``.
+
+    A group has at least two processes: orbax writes a multi-host job's checkpoints from
+    arrays that span processes (or from process 0), never from one other process alone.
+    """
+    by_process: dict[int, list] = {}
+    for device in devices:
+        by_process.setdefault(device.process_index, []).append(device)
+    processes = sorted(by_process)
+    per_group = len(processes) // len(plan)
+    if per_group < MIN_GROUP_PROCESSES:
+        return None
+    for per_process in range(min(map(len, by_process.values())), 0, -1):
+        size = per_group * per_process
+        if all(
+            _global_batch(p) % size == 0
+            and (not p.config.mesh_devices or size <= p.config.mesh_devices)
+            for p in plan
+        ):
+            break
+    else:
+        return None
+    members = [processes[i * per_group : (i + 1) * per_group] for i in range(len(plan))]
+    return [[d for p in group for d in by_process[p][:per_process]] for group in members]
+
+
+MIN_GROUP_PROCESSES = 2
+
+
+def waves(plan: list[Planned], slots: int) -> list[list[Planned]]:
     """The stages to run, grouped into what runs at once: each level of the graph, cut into
-    chunks of at most ``num_devices`` stages."""
+    chunks of at most ``slots`` stages (the devices of one process, or the processes)."""
     out = []
     for level in sorted({p.level for p in plan}):
         members = [p for p in plan if p.level == level]
-        chunk = max(1, num_devices)
+        chunk = max(1, slots)
         out += [members[i : i + chunk] for i in range(0, len(members), chunk)]
     return out
-
-
-def _sync(label: str) -> None:
-    """All processes past ``label`` (a stage's files written by process 0 are then there
-    for every process to see)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(label)
 
 
 def run(
@@ -372,17 +403,21 @@ def run(
     paths.write_json(paths.join(workdir, PIPELINE_JSON), workdir_lib.config_as_json(config))
     enable_compilation_cache(workdir)
     devices = jax.devices() if config.get("concurrent_stages", True) else []
+    slots = len(devices)
+    if jax.process_count() > 1:  # groups of whole processes
+        slots = jax.process_count() // MIN_GROUP_PROCESSES * bool(devices)
     with preemption.sigterm_handler():
-        for wave in waves(todo, len(devices)):
+        for wave in waves(todo, slots):
             groups = device_groups(wave, devices)
             if groups is None:
                 for planned in wave:
                     print(f"[pipeline] {planned.name}: running ({planned.config.stage})",
                           flush=True)  # fmt: skip
                     run_stage(planned.config, planned.dir)
-                    _sync(f"stage {planned.name} done")
+                    hosts.barrier(f"ddb_jax pipeline: {planned.name} done")
             else:
                 _run_at_once(wave, groups, run_stage)
+                hosts.barrier(f"ddb_jax pipeline: {', '.join(p.name for p in wave)} done")
             stopped = [p.name for p in wave if not is_finished(p)]
             if stopped:  # stopped on request (SIGTERM): later stages must not start
                 message = f"[pipeline] {', '.join(stopped)} stopped before finishing; rerun"
@@ -395,16 +430,23 @@ def run(
 
 
 def _run_at_once(wave: list[Planned], groups: list[list], run_stage: Callable) -> None:
-    """The stages of ``wave`` in threads, each on its device group; the first error (after
-    every stage has ended: they are independent) is raised."""
-    for planned, group in zip(wave, groups, strict=True):
-        ids = [d.id for d in group]
-        print(f"[pipeline] {planned.name}: running ({planned.config.stage}) on devices {ids}",
+    """The stages of ``wave`` whose device group this process has a part of, in threads;
+    the first error (after every stage has ended: they are independent) is raised."""
+    me = jax.process_index()
+    pairs = zip(wave, groups, strict=True)
+    mine = [(p, group) for p, group in pairs if any(d.process_index == me for d in group)]
+    for planned, group in mine:
+        where = f"devices {[d.id for d in group]}"
+        if jax.process_count() > 1:
+            where += f" of processes {sorted({d.process_index for d in group})}"
+        print(f"[pipeline] {planned.name}: running ({planned.config.stage}) on {where}",
               flush=True)  # fmt: skip
-    with futures.ThreadPoolExecutor(max_workers=len(wave)) as pool:
+    if not mine:
+        return
+    with futures.ThreadPoolExecutor(max_workers=len(mine)) as pool:
         jobs = [
             pool.submit(run_stage, planned.config, planned.dir, devices=group)
-            for planned, group in zip(wave, groups, strict=True)
+            for planned, group in mine
         ]
         errors = [job.exception() for job in jobs]
     for error in errors:

@@ -30,7 +30,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from ddb_jax import checkpoints, errors, labels, models, paths, prototype_io, prototypes
+from ddb_jax import checkpoints, errors, hosts, labels, models, paths, prototype_io, prototypes
 from ddb_jax.ops import resize_bilinear
 from ddb_jax.train import setup
 from ddb_jax.train import workdir as workdir_lib
@@ -141,14 +141,16 @@ def target_image_count(config: ml_collections.ConfigDict) -> int:
     )
 
 
-def make_batches(config: ml_collections.ConfigDict):
-    """This host's padded batches of all passes (file order, training augmentation)."""
+def make_batches(config: ml_collections.ConfigDict, stage_hosts: hosts.Hosts | None = None):
+    """This host's padded batches of all passes (file order, training augmentation), its
+    slice among the stage's processes (default: all of the job's)."""
+    stage_hosts = stage_hosts or hosts.Hosts.everyone()
     return train_data.make_target_train_dataset(
         config.data,
-        config.prototypes.batch_size // jax.process_count(),
+        config.prototypes.batch_size // stage_hosts.count,
         config.seed,
-        jax.process_index(),
-        jax.process_count(),
+        stage_hosts.index,
+        stage_hosts.count,
         num_epochs=config.prototypes.num_passes,
         shuffle=False,
         pad_last=True,
@@ -175,7 +177,8 @@ def compute_prototypes(
         raise datasets.DatasetError(
             f"target {tuple(config.data.target)} under {config.data.root} has no training images"
         )
-    dataset = make_batches(config)
+    stage_hosts = hosts.Hosts.of(mesh)
+    dataset = make_batches(config, stage_hosts)
     apply_fn, variables = load_model(config.checkpoint, config)
 
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -201,7 +204,7 @@ def compute_prototypes(
         total=num_batches,
         desc="prototypes",
         unit="batch",
-        disable=jax.process_index() != 0,
+        disable=not stage_hosts.is_primary,
     )
     for batch in progress:
         batch = {
@@ -263,6 +266,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> str:
     workdir_lib.record_config(workdir, config)  # after the inputs are checked
     table, counts = compute_prototypes(config, devices)
     path = paths.join(workdir, prototype_io.PROTOTYPES_FILE)
-    if jax.process_index() == 0:
+    if hosts.Hosts.of(make_mesh(config, devices)).is_primary:
         write_prototypes(path, table, counts, config.checkpoint, describe(config))
     return path

@@ -5,6 +5,7 @@ Runs with real processes are tests/test_processes.py.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from ddb_jax import distributed
@@ -63,3 +64,22 @@ def test_eval_slices_cover_every_file_once(toy_root):
     assert sorted(slices[0] + slices[1]) == sorted(whole)
     with pytest.raises(ValueError, match="process_index=2"):
         evaluation.make_eval_dataset(config.data, "toy_target", "val", 2, 2)
+
+
+def test_one_process_stage_hosts_are_this_process():
+    """A stage on devices 2-5 of this process: one process, its whole slice, sums that are
+    the identity, and no barrier to wait at."""
+    import jax
+    from jax.sharding import Mesh
+
+    from ddb_jax import hosts
+
+    stage = hosts.Hosts.of(Mesh(np.asarray(jax.devices()[2:6]), ("data",)))
+    assert stage.processes == (0,) and (stage.index, stage.count, stage.primary) == (0, 1, 0)
+    assert stage.is_primary and stage.is_whole_job
+    assert [d.id for d in stage.local_devices] == [2, 3, 4, 5]
+    np.testing.assert_array_equal(stage.gather(np.arange(3)), [[0, 1, 2]])
+    assert stage.any(True) and not stage.any(False)
+    stage.barrier("nothing to wait for")
+    hosts.barrier("nothing to wait for")
+    assert not hosts.stop_announced()

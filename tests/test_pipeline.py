@@ -4,6 +4,7 @@ The stages themselves are replaced by a recorder that writes each stage's delive
 (their own tests cover them); tests/test_demo_pipeline.py runs the real chain.
 """
 
+import collections
 import json
 import os
 import shutil
@@ -234,7 +235,7 @@ def test_waves_group_the_independent_stages_of_every_seed():
     assert plan[3].config.seed == 0 and plan[-1].config.seed == 1
     assert plan[-1].dir == os.path.join("runs/x", "seed1", "r2_ckd")
     assert plan[-1].config.ckd.teacher_cu == os.path.join("runs/x", "seed1", "r2_cu", "export")
-    waves = pipeline.waves(plan, num_devices=8)
+    waves = pipeline.waves(plan, slots=8)
     names = [sorted(p.name for p in wave) for wave in waves]
     assert names[0] == sorted(
         f"seed{s}/{n}" for s in (0, 1) for n in ("source_only", "oracle", "r1_cu", "r1_ca")
@@ -243,7 +244,7 @@ def test_waves_group_the_independent_stages_of_every_seed():
     assert names[2] == ["seed0/r1_ckd", "seed1/r1_ckd"]
     assert len(waves) == 6  # two rounds of (paths, prototypes, CKD)
     # Fewer devices than stages: a level is cut into chunks that each fit the devices.
-    assert [len(w) for w in pipeline.waves(plan, num_devices=3)][:3] == [3, 3, 2]
+    assert [len(w) for w in pipeline.waves(plan, slots=3)][:3] == [3, 3, 2]
 
 
 def test_device_groups_are_disjoint_and_divide_every_batch():
@@ -263,6 +264,32 @@ def test_device_groups_are_disjoint_and_divide_every_batch():
     assert [len(g) for g in groups] == [2, 2]
     assert pipeline.device_groups(paths_of_round1[:1], devices) is None  # nothing to share
     assert pipeline.device_groups(paths_of_round1, devices[:1]) is None
+
+
+def test_process_groups_are_whole_processes_with_equal_slices():
+    """A multi-host job's wave: each stage gets whole processes, the same devices of each."""
+    device = collections.namedtuple("device", "id process_index")
+    devices = [device(2 * p + i, p) for p in range(4) for i in range(2)]  # 4 hosts x 2
+    config = demo_config()
+    config.mesh_devices = 0
+    plan = pipeline.plan_stages(config, "runs/x")
+    paths_of_round1 = [p for p in plan if p.stage.name in ("r1_cu", "r1_ca")]
+    groups = pipeline.device_groups(paths_of_round1, devices)
+    assert [[d.id for d in g] for g in groups] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    config.batch_size = 2  # two processes each: one device of each divides the batch
+    plan = pipeline.plan_stages(config, "runs/x")
+    two = [p for p in plan if p.stage.name in ("r1_cu", "r1_ca")]
+    assert [[d.id for d in g] for g in pipeline.device_groups(two, devices)] == [[0, 2], [4, 6]]
+    # Three stages on six hosts: two hosts each; on four, a group would be one host.
+    six = [device(p, p) for p in range(6)]
+    three = [p for p in plan if p.level == 0][:3]
+    groups = pipeline.device_groups(three, six)
+    assert [{d.process_index for d in g} for g in groups] == [{0, 1}, {2, 3}, {4, 5}]
+    assert pipeline.device_groups(three, devices) is None
+    config.batch_size = 3  # no group of two processes divides it
+    plan = pipeline.plan_stages(config, "runs/x")
+    odd = [p for p in plan if p.stage.name in ("r1_cu", "r1_ca")]
+    assert pipeline.device_groups(odd, devices) is None
 
 
 def test_seeds_run_the_chain_each_and_summarise_mean_and_spread(tmp_path):

@@ -7,7 +7,7 @@ after the other on four of its eight CPU devices each. One process with eight de
 - SIGTERM (raised in this process while a stage reads the batch of step 4) makes the stage
   save a checkpoint at the step it is on and stop; the rerun continues from there and ends
   with the parameters of the uninterrupted reference, bit for bit. (The command line's
-  exit status 0 after a SIGTERM is checked by the two-process test.)
+  exit status 0 after a SIGTERM is checked by the four-process test.)
 - The pipeline runs r1_cu and r1_ca at once, each on its own four devices, reading its data
   from and writing its workdir to a bucket (a GCS emulator, tests/support.py); SIGKILL
   during that round loses only the steps since each stage's last periodic checkpoint
@@ -15,12 +15,14 @@ after the other on four of its eight CPU devices each. One process with eight de
   references: data order and PRNG keys are functions of the step, and a stage computes
   the same on any four devices.
 
-Two processes (one CPU device each, gloo collectives, the same two-device mesh as one
-process with two devices) that share no disk: each has its own local scratch, data and
-workdir are in the bucket. The pipeline's r1_cu and r1_proto_cu stages; a SIGTERM to one
-process stops both at one step, saved together; the rerun finishes and its student,
-evaluation and prototype table equal those of one process with both devices on the local
-disk. These three tests check what six used to.
+Four processes (one CPU device each, gloo collectives) that share no disk: each has its own
+local scratch, data and workdir are in the bucket. The pipeline runs round 1's paths at once
+on two processes each (r1_cu on processes 0-1, r1_ca on 2-3: a mesh of two devices, as in
+one process with two devices), then their prototypes the same way. A SIGTERM to one process
+stops every process, those of a stage at one step, saved together; the rerun finishes, and
+each stage's student, evaluation and prototype table equal those of one process with two
+devices running the stages one after another on the local disk. These three tests check
+what six used to.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from tests.support import assert_same_leaves, export_leaves
 
 NUM_STEPS = 40  # a tiny 4-device step takes ~0.1 s: the signal lands before the end
 SIGNAL_AT = 4  # the step during which the one-process test sends SIGTERM
-STEPS_2P = 16  # two processes run a step in ~0.5 s here (gloo all-reduces)
+STEPS_4P = 10  # two processes run a step in ~0.5 s here (gloo all-reduces)
+GROUPS = {"r1_cu": (0, 1), "r1_ca": (2, 3)}  # the processes of each path's stage
 STEP_LINE = re.compile(r"\] \[(\d+)\] .*loss=")
 # The stages of the one-process tests: batch 4 over four devices, a checkpoint every 8 steps.
 EVERY = 8
@@ -59,14 +62,17 @@ def concurrent_round(root, workdir) -> list[str]:
     )  # fmt: skip
 
 
-def two_device_pipeline(root, workdir) -> list[str]:
-    """r1_cu then r1_proto_cu of the demo pipeline over a two-device mesh."""
-    return support.stage_command(
-        root, workdir, "pipeline", stages="r1_cu,r1_proto_cu", baselines="()", batch_size=4,
-        mesh_devices=0, num_steps=STEPS_2P, checkpoint_every=1000, eval_every=STEPS_2P,
-        log_every=1, image_summary_every=0,
-        **{"prototypes.num_passes": 1, "prototypes.batch_size": 4},
-    )  # fmt: skip
+# Round 1's paths and their prototypes; with four processes of one device each, a path on
+# two processes (GROUPS), the two paths at once, then the prototypes likewise.
+GROUPED_ROUND = dict(
+    stages="r1_cu,r1_ca,r1_proto_cu,r1_proto_ca", baselines=(), batch_size=4,
+    num_steps=STEPS_4P, checkpoint_every=1000, eval_every=STEPS_4P, log_every=1,
+    image_summary_every=0, **{"prototypes.num_passes": 1, "prototypes.batch_size": 4},
+)  # fmt: skip
+
+
+def grouped_round(root, workdir) -> list[str]:
+    return support.stage_command(root, workdir, "pipeline", mesh_devices=0, **GROUPED_ROUND)
 
 
 def logged_steps(log: str) -> list[int]:
@@ -180,22 +186,25 @@ def test_sigkill_during_a_concurrent_round_in_a_bucket_resumes_identically(
         assert_same_leaves(export_leaves(f"{workdir}/{name}"), references[name])
 
 
-def test_two_processes_stop_together_and_equal_one_process_with_two_devices(
+@pytest.mark.multihost  # make test-multihost (four processes: 3 minutes of both cores)
+def test_four_processes_run_a_round_in_two_groups_stop_together_and_equal_one_process(
     toy_root, bucket_toy_root, gcs, tmp_path
 ):
-    one, two = str(tmp_path / "one"), f"{gcs.bucket}/two"
-    support.run_to_end(two_device_pipeline(toy_root, one), str(tmp_path / "one.log"), devices=2)
+    # The reference: one process with two devices, the stages one after another.
+    one, four = str(tmp_path / "one"), f"{gcs.bucket}/four"
+    one_after_another = grouped_round(toy_root, one) + ["--config.concurrent_stages=False"]
+    support.run_to_end(one_after_another, str(tmp_path / "one.log"), devices=2)
     # Each process's own local scratch (temporary files, caches): no shared disk.
-    scratch = [tmp_path / f"scratch{i}" for i in range(2)]
+    scratch = [tmp_path / f"scratch{i}" for i in range(4)]
     for folder in scratch:
         folder.mkdir()
 
-    def both(tag: str):
+    def launch(tag: str):
         port = support.free_port()
-        logs = [str(tmp_path / f"{tag}{i}.log") for i in range(2)]
+        logs = [str(tmp_path / f"{tag}{i}.log") for i in range(4)]
         procs = [
             support.start(
-                two_device_pipeline(bucket_toy_root, two) + support.distributed_flags(port, 2, i),
+                grouped_round(bucket_toy_root, four) + support.distributed_flags(port, 4, i),
                 log,
                 env={"TMPDIR": str(scratch[i]), "HOME": str(scratch[i])},
             )
@@ -203,40 +212,51 @@ def test_two_processes_stop_together_and_equal_one_process_with_two_devices(
         ]
         return procs, logs
 
-    # A preemption notice that reaches one host only: both stop at one step and save it.
-    procs, logs = both("first")
+    # A preemption notice that reaches one host only (process 1, of r1_cu's group): every
+    # process stops, those of a group at one step, each group's stage saved at that step.
+    procs, logs = launch("first")
+    wait_for_step(procs[2], logs[2], 3)
     wait_for_step(procs[1], logs[1], 3)
     procs[1].send_signal(signal.SIGTERM)
     for proc, log in zip(procs, logs, strict=True):
         assert support.finish(proc, log) == 0, support.tail(log)
-    stopped = {stopped_step(log) for log in logs}
-    assert len(stopped) == 1, stopped
-    (stopped,) = stopped
-    assert 3 <= stopped < STEPS_2P
-    assert latest_checkpoint(f"{two}/r1_cu") == stopped
-    assert not paths.exists(f"{two}/r1_proto_cu/prototypes.npz")
+    stopped = {}
+    for name, group in GROUPS.items():
+        text = support.tail(logs[group[0]], 10**7)
+        running = re.search(rf"{name}: running \(self_training\) on .* of processes (.*)", text)
+        assert running and running.group(1) == str(list(group)), text[-3000:]
+        (stopped[name],) = {stopped_step(logs[i]) for i in group}
+        assert 3 <= stopped[name] < STEPS_4P
+        assert latest_checkpoint(f"{four}/{name}") == stopped[name]
+    assert not paths.exists(f"{four}/r1_proto_cu/prototypes.npz")
 
-    procs, logs = both("second")
+    procs, logs = launch("second")
     for proc, log in zip(procs, logs, strict=True):
         assert support.finish(proc, log) == 0, support.tail(log)
-    assert logged_steps(logs[0])[0] == stopped + 1
-
-    # Every host fed its slice of the same global batches over the same mesh: the students
-    # are bit-identical; each host evaluated its slice and the gathered mIoU is the same.
-    assert_same_leaves(export_leaves(f"{two}/r1_cu"), export_leaves(f"{one}/r1_cu"))
-    result_one = paths.read_json(f"{one}/r1_cu/result.json")
-    result_two = paths.read_json(f"{two}/r1_cu/result.json")
-    assert result_one == result_two and np.isfinite(result_one["miou"])
-    # Written by process 0 only: one TensorBoard file per launch (two), the checkpoints of
-    # the stop and of the end.
-    events = [f for f in paths.listdir(f"{two}/r1_cu") if f.startswith("events.out")]
-    assert len(events) == 2
-    checkpoints = sorted(paths.listdir(f"{two}/r1_cu/checkpoints"), key=int)
-    assert checkpoints == [str(stopped), str(STEPS_2P)]
-    # Prototypes: each host fed its slice of every batch; the running mean over the gathered
-    # batch equals the one-process table (written once, by host 0).
-    table_1, counts_1 = prototype_io.load_prototypes(f"{one}/r1_proto_cu/prototypes.npz", 19)
-    table_2, counts_2 = prototype_io.load_prototypes(f"{two}/r1_proto_cu/prototypes.npz", 19)
-    assert counts_1.sum() > 0
-    np.testing.assert_array_equal(counts_1, counts_2)
-    np.testing.assert_allclose(table_1, table_2, rtol=1e-5, atol=1e-6)
+    for name, group in GROUPS.items():
+        assert logged_steps(logs[group[0]])[0] == stopped[name] + 1
+        # Each group fed its slices of the same global batches over a mesh of two devices:
+        # the students are bit-identical to one process's; each host evaluated its slice
+        # and the mIoU summed over the group is the same.
+        assert_same_leaves(export_leaves(f"{four}/{name}"), export_leaves(f"{one}/{name}"))
+        result_one = paths.read_json(f"{one}/{name}/result.json")
+        result_four = paths.read_json(f"{four}/{name}/result.json")
+        assert result_one == result_four and np.isfinite(result_one["miou"])
+        # Written by the group's first process only: one TensorBoard file per launch (two),
+        # the checkpoints of the stop and of the end.
+        events = [f for f in paths.listdir(f"{four}/{name}") if f.startswith("events.out")]
+        assert len(events) == 2
+        checkpoints = sorted(paths.listdir(f"{four}/{name}/checkpoints"), key=int)
+        assert checkpoints == [str(stopped[name]), str(STEPS_4P)]
+    # Prototypes, the next wave, also in two groups: each host fed its slice of every batch;
+    # the running mean over the gathered batch equals the one-process table.
+    for path in ("cu", "ca"):
+        table_1, counts_1 = prototype_io.load_prototypes(
+            f"{one}/r1_proto_{path}/prototypes.npz", 19
+        )
+        table_4, counts_4 = prototype_io.load_prototypes(
+            f"{four}/r1_proto_{path}/prototypes.npz", 19
+        )
+        assert counts_1.sum() > 0
+        np.testing.assert_array_equal(counts_1, counts_4)
+        np.testing.assert_allclose(table_1, table_4, rtol=1e-5, atol=1e-6)

@@ -12,13 +12,16 @@ the signals between a save's blocking part and its background commit by a proces
 in two threads then collide on their temporary directories or wait for a signal that never
 comes (a 300 s timeout). Only the blocking part is serialised; the writes still overlap.
 The model directories a stage exports (``best/``, ``export/``) are orbax saves too and take
-the same lock (:data:`ddb_jax.checkpoints.SAVE_START`).
+the same lock (:data:`ddb_jax.checkpoints.SAVE_START`). A stage that runs on some of a
+multi-host job's processes (the pipeline's process groups) has a manager whose barriers
+and primary host are those processes' (:func:`multiprocessing_options`); orbax's
+asynchronous directory creation is off (:func:`ddb_jax.checkpoints.async_options`).
 
 Orbax writes a replicated array in slices, one per replica, so that the hosts of a pod share
 the write ("replica-parallel"); for the small arrays of a train state (biases, norms: most of
 its leaves) each slice is one more device op and its own compile for a few bytes, which
 made a save of a 4-device state take twice as long. Slices are used only where each is at
-least ``MIN_REPLICA_SLICE_BYTES``.
+least ``ddb_jax.checkpoints.MIN_REPLICA_SLICE_BYTES``.
 
 Not orbax's ``best_fn``: that ranks the train-state checkpoints themselves and would trade
 the latest one (which resumption needs) for the best; the best student is exported as a
@@ -27,33 +30,16 @@ model directory instead (:func:`ddb_jax.train.workdir.export_best`).
 
 from __future__ import annotations
 
-import functools
+import re
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 from absl import logging
-from orbax.checkpoint._src.metadata import array_metadata_store
 
-from ddb_jax import checkpoints, errors, paths
+from ddb_jax import checkpoints, errors, hosts, paths
 from ddb_jax.train import workdir as workdir_lib
 
 METADATA_FILE = "_CHECKPOINT_METADATA"
-MIN_REPLICA_SLICE_BYTES = 256 * 1024
-
-
-@functools.cache
-def _register_array_handler() -> None:
-    """orbax's jax.Array handler as registered by default, with the slice minimum above;
-    once per process (a handler registered later by the user's own code stays)."""
-    ocp.type_handlers.register_type_handler(
-        jax.Array,
-        ocp.type_handlers.ArrayHandler(
-            array_metadata_store=array_metadata_store.Store(),
-            min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
-        ),
-        override=True,
-    )
 
 
 class CheckpointWriteError(errors.InputError, RuntimeError):
@@ -74,19 +60,42 @@ def latest_complete_step(manager: ocp.CheckpointManager) -> int | None:
     return None
 
 
+def multiprocessing_options(
+    directory: str, stage_hosts: hosts.Hosts | None
+) -> ocp.options.MultiprocessingOptions:
+    """Orbax's defaults for a stage on all processes; for one on some of them (beside other
+    stages), barriers among those only, under a key of its own, its primary writing."""
+    if stage_hosts is None or stage_hosts.is_whole_job:
+        return ocp.options.MultiprocessingOptions()
+    return ocp.options.MultiprocessingOptions(
+        primary_host=stage_hosts.primary,
+        active_processes=set(stage_hosts.processes),
+        barrier_sync_key_prefix=re.sub(r"[^A-Za-z0-9]+", "_", directory),
+    )
+
+
 class Checkpoints:
     """The manager, and the step being written in the background (so a failure names it)."""
 
-    def __init__(self, workdir: str, keep: int):
-        _register_array_handler()
+    def __init__(self, workdir: str, keep: int, stage_hosts: hosts.Hosts | None = None):
+        grouped = stage_hosts is not None and not stage_hosts.is_whole_job
+        checkpoints.use_array_handler(stage_hosts.primary if grouped else 0)
         self.directory = checkpoint_dir(workdir)
+        if grouped:  # orbax creates the directory only for all processes: each one does
+            paths.makedirs(self.directory)
+        processes = multiprocessing_options(self.directory, stage_hosts)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
-            create=True,
+            create=not grouped,
             enable_async_checkpointing=True,
             cleanup_tmp_directories=True,
+            multiprocessing_options=processes,
+            async_options=checkpoints.async_options(),
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # The handlers are given, not left to orbax's defaults: those have process 0 as
+        # their primary, whatever the options say.
+        handler = ocp.StandardCheckpointHandler(multiprocessing_options=processes)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handler)
         self.pending: int | None = None
 
     def restore_latest(self, state: Any) -> tuple[Any, int | None]:

@@ -25,7 +25,7 @@ from absl import logging
 from clu import periodic_actions
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ddb_jax import errors, methods, models, paths
+from ddb_jax import errors, hosts, methods, models, paths
 from ddb_jax.methods import base
 from ddb_jax.train import checkpointing, optim, preemption, setup
 from ddb_jax.train import workdir as workdir_lib
@@ -112,6 +112,21 @@ def flat_scalars(result: dict) -> dict[str, float]:
     return flat
 
 
+def exporter(stage_hosts: hosts.Hosts) -> Callable:
+    """``export(write, workdir, variables, ...)`` for the stage's processes: its only or
+    first process writes the model directory of the whole job's stage; a stage on some of a
+    job's processes writes it with all of them (:func:`ddb_jax.checkpoints.save_model_dir`)."""
+    together = not stage_hosts.is_whole_job and stage_hosts.count > 1
+
+    def export(write: Callable, workdir: str, variables, *args) -> None:
+        if together:
+            write(workdir, variables, *args, stage_hosts=stage_hosts)
+        elif stage_hosts.is_primary:
+            write(workdir, jax.device_get(variables), *args)
+
+    return export
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, devices=None
 ) -> tuple[Any, dict | None]:
@@ -128,6 +143,7 @@ def train_and_evaluate(
     datasets.check_available(config.data, config.eval.split if config.eval_every > 0 else None)
     frozen = methods.load_frozen(config)
     mesh = setup.make_mesh(config, devices=devices)
+    stage_hosts = hosts.Hosts.of(mesh)
     model = models.build_model(config.model)
     init_key, state_key = jax.random.split(jax.random.PRNGKey(config.seed))
     variables = setup.initial_variables(config, model, init_key)
@@ -139,7 +155,7 @@ def train_and_evaluate(
     state = method.init_state(create_train_state(variables, tx, state_key))
     state = jax.device_put(state, replicated)
     frozen = None if frozen is None else jax.device_put(frozen, replicated)
-    ckpt = checkpointing.Checkpoints(workdir, config.keep_checkpoints)
+    ckpt = checkpointing.Checkpoints(workdir, config.keep_checkpoints, stage_hosts)
     state, restored = ckpt.restore_latest(state)
     if restored is not None:
         logging.info("resumed %s at step %d", workdir, restored)
@@ -147,19 +163,19 @@ def train_and_evaluate(
 
     with_preview = config.image_summary_every > 0
     train_step = shared_train_step(config, method, tx, mesh, with_preview)
-    mine = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    evaluate = setup.student_evaluator(config, model.apply, mine[0])
-    summaries = Summaries(workdir)
+    evaluate = setup.student_evaluator(config, model.apply, stage_hosts)
+    summaries = Summaries(workdir, stage_hosts.is_primary)
     writer = summaries.writer
     report_progress = periodic_actions.ReportProgress(
         num_train_steps=config.num_steps, writer=writer, every_steps=config.log_every
     )
+    export = exporter(stage_hosts)
     best = workdir_lib.read_best_score(workdir)
     batches = setup.batch_stream(config, mesh)(start)
     history: list[tuple[int, dict]] = []
     result: dict[str, Any] = {}
     try:
-        with preemption.StopRequested(ckpt.manager, config.log_every) as stop:
+        with preemption.StopRequested(stage_hosts, config.log_every) as stop:
             for step in range(start + 1, config.num_steps + 1):
                 outputs = train_step(state, next(batches), frozen)
                 state, metrics = outputs[:2]
@@ -174,16 +190,16 @@ def train_and_evaluate(
                     history = []
                 if with_preview and step % config.image_summary_every == 0:
                     images = jax.device_get(outputs[2])
-                    if jax.process_index() == 0:
+                    if stage_hosts.is_primary:
                         writer.write_images(step, images)
                 if due_eval:
                     result = evaluate(state.variables())
                     writer.write_scalars(step, flat_scalars(result))
-                    if result["miou"] > best and jax.process_index() == 0:
+                    if result["miou"] > best:  # the same on every process of the stage
                         best = result["miou"]
-                        workdir_lib.export_best(
-                            workdir, jax.device_get(state.variables()), config.model,
-                            config.stage, step, best,
+                        export(
+                            workdir_lib.export_best, workdir, state.variables(),
+                            config.model, config.stage, step, best,
                         )  # fmt: skip
                 if due_ckpt:
                     if not bool(jax.device_get(all_finite(state.params))):
@@ -203,6 +219,5 @@ def train_and_evaluate(
     if not result and config.eval_every > 0:
         # Resumed at the last step (its export was lost): evaluate again for result.json.
         result = evaluate(state.variables())
-    if jax.process_index() == 0:
-        workdir_lib.export_final(workdir, jax.device_get(state.variables()), config, result)
+    export(workdir_lib.export_final, workdir, state.variables(), config, result)
     return state, result

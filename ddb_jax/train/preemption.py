@@ -1,11 +1,16 @@
-"""Preemption: a SIGTERM stops the run at a step every process agrees on, after saving it.
+"""Preemption: a SIGTERM stops the run at a step every process of a stage agrees on, after
+saving it.
 
-With several processes (``jax.distributed``) this is JAX's preemption service, through
-orbax's ``CheckpointManager.reached_preemption``: JAX catches SIGTERM on whichever process
-gets it and agrees on a sync step across all of them in the background, with no
-collective in the step loop. With one process (where that service does not exist) our own
-SIGTERM handler sets a flag that every running stage reads once per step: the stages the
-pipeline runs side by side in threads all stop.
+Our SIGTERM handler sets a flag (in whichever process got the signal; the stages the
+pipeline runs side by side in threads all read it). With one process a stage stops at the
+step it is on. With several, the processes of a stage compare flags every ``agree_every``
+steps (steps that wait for metrics anyway) with a collective over the stage's own mesh,
+and stop together; a process that got the signal also announces it to the whole job
+through the coordination service, so stages running on other processes (the pipeline's
+groups) stop at their next agreement too. JAX's own preemption service is not used
+(:func:`ddb_jax.distributed.initialize` turns it off): it agrees on one step across all of
+the job's processes, which stages running on different processes at different steps
+cannot do.
 """
 
 from __future__ import annotations
@@ -15,18 +20,12 @@ import signal
 import threading
 
 import jax
-import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
+
+from ddb_jax import hosts as hosts_lib
 
 _REQUESTED = threading.Event()
 _INSTALLED = threading.Event()
-
-
-def _jax_service_running() -> bool:
-    from jax._src import distributed  # the service's state is not public in jax 0.10
-
-    return distributed.global_state.preemption_sync_manager is not None
 
 
 def _handle(signum, frame) -> None:
@@ -38,11 +37,7 @@ def _handle(signum, frame) -> None:
 def sigterm_handler():
     """Turns SIGTERM into the stop flag for the duration (from the main thread; inside an
     outer ``sigterm_handler``, or in another thread, it does nothing)."""
-    if (
-        _INSTALLED.is_set()
-        or threading.current_thread() is not threading.main_thread()
-        or (jax.process_count() > 1 and _jax_service_running())  # JAX's service handles it
-    ):
+    if _INSTALLED.is_set() or threading.current_thread() is not threading.main_thread():
         yield
         return
     _REQUESTED.clear()
@@ -51,18 +46,18 @@ def sigterm_handler():
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # None: the handler before ours was not Python's (it cannot be put back).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         _INSTALLED.clear()
 
 
 class StopRequested:
-    """``should_stop(step)`` after a SIGTERM, on every process at the same step."""
+    """``should_stop(step)`` after a SIGTERM, on every process of the stage at one step."""
 
-    def __init__(self, manager: ocp.CheckpointManager, agree_every: int):
-        self.manager = manager
+    def __init__(self, hosts: hosts_lib.Hosts, agree_every: int):
+        self.hosts = hosts
         self.agree_every = max(agree_every, 1)
-        self._use_jax = jax.process_count() > 1 and _jax_service_running()
-        self._handler = contextlib.nullcontext() if self._use_jax else sigterm_handler()
+        self._handler = sigterm_handler()
 
     def __enter__(self):
         self._handler.__enter__()
@@ -72,15 +67,13 @@ class StopRequested:
         return self._handler.__exit__(*exc)
 
     def should_stop(self, step: int) -> bool:
-        if self._use_jax:
-            return self.manager.reached_preemption(step)
         if jax.process_count() == 1:
             return _REQUESTED.is_set()
-        # Several processes without JAX's service (it was disabled): compare flags every
-        # ``agree_every`` steps only (steps that wait for metrics anyway).
         if step % self.agree_every:
             return False
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.int32(_REQUESTED.is_set()))
-        return bool(np.max(flags))
+        asked = _REQUESTED.is_set()
+        if asked:
+            hosts_lib.announce_stop()
+        else:
+            asked = hosts_lib.stop_announced()
+        return self.hosts.any(asked)

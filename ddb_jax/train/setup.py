@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Callable, Iterator
 
@@ -9,7 +10,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from ddb_jax import checkpoints, errors, models
+from ddb_jax import checkpoints, errors, hosts, models
 
 
 class MeshError(errors.UsageError, ValueError):
@@ -51,6 +52,12 @@ def make_mesh(
         for device in jax.devices():
             by_process.setdefault(device.process_index, []).append(device)
         devices = [d for p in sorted(by_process) for d in by_process[p][:per_process]]
+    per_process = collections.Counter(d.process_index for d in devices)
+    if len(set(per_process.values())) > 1:
+        raise MeshError(
+            f"the stage's devices are spread unevenly over processes {dict(per_process)}: "
+            "each process feeds an equal slice of the batch to its own devices"
+        )
     batch_size = functools.reduce(getattr, batch_key.split("."), config)
     if batch_size % len(devices):
         raise MeshError(
@@ -106,21 +113,22 @@ def batch_stream(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable[[int
     """``make_batches(start_step)``: global batches (sharded over 'data') from ``start_step``.
 
     Global batch k feeds step k + 1; the stream starts at ``start_step`` without decoding
-    the batches before it (element k is a function of (seed, k)). Each process reads its own
-    contiguous slice of every global batch.
+    the batches before it (element k is a function of (seed, k)). Each process of the mesh
+    reads its own contiguous slice of every global batch.
     """
     from input_pipeline import sharding as data_sharding
     from input_pipeline import train as train_data
 
-    per_host_batch = config.batch_size // jax.process_count()
+    stage_hosts = hosts.Hosts.of(mesh)
+    per_host_batch = config.batch_size // stage_hosts.count
 
     def make_batches(start_step: int) -> Iterator[dict]:
         dataset = train_data.make_train_dataset(
             config.data,
             per_host_batch,
             config.seed,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
+            process_index=stage_hosts.index,
+            process_count=stage_hosts.count,
             start_batch=start_step,
         )
         for batch in dataset.as_numpy_iterator():
@@ -130,15 +138,16 @@ def batch_stream(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable[[int
 
 
 def student_evaluator(
-    config: ml_collections.ConfigDict, apply_fn: Callable, device=None
+    config: ml_collections.ConfigDict, apply_fn: Callable, stage_hosts: hosts.Hosts | None = None
 ) -> Callable:
-    """``evaluate(variables) -> {target: mIoU, ..., 'miou': mean over targets}``, on
-    ``device`` (one of the stage's; each process evaluates its slice of the files)."""
+    """``evaluate(variables) -> {target: mIoU, ..., 'miou': mean over targets}``, on this
+    process's first device of the stage (each process of the stage evaluates its slice of
+    the files)."""
 
     def evaluate(variables) -> dict:
         from ddb_jax import eval_stage, evaluate
 
-        results = eval_stage.evaluate_targets(apply_fn, variables, config, device=device)
+        results = eval_stage.evaluate_targets(apply_fn, variables, config, stage_hosts=stage_hosts)
         summary = {name: float(r["miou"]) for name, r in results.items()}
         summary["miou"] = sum(summary.values()) / len(summary)
         summary.update(evaluate.protocol_scalars(results))  # '<target>/<protocol>': mIoU

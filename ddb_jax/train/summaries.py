@@ -14,7 +14,6 @@ import os
 import shutil
 import tempfile
 
-import jax
 from absl import logging
 from clu import metric_writers
 
@@ -24,9 +23,9 @@ from ddb_jax import paths
 class Summaries:
     """The stage's writer (``.writer``) and where its files end up."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, primary: bool = True):
+        """``primary``: this process writes the events (the stage's first process)."""
         self.workdir = workdir
-        primary = jax.process_index() == 0
         self.local_dir = None
         logdir = workdir
         if paths.is_remote(workdir) and primary:

@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from ddb_jax import checkpoints, errors, paths
+from ddb_jax import checkpoints, errors, hosts, paths
 
 CONFIG_JSON = "config.json"
 RESULT_JSON = "result.json"
@@ -94,24 +94,41 @@ def read_best_score(workdir: str) -> float:
 
 
 def export_best(
-    workdir: str, variables: dict, model_cfg, stage: str, step: int, score: float
+    workdir: str,
+    variables: dict,
+    model_cfg,
+    stage: str,
+    step: int,
+    score: float,
+    stage_hosts: hosts.Hosts | None = None,
 ) -> None:
-    """The student of ``step`` as ``best/`` (process 0 only)."""
+    """The student of ``step`` as ``best/`` (by process 0 alone, or by ``stage_hosts``
+    together: :func:`ddb_jax.checkpoints.save_model_dir`)."""
     out = paths.join(workdir, BEST_DIR)
-    checkpoints.save_model_dir(out, variables, model_cfg, {"stage": stage}, overwrite=True)
-    paths.write_json(paths.join(out, BEST_SCORE), {"miou": score, "step": step})
+    checkpoints.save_model_dir(
+        out, variables, model_cfg, {"stage": stage}, overwrite=True, stage_hosts=stage_hosts
+    )
+    if stage_hosts is None or stage_hosts.is_primary:
+        paths.write_json(paths.join(out, BEST_SCORE), {"miou": score, "step": step})
 
 
 def export_final(
-    workdir: str, variables: dict, config: ml_collections.ConfigDict, result: dict
+    workdir: str,
+    variables: dict,
+    config: ml_collections.ConfigDict,
+    result: dict,
+    stage_hosts: hosts.Hosts | None = None,
 ) -> None:
-    """The final student as ``export/`` and its evaluation as ``result.json``."""
+    """The final student as ``export/`` and its evaluation as ``result.json`` (written
+    last: with it the stage is finished)."""
     checkpoints.save_model_dir(
         paths.join(workdir, EXPORT_DIR),
         variables,
         config.model,
         {"stage": config.stage, "step": str(config.num_steps)},
         overwrite=True,
+        stage_hosts=stage_hosts,
     )
-    summary = {k: v for k, v in result.items() if not isinstance(v, dict)}
-    paths.write_json(paths.join(workdir, RESULT_JSON), {"step": config.num_steps, **summary})
+    if stage_hosts is None or stage_hosts.is_primary:
+        summary = {k: v for k, v in result.items() if not isinstance(v, dict)}
+        paths.write_json(paths.join(workdir, RESULT_JSON), {"step": config.num_steps, **summary})
