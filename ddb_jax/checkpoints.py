@@ -111,7 +111,7 @@ def save_model_dir(
     if paths.exists(paths.join(out_dir, MODEL_JSON)) and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
     meta = {"model": model_cfg.to_dict(), "provenance": provenance or {}}
-    if stage_hosts is not None and not stage_hosts.is_whole_job:
+    if hosts.is_group(stage_hosts):
         _save_together(out_dir, variables, meta, stage_hosts)
         return
     host_variables = jax.device_get(variables)

@@ -104,6 +104,12 @@ class Hosts:
         return bool(self.gather(np.int32(flag)).max() > 0)
 
 
+def is_group(stage_hosts: Hosts | None) -> bool:
+    """Whether a stage runs on some, not all, of the job's processes (beside other stages):
+    then its checkpoints and model directories are written by those processes alone."""
+    return stage_hosts is not None and not stage_hosts.is_whole_job
+
+
 @functools.lru_cache(maxsize=16)
 def _sum_over_devices(mesh: Mesh):
     return jax.jit(lambda x: x.sum(0), out_shardings=NamedSharding(mesh, PartitionSpec()))

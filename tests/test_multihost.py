@@ -77,6 +77,7 @@ def test_one_process_stage_hosts_are_this_process():
     stage = hosts.Hosts.of(Mesh(np.asarray(jax.devices()[2:6]), ("data",)))
     assert stage.processes == (0,) and (stage.index, stage.count, stage.primary) == (0, 1, 0)
     assert stage.is_primary and stage.is_whole_job
+    assert not hosts.is_group(stage) and not hosts.is_group(None)
     assert [d.id for d in stage.local_devices] == [2, 3, 4, 5]
     np.testing.assert_array_equal(stage.gather(np.arange(3)), [[0, 1, 2]])
     assert stage.any(True) and not stage.any(False)

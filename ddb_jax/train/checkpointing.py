@@ -65,7 +65,7 @@ def multiprocessing_options(
 ) -> ocp.options.MultiprocessingOptions:
     """Orbax's defaults for a stage on all processes; for one on some of them (beside other
     stages), barriers among those only, under a key of its own, its primary writing."""
-    if stage_hosts is None or stage_hosts.is_whole_job:
+    if not hosts.is_group(stage_hosts):
         return ocp.options.MultiprocessingOptions()
     return ocp.options.MultiprocessingOptions(
         primary_host=stage_hosts.primary,
@@ -78,7 +78,7 @@ class Checkpoints:
     """The manager, and the step being written in the background (so a failure names it)."""
 
     def __init__(self, workdir: str, keep: int, stage_hosts: hosts.Hosts | None = None):
-        grouped = stage_hosts is not None and not stage_hosts.is_whole_job
+        grouped = hosts.is_group(stage_hosts)
         checkpoints.use_array_handler(stage_hosts.primary if grouped else 0)
         self.directory = checkpoint_dir(workdir)
         if grouped:  # orbax creates the directory only for all processes: each one does

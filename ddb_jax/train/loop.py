@@ -116,7 +116,7 @@ def exporter(stage_hosts: hosts.Hosts) -> Callable:
     """``export(write, workdir, variables, ...)`` for the stage's processes: its only or
     first process writes the model directory of the whole job's stage; a stage on some of a
     job's processes writes it with all of them (:func:`ddb_jax.checkpoints.save_model_dir`)."""
-    together = not stage_hosts.is_whole_job and stage_hosts.count > 1
+    together = hosts.is_group(stage_hosts)
 
     def export(write: Callable, workdir: str, variables, *args) -> None:
         if together:
