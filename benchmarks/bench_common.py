@@ -25,10 +25,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from configs import default  # noqa: E402
-from ddb_jax import methods, models  # noqa: E402
-from ddb_jax.methods import base  # noqa: E402
-from ddb_jax.train import optim, setup  # noqa: E402
-from ddb_jax.train.state import create_train_state  # noqa: E402
+from ddb_jax import models  # noqa: E402
+from ddb_jax.methods import assemble  # noqa: E402
+from ddb_jax.train import setup  # noqa: E402
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 # Modules the benchmark must never import (the GPU image has none of them).
@@ -242,15 +241,13 @@ class JaxStep:
     with the mesh, donated state); compiled once, then each call runs one step to the end."""
 
     def __init__(self, config, batch_np, torch_student=None, counter: CompileCounter | None = None):
-        model, variables = initial_variables(config, torch_student)
-        tx, _ = optim.make_optimizer(config.optim, config.num_steps)
-        method = methods.create(config, model.apply)
-        state = method.init_state(create_train_state(variables, tx, jax.random.key(0)))
+        _, variables = initial_variables(config, torch_student)
+        stage = assemble.assemble(config, variables, jax.random.key(0))
         mesh = setup.make_mesh(config)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-        self.step = base.make_train_step(method, tx, mesh)
-        self.state = jax.device_put(state, replicated)
+        self.step = assemble.train_step(stage, mesh)
+        self.state = jax.device_put(stage.state, replicated)
         self.batch = jax.device_put(batch_np, sharded)
         self.counter = counter
         start = time.perf_counter()

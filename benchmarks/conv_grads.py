@@ -195,9 +195,10 @@ def model_table(args) -> None:
         variables = jax.tree_util.tree_map(jnp.asarray, variables)
 
         def loss(params, images, labels, variables=variables, model=model):
-            (logits, _), _ = model.apply(
+            named_outputs, _ = model.apply(
                 {**variables, "params": params}, images, train=True, mutable=["batch_stats"]
             )
+            logits = named_outputs["logits"]
             return losses.cross_entropy(logits, labels)
 
         fwd = jax.jit(loss)

@@ -62,10 +62,8 @@ def child(model: str, remat: bool, dtype: str, size: int, batch: int, run: bool)
     import jax
     import numpy as np
 
-    from ddb_jax import methods, models
-    from ddb_jax.methods import base
-    from ddb_jax.train import optim
-    from ddb_jax.train.state import create_train_state
+    from ddb_jax import models
+    from ddb_jax.methods import assemble
 
     config = _default_config()
     config.model.update(MODELS[model])
@@ -73,16 +71,15 @@ def child(model: str, remat: bool, dtype: str, size: int, batch: int, run: bool)
     config.model.dtype = dtype
     student = models.build_model(config.model)
     variables = models.init_variables(student, jax.random.PRNGKey(0))
-    tx, _ = optim.make_optimizer(config.optim, config.num_steps)
-    method = methods.create(config, student.apply)
-    state = method.init_state(create_train_state(variables, tx, jax.random.PRNGKey(1)))
+    stage = assemble.assemble(config, variables, jax.random.PRNGKey(1))
+    state = stage.state
     rng = np.random.default_rng(0)
     batch_arrays = {
         "source_image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
         "target_image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
         "source_label": rng.integers(0, 19, (batch, size, size)).astype(np.int32),
     }
-    step = base.make_train_step(method, tx)
+    step = assemble.train_step(stage)
     start = time.perf_counter()
     compiled = step.lower(state, batch_arrays, None).compile()
     compile_s = time.perf_counter() - start

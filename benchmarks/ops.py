@@ -192,13 +192,14 @@ def model_step_time(backbone: str, batch: int, size: int, repeats: int) -> float
     @jax.jit
     def grad_step(params, batch_stats):
         def loss_fn(p):
-            (logits, _), new_state = model.apply(
+            named_outputs, new_state = model.apply(
                 {"params": p, "batch_stats": batch_stats},
                 images,
                 train=True,
                 mutable=["batch_stats"],
                 rngs={"dropout": jax.random.key(2)},
             )
+            logits = named_outputs["logits"]
             return losses.cross_entropy(logits, labels), new_state
 
         return jax.grad(loss_fn, has_aux=True)(params)

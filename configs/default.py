@@ -7,6 +7,7 @@ key a stage may set exists here, so a misspelt override
 
 import ml_collections
 
+from ddb_jax import methods
 from ddb_jax.labels import THING_CLASSES
 
 
@@ -14,8 +15,9 @@ def get_model_config() -> ml_collections.ConfigDict:
     """DeepLabV2 (ResNetV1c-101, DLV2 adapter head) as in the reference configs."""
     return ml_collections.ConfigDict(
         dict(
-            backbone="resnet101_v1c",  # resnet{18,34,50,101,152}_v1c | mit_b{0..5}
-            head="dlv2",  # dlv2 | segformer | daformer
+            # resnet{18,34,50,101,152}_v1c | mit_b{0..5} | resnet101_caffe (ADVENT's)
+            backbone="resnet101_v1c",
+            head="dlv2",  # dlv2 | segformer | daformer | mmseg_segformer | advent_aspp
             num_classes=19,
             base_channels=64,  # ResNet width (mmseg base/stem channels); 64 in real models
             head_channels=256,  # DLV2: 2 ASPP branches x 128; SegFormer/DAFormer: embed dim
@@ -25,6 +27,9 @@ def get_model_config() -> ml_collections.ConfigDict:
             dtype="float32",  # compute dtype: float32 | bfloat16 (params stay float32)
             remat=False,  # rematerialise backbone stages to save memory
             conv_impl="lax",  # ResNet/DLV2 convs: lax | im2col (about 2x faster training on CPU)
+            # ADVENT's DeepLabV2: the auxiliary layer-3 classifier; blocks per stage.
+            advent_multi_level=True,
+            advent_blocks=(3, 4, 23, 3),
         )
     )
 
@@ -51,6 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
             source=("gta",),
             target=("cityscapes",),
             crop_size=(512, 512),
+            # The target's crop when it differs from the source's (ADVENT: whole images of
+            # each domain's size, 720x1280 and 512x1024); () = crop_size.
+            target_crop_size=(),
+            flip_prob=0.5,  # random horizontal flip (ADVENT's loaders: 0)
             cat_max_ratio=0.75,
             # mmseg's PhotoMetricDistortion on the source images (the reference's CKD
             # stages; DDB's self-training stages do not use it).
@@ -71,9 +80,16 @@ def get_config() -> ml_collections.ConfigDict:
     # it usually means JAX's CPU build is installed; see the README's Install section).
     config.allow_cpu = False
 
-    # Optimiser and schedule (mmcv AdamW + poly with linear warmup).
+    # Optimiser and schedule of the segmentor (mmcv AdamW + poly with linear warmup for DDB and
+    # DAFormer; ADVENT's family: SGD). Parameter groups by mmcv-style custom keys: names
+    # containing a head key get head_lr_mult x the rate, a frozen key never changes.
     config.optim = ml_collections.ConfigDict(
         dict(
+            kind="adamw",  # adamw | adam | sgd
+            momentum=0.9,  # sgd only
+            head_keys=("head",),
+            frozen_keys=(),
+            max_iters=0,  # the poly schedule's length; 0 = num_steps
             lr=6e-5,
             b1=0.9,
             b2=0.999,
@@ -151,10 +167,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.prototypes = ml_collections.ConfigDict(
         dict(num_passes=4, batch_size=4, min_pixels=10, count_cap=3000)
     )
+    # Each training method's own settings (ddb_jax/methods/registry.py), e.g. config.advent.
+    for section, defaults in methods.registry.config_sections().items():
+        config[section] = defaults()
+
     # Stage 'pipeline' (ddb_jax/rounds.py): DDB's rounds, the optional baseline rows
     # ('source_only', 'oracle'), round 2's learning rate (the reference's r2 configs: a
     # tenth), and a comma-separated subset of stages to run ('' = all), e.g.
     # --config.stages=r1_ckd,r2_cu. Per-stage overrides: config.pipeline.<stage>.<key>.
+    # The method's pipeline (ddb_jax/rounds.py GRAPHS): 'ddb' (DDB's rounds) | 'advent'.
+    config.graph = "ddb"
     config.rounds = 2
     config.baselines = ()
     config.round2_lr_scale = 0.1

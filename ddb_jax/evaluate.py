@@ -166,7 +166,7 @@ def batch_prediction(
     variables, images, labels, *, apply_fn, mode, crop, stride, flip, num_classes
 ) -> tuple[jax.Array, jax.Array]:
     """(predicted train ids at the label's size, confusion matrix) of one batch."""
-    logits_fn = lambda x: apply_fn(variables, x, train=False)[0]
+    logits_fn = lambda x: apply_fn(variables, x, train=False)["logits"]
     probs = predict_probabilities(logits_fn, images, labels.shape[1:3], mode, crop, stride, flip)
     prediction = jnp.argmax(probs, axis=-1)
     return prediction, confusion_matrix(prediction, labels, num_classes)

@@ -45,7 +45,7 @@ def validate(config) -> None:
     from ddb_jax import methods
 
     models.build_model(config.model)
-    if config.stage in methods.KINDS:
+    if methods.is_training(config.stage):
         methods.check_config(config)
     if config.eval.mode not in ("whole", "slide"):
         raise FlagError(f"config.eval.mode={config.eval.mode!r}; use 'whole' or 'slide'")

@@ -32,6 +32,29 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     return jax.image.resize(x, (n, size[0], size[1], c), method="bilinear", antialias=False)
 
 
+def resize_bilinear_corners(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Resizes NHWC ``x`` to ``size`` (H, W) like torch bilinear with align_corners=True (the
+    corners of input and output coincide: ``src = dst * (in - 1) / (out - 1)``), as ADVENT
+    and its family upsample logits."""
+    n, h, w, c = x.shape
+    if (h, w) == tuple(size):
+        return x
+
+    def taps(in_size: int, out_size: int):
+        scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+        src = np.arange(out_size) * scale
+        i0 = np.minimum(np.floor(src), in_size - 1).astype(np.int32)
+        i1 = np.minimum(i0 + 1, in_size - 1).astype(np.int32)
+        return i0, i1, src - i0
+
+    r0, r1, rf = taps(h, size[0])
+    c0, c1, cf = taps(w, size[1])
+    rf = jnp.asarray(rf, x.dtype)[None, :, None, None]
+    cf = jnp.asarray(cf, x.dtype)[None, None, :, None]
+    rows = x[:, r0] * (1 - rf) + x[:, r1] * rf
+    return rows[:, :, c0] * (1 - cf) + rows[:, :, c1] * cf
+
+
 def bilinear_taps(
     in_size: int, out_size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

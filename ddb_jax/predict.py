@@ -277,7 +277,7 @@ def predict_train_ids(
     variables, images, *, apply_fn, out_size, mode, crop, stride, flip
 ) -> jax.Array:
     """(n, H, W) uint8 train ids at ``out_size`` of a batch of normalised images."""
-    logits_fn = lambda x: apply_fn(variables, x, train=False)[0]
+    logits_fn = lambda x: apply_fn(variables, x, train=False)["logits"]
     probs = evaluate.predict_probabilities(logits_fn, images, out_size, mode, crop, stride, flip)
     return jnp.argmax(probs, axis=-1).astype(jnp.uint8)
 

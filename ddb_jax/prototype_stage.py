@@ -105,7 +105,8 @@ def image_outputs(
     apply_fn: Callable, variables: Any, images: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """(logits, feature), float32, both resized to the image size as the reference does."""
-    logits, feature = apply_fn(variables, images, train=False)
+    outputs = apply_fn(variables, images, train=False)
+    logits, feature = outputs["logits"], outputs["feature"]
     size = images.shape[1:3]
     return (
         resize_bilinear(logits.astype(jnp.float32), size),
@@ -187,7 +188,7 @@ def compute_prototypes(
     shapes = jax.eval_shape(
         lambda v: apply_fn(v, jnp.zeros((1, *crop, 3), jnp.float32), train=False), variables
     )
-    num_classes, channels = shapes[0].shape[-1], shapes[1].shape[-1]
+    num_classes, channels = shapes["logits"].shape[-1], shapes["feature"].shape[-1]
     table = jax.device_put(jnp.zeros((num_classes, channels), jnp.float32), replicated)
     counts = jax.device_put(jnp.zeros((num_classes,), jnp.float32), replicated)
     step = make_update_step(

@@ -42,6 +42,7 @@ PER_STAGE_KEYS = (
 # Keys of a pipeline config that describe the pipeline, not its stages.
 PIPELINE_KEYS = (
     "pipeline", "stages", "rounds", "baselines", "round2_lr_scale", "seeds", "concurrent_stages",
+    "graph",
 )  # fmt: skip
 
 
@@ -79,14 +80,7 @@ def graph(rounds: int = 2, baselines: Sequence[str] = ()) -> list[Stage]:
     """The stages of ``rounds`` DDB rounds (and the baselines), in running order."""
     if rounds < 1:
         raise GraphError(f"config.rounds={rounds}; DDB needs at least one round")
-    unknown = [b for b in baselines if b not in BASELINES]
-    if unknown:
-        raise GraphError(f"config.baselines={tuple(baselines)}: {unknown} not in {BASELINES}")
-    stages = [
-        Stage(name, "supervised", (("data.source", CopyKey("data.target")),) * (name == "oracle"))
-        for name in BASELINES
-        if name in baselines
-    ]
+    stages = baseline_stages(baselines)
     for n in range(1, rounds + 1):
         for path in PATHS:
             init = (Input("init_from", f"r{n - 1}_ckd", EXPORT),) if n > 1 else ()
@@ -110,8 +104,38 @@ def graph(rounds: int = 2, baselines: Sequence[str] = ()) -> list[Stage]:
     return stages
 
 
+def baseline_stages(baselines: Sequence[str]) -> list[Stage]:
+    """The reference rows every table has: source-only, and the oracle (trained on the
+    target's own labels)."""
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise GraphError(f"config.baselines={tuple(baselines)}: {unknown} not in {BASELINES}")
+    return [
+        Stage(name, "supervised", (("data.source", CopyKey("data.target")),) * (name == "oracle"))
+        for name in BASELINES
+        if name in baselines
+    ]
+
+
+def advent_graph(config: ml_collections.ConfigDict) -> list[Stage]:
+    """ADVENT's rows: AdvEnt and MinEnt, independent stages of one setting."""
+    return [*baseline_stages(tuple(config.baselines)), Stage("advent", "advent"),
+            Stage("minent", "minent")]  # fmt: skip
+
+
+# config.graph -> the stages of that method's pipeline, in running order (producers first).
+GRAPHS = {
+    "ddb": lambda config: graph(config.rounds, tuple(config.baselines)),
+    "advent": advent_graph,
+}
+
+
 def graph_of(config: ml_collections.ConfigDict) -> list[Stage]:
-    return graph(config.rounds, tuple(config.baselines))
+    """The stages of the pipeline ``config.graph`` names (DDB's rounds by default)."""
+    name = config.get("graph", "ddb")
+    if name not in GRAPHS:
+        raise GraphError(f"config.graph={name!r}; known pipelines: {list(GRAPHS)}")
+    return GRAPHS[name](config)
 
 
 def find(stages: Sequence[Stage], name: str) -> Stage:

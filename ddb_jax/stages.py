@@ -11,11 +11,10 @@ from collections.abc import Callable
 
 from ddb_jax import errors
 
-# stage name -> "module:function(config, workdir)"
+# stage name -> "module:function(config, workdir)"; every training method's kinds (declared
+# in ddb_jax.methods.registry) run the training loop.
+TRAIN = "ddb_jax.train.loop:train_and_evaluate"
 STAGES = {
-    "self_training": "ddb_jax.train.loop:train_and_evaluate",
-    "supervised": "ddb_jax.train.loop:train_and_evaluate",
-    "ckd": "ddb_jax.train.loop:train_and_evaluate",
     "prototypes": "ddb_jax.prototype_stage:run",
     "evaluate": "ddb_jax.eval_stage:run",
     "pipeline": "ddb_jax.pipeline:run",
@@ -26,9 +25,17 @@ class UnknownStageError(errors.UsageError, ValueError):
     """config.stage names no stage."""
 
 
+def known_stages() -> dict[str, str]:
+    """Every stage kind -> "module:function": the training methods' and the others."""
+    from ddb_jax import methods
+
+    return {**{kind: TRAIN for kind in methods.kinds()}, **STAGES}
+
+
 def resolve_stage(stage: str) -> Callable:
     """The function that runs ``stage`` (config, workdir)."""
-    if stage not in STAGES:
-        raise UnknownStageError(f"config.stage={stage!r} is not a stage; known: {sorted(STAGES)}")
-    module_name, function_name = STAGES[stage].split(":")
+    known = known_stages()
+    if stage not in known:
+        raise UnknownStageError(f"config.stage={stage!r} is not a stage; known: {sorted(known)}")
+    module_name, function_name = known[stage].split(":")
     return getattr(importlib.import_module(module_name), function_name)

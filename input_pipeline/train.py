@@ -117,6 +117,7 @@ def _source_fn(data_cfg, table, sampler: _RareClassSampler | None, seed: tf.Tens
     crop_size = tuple(data_cfg.crop_size)
     n = len(table["image"])
     distort = bool(data_cfg.get("photometric_distortion", False))
+    flip_prob = float(data_cfg.get("flip_prob", 0.5))
 
     def fn(k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         elem_seed = transforms.fold_seed(seed, SOURCE_STREAM, k)
@@ -128,7 +129,7 @@ def _source_fn(data_cfg, table, sampler: _RareClassSampler | None, seed: tf.Tens
 
         def propose(s):
             return transforms.crop_flip_pad(
-                image, label, crop_size, data_cfg.cat_max_ratio, s, distort
+                image, label, crop_size, data_cfg.cat_max_ratio, s, distort, flip_prob
             )
 
         if sampler is None or data_cfg.rcs_min_crop_ratio <= 0:
@@ -153,7 +154,8 @@ def _target_fn(data_cfg, table, seed: tf.Tensor, order: str):
     element, a per-epoch permutation, or file order), cropped and flipped by (seed, k)."""
     if order not in TARGET_ORDERS:
         raise ValueError(f"target order {order!r}; known: {TARGET_ORDERS}")
-    crop_size = tuple(data_cfg.crop_size)
+    crop_size = tuple(data_cfg.get("target_crop_size") or data_cfg.crop_size)
+    flip_prob = float(data_cfg.get("flip_prob", 0.5))
     n = len(table["image"])
 
     def fn(k: tf.Tensor) -> tf.Tensor:
@@ -167,7 +169,9 @@ def _target_fn(data_cfg, table, seed: tf.Tensor, order: str):
             )
         image, _ = _load(_gather(table, index), False)
         elem_seed = transforms.fold_seed(seed, TARGET_STREAM + 100, k)
-        image, _ = transforms.crop_flip_pad(image, None, crop_size, 1.0, elem_seed)
+        image, _ = transforms.crop_flip_pad(
+            image, None, crop_size, 1.0, elem_seed, flip_prob=flip_prob
+        )
         return image
 
     return fn

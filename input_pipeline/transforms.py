@@ -318,16 +318,18 @@ def crop_flip_pad(
     cat_max_ratio: float,
     seed: tf.Tensor,
     photometric_distortion: bool = False,
+    flip_prob: float = 0.5,
 ) -> tuple[tf.Tensor, tf.Tensor | None]:
     """RandomCrop -> RandomFlip -> [PhotoMetricDistortion] -> Normalize -> Pad, the
-    reference's order; the distortion (the CKD stages' source images) is optional."""
+    reference's order; the distortion (the CKD stages' source images) is optional, and
+    ``flip_prob`` 0 turns flipping off (ADVENT's loaders do not flip)."""
     if label is None:
         offset = crop_offset(tf.shape(image), crop_size, fold_seed(seed, CROP_OP, 0))
     else:
         offset = random_crop_offset(label, crop_size, cat_max_ratio, fold_seed(seed, CROP_OP))
     image = crop(image, offset, crop_size)
     label = None if label is None else crop(label, offset, crop_size)
-    image, label = maybe_flip(image, label, fold_seed(seed, FLIP_OP))
+    image, label = maybe_flip(image, label, fold_seed(seed, FLIP_OP), flip_prob)
     if photometric_distortion:
         image = photometric.photometric_distortion(image, fold_seed(seed, PHOTOMETRIC_OP))
     image, label = pad_to(normalize(image), label, crop_size)

@@ -21,7 +21,7 @@ from configs import default
 from ddb_jax import models
 from ddb_jax.convert import resnet as resnet_names
 from ddb_jax.convert.common import convert_state_dict, path_to_str
-from ddb_jax.train.state import create_train_state
+from ddb_jax.methods.state import create_train_state
 from torch_ref.common import numpy_state_dict
 from torch_ref.optim import mmcv_lr
 from torch_ref.resnet_dlv2 import Segmentor, randomize

@@ -189,9 +189,10 @@ def _train_grads(cfg, variables, images):
     model = models.build_model(cfg)
 
     def loss(params):
-        (logits, _), updates = model.apply(
+        named_outputs, updates = model.apply(
             {**variables, "params": params}, images, train=True, mutable=["batch_stats"]
         )
+        logits = named_outputs["logits"]
         return jnp.sum(logits**2), updates["batch_stats"]
 
     return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])

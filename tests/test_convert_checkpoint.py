@@ -36,7 +36,8 @@ def test_convert_then_load_gives_torch_outputs(ddb_checkpoint, tmp_path):
     variables, model_cfg = checkpoints.load_model_dir(str(out))
     _, provenance = checkpoints.read_model_config(str(out))
     assert provenance["prefix"] == "model" and provenance["kind"] == "segmentor"
-    logits, feature = models.build_model(model_cfg).apply(variables, images, train=False)
+    outputs = models.build_model(model_cfg).apply(variables, images, train=False)
+    logits, feature = outputs["logits"], outputs["feature"]
     logits = np.asarray(logits).transpose(0, 3, 1, 2)
     scale = np.abs(ref_logits).max()
     assert np.abs(logits - ref_logits).max() <= 1e-4 * scale
@@ -153,7 +154,8 @@ def test_mmseg_segformer_checkpoint_converts(mmseg_segformer_checkpoint, tmp_pat
     assert convert_checkpoint.main([str(path), str(out), *args]) == 0
     variables, model_cfg = checkpoints.load_model_dir(str(out))
     assert (model_cfg.head, model_cfg.mit_layout) == ("mmseg_segformer", "mmseg")
-    ours = models.build_model(model_cfg).apply(variables, images, train=False)
+    outputs = models.build_model(model_cfg).apply(variables, images, train=False)
+    ours = (outputs["logits"], outputs["feature"])
     assert ours[0].dtype == np.float32
     eps = np.finfo(np.float32).eps
     for name, exact, theirs, mine in zip(

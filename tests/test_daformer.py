@@ -34,8 +34,7 @@ from ddb_jax import checkpoints, losses, methods, models
 from ddb_jax.convert import convert_torch_checkpoint
 from ddb_jax.convert import mit as convert_mit
 from ddb_jax.convert.common import path_to_str
-from ddb_jax.methods import base, feature_distance
-from ddb_jax.train import optim
+from ddb_jax.methods import base, feature_distance, optim
 from tests.parity_support import (
     EPS64,
     REL64,

@@ -25,10 +25,10 @@ import torch
 
 from configs import default
 from ddb_jax import checkpoints, ensemble, models, prototype_io
-from ddb_jax.methods import base, ckd, teachers
-from ddb_jax.train import checkpointing, loop, optim
+from ddb_jax.methods import base, ckd, optim, teachers
+from ddb_jax.methods.state import TrainState
+from ddb_jax.train import checkpointing, loop
 from ddb_jax.train import workdir as workdir_lib
-from ddb_jax.train.state import TrainState
 from input_pipeline import toy
 from tests.parity_support import (
     adam_param_bound,

@@ -5,6 +5,9 @@
 - the DDB ops (bridging, augmentation, losses, prototypes, ensemble) import no model, no
   data and no training code: only each other and the leaves;
 - the input pipeline imports no training code: only itself and the leaves;
+- the methods sit below the training loop: nothing in ddb_jax/methods imports
+  ``ddb_jax.train`` (nor the pipeline or the entry points), at module level or inside a
+  function;
 - nothing outside tests/ imports from tests/; the PyTorch transcriptions (torch_ref/) import
   nothing of the project, and the project imports them only from tests and benchmarks;
 - torch is never imported at module level by the package (it is a test dependency; the
@@ -20,7 +23,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEAVES = ("ddb_jax.ops", "ddb_jax.labels", "ddb_jax.paths", "ddb_jax.errors")
-DDB_OPS = tuple(f"ddb_jax.{m}" for m in ("bridging", "augment", "losses", "prototypes", "ensemble"))
+DDB_OPS = tuple(
+    f"ddb_jax.{m}"
+    for m in ("bridging", "augment", "losses", "prototypes", "ensemble", "adversarial")
+)
+TRAINING = ("ddb_jax.train", "ddb_jax.pipeline", "ddb_jax.main", "ddb_jax.stages")
 PROJECT = ("ddb_jax", "input_pipeline", "configs", "tools", "benchmarks", "tests", "torch_ref")
 
 
@@ -83,6 +90,21 @@ def test_models_import_only_models_and_leaves():
 def test_ddb_ops_import_no_model_no_data_no_training():
     files = [os.path.join(ROOT, *m.split(".")) + ".py" for m in DDB_OPS + LEAVES]
     assert violations(files, DDB_OPS + LEAVES) == []
+
+
+def test_methods_sit_below_the_training_loop():
+    files = python_files("ddb_jax/methods")
+    assert len(files) > 5
+    bad = [
+        f"{os.path.relpath(path, ROOT)} imports {name}"
+        for path in files
+        for name, _ in imports(path)
+        if within(name, TRAINING)
+    ]
+    assert bad == []
+    # The rule sees what it forbids: the loop itself imports the methods.
+    loop = os.path.join(ROOT, "ddb_jax", "train", "loop.py")
+    assert within("ddb_jax.train.loop", TRAINING) and "ddb_jax.methods" in project_imports(loop)
 
 
 def test_input_pipeline_imports_no_training_code():

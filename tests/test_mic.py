@@ -25,9 +25,8 @@ import torch.nn.functional as F
 
 from configs import default
 from ddb_jax import augment, bridging, methods, models
-from ddb_jax.methods import base
+from ddb_jax.methods import base, optim
 from ddb_jax.methods import mic as mic_method
-from ddb_jax.train import optim
 from tests.parity_support import (
     REL64,
     assert_argmax_agrees,

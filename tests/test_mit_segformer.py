@@ -80,7 +80,8 @@ def torch_outputs(model, image) -> tuple[np.ndarray, np.ndarray]:
 
 
 def flax_outputs(model, variables, image) -> tuple[np.ndarray, np.ndarray]:
-    logits, feature = model.apply(variables, jnp.asarray(nhwc(image)), train=False)
+    outputs = model.apply(variables, jnp.asarray(nhwc(image)), train=False)
+    logits, feature = outputs["logits"], outputs["feature"]
     return np.asarray(logits), np.asarray(feature)
 
 
@@ -167,9 +168,12 @@ def test_mmseg_segformer_head_parity(train, image):
     variables = convert(model, state_dict)
     x = jnp.asarray(nhwc(image))
     if train:
-        (logits, feature), updated = model.apply(variables, x, train=True, mutable="batch_stats")
+        named_outputs, updated = model.apply(variables, x, train=True, mutable="batch_stats")
+        logits = named_outputs["logits"]
+        feature = named_outputs["feature"]
     else:
-        logits, feature = model.apply(variables, x, train=False)
+        outputs = model.apply(variables, x, train=False)
+        logits, feature = outputs["logits"], outputs["feature"]
         updated = variables
     assert logits.dtype == jnp.float32 and logits.shape == torch32[0].shape
     assert feature.shape == torch32[1].shape == (1, 17, 25, HEAD_WIDTH)

@@ -12,7 +12,7 @@ from ddb_jax import models
 from ddb_jax.convert import mit as convert_mit
 from ddb_jax.convert import resnet as convert_resnet
 from ddb_jax.convert.common import convert_state_dict, path_to_str
-from ddb_jax.train import optim
+from ddb_jax.methods import optim
 from tests.parity_support import make_config, torch_segmentor
 from torch_ref import mit_heads
 from torch_ref.common import numpy_state_dict

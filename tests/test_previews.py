@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddb_jax import labels, methods, models, ops
-from ddb_jax.methods import base
-from ddb_jax.train import optim, previews
+from ddb_jax.methods import base, optim, previews
 from tests.parity_support import (
     initial_state,
     make_batch,
@@ -107,9 +106,10 @@ def test_self_training_preview_shows_the_steps_bridging():
             # The scores behind the label panels, for their near-ties: the teacher's
             # probabilities and the student's logits on the mixed image (training-mode BN:
             # batch statistics, as in the step), at image size.
-            (mixed_logits, _), _ = model.apply(
+            named_outputs, _ = model.apply(
                 state.variables(), out["mixed_image"], train=True, mutable=["batch_stats"]
             )
+            mixed_logits = named_outputs["logits"]
             scores = (
                 jax.nn.softmax(ops.resize_bilinear(out["teacher_logits"], size), -1),
                 ops.resize_bilinear(mixed_logits, size),

@@ -83,7 +83,9 @@ def reference_outputs(toy6_root, model_dir):
     """Per valid image, in stream order: torch-resized logits and features (C, H, W)."""
     config = stage_config(toy6_root, model_dir)
     apply_fn, variables = prototype_stage.load_model(str(model_dir), config)
-    forward = jax.jit(lambda v, x: apply_fn(v, x, train=False))
+    forward = jax.jit(
+        lambda v, x: tuple(apply_fn(v, x, train=False)[k] for k in ("logits", "feature"))
+    )
     indices, outputs = [], []
     for batch in prototype_stage.make_batches(config).as_numpy_iterator():
         logits, feature = (
@@ -153,7 +155,7 @@ def test_step_follows_stream_index_and_ignores_padding():
     w_feature = rng.normal(size=(3, CHANNELS)).astype(np.float32)
 
     def apply_fn(variables, images, train):
-        return images @ variables["logits"], images @ variables["feature"]
+        return {"logits": images @ variables["logits"], "feature": images @ variables["feature"]}
 
     images = rng.normal(size=(6, 8, 8, 3)).astype(np.float32)
     index = np.array([4, 1, 5, 0, 3, 2], np.int32)

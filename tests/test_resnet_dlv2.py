@@ -66,7 +66,8 @@ def converted_pair(depth: int):
 
 def flax_eval(cfg, variables, images):
     model = models.build_model(cfg)
-    return jax.jit(functools.partial(model.apply, train=False))(variables, images)
+    outputs = jax.jit(functools.partial(model.apply, train=False))(variables, images)
+    return outputs["logits"], outputs["feature"]
 
 
 def assert_close(actual, expected, what: str):
@@ -106,9 +107,11 @@ def test_train_mode_batchnorm_matches_torch():
     with torch.no_grad():
         ref_logits, ref_feature = torch_model(images)
     model = models.build_model(cfg)
-    (logits, feature), updates = model.apply(
+    named_outputs, updates = model.apply(
         variables, to_nhwc(images), train=True, mutable=["batch_stats"]
     )
+    logits = named_outputs["logits"]
+    feature = named_outputs["feature"]
     assert_close(logits, ref_logits.numpy().transpose(0, 2, 3, 1), "train logits")
     assert_close(feature, ref_feature.numpy().transpose(0, 2, 3, 1), "train feature")
     expected_stats = convert(torch_model, model)["batch_stats"]
@@ -137,13 +140,14 @@ def test_remat_gives_same_variables_outputs_and_gradients():
         model = models.build_model(model_cfg)
 
         def loss(params):
-            (logits, _), updates = model.apply(
+            named_outputs, updates = model.apply(
                 {**variables, "params": params},
                 to_nhwc(torch_images()),
                 train=True,
                 mutable=["batch_stats"],
                 rngs={"dropout": jax.random.key(3)},
             )
+            logits = named_outputs["logits"]
             return jnp.sum(logits**2), updates["batch_stats"]
 
         return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
@@ -277,9 +281,10 @@ def test_im2col_convs_match_lax_and_torch():
     shapes = models.variable_shapes(model)
     same_shape = jax.tree_util.tree_map(lambda s, v: s.shape == v.shape, shapes, variables)
     assert all(jax.tree_util.tree_leaves(same_shape))
-    logits, feature = jax.jit(functools.partial(model.apply, train=False))(
+    outputs = jax.jit(functools.partial(model.apply, train=False))(
         variables, to_nhwc(torch_images())
     )
+    logits, feature = outputs["logits"], outputs["feature"]
     assert_close(logits, ref_logits, "im2col logits")
     assert_close(feature, ref_feature, "im2col feature")
 

@@ -24,8 +24,7 @@ import torch
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ddb_jax import bridging, methods, models
-from ddb_jax.methods import base
-from ddb_jax.train import optim
+from ddb_jax.methods import base, optim
 from tests.parity_support import (
     EPS32,
     REL64,

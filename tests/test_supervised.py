@@ -11,10 +11,9 @@ import jax
 import numpy as np
 
 from ddb_jax import methods, models
-from ddb_jax.methods import base
+from ddb_jax.methods import base, optim
+from ddb_jax.methods.state import TrainState
 from ddb_jax.methods.supervised import Supervised
-from ddb_jax.train import optim
-from ddb_jax.train.state import TrainState
 from tests.parity_support import (
     adam_param_bound,
     assert_argmax_agrees,

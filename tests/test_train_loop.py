@@ -20,8 +20,9 @@ import tensorflow as tf
 from orbax.checkpoint._src.handlers import base_pytree_checkpoint_handler
 
 from ddb_jax import checkpoints, methods, models
+from ddb_jax.methods import optim
 from ddb_jax.methods.self_training import SelfTraining
-from ddb_jax.train import checkpointing, loop, optim, setup
+from ddb_jax.train import checkpointing, loop, setup
 from ddb_jax.train import workdir as workdir_lib
 from tests.support import assert_same_leaves, export_leaves, image_summaries, tiny_stage
 

@@ -1,9 +1,17 @@
 """What every training method shares: the protocol, its loss terms, and the one jitted step.
 
-A method (self-training, CKD, supervised) is an object with
+A method (self-training, CKD, supervised, ADVENT...) is an object with
 
+- ``update(txs, state, batch, frozen) -> (state, outputs, metrics)``: its whole iteration.
+  Most methods sum named loss terms and train the segmentor alone:
+  :func:`single_tree_update` over the parts below. A method that trains more trees
+  (ADVENT's discriminators, each from its own loss and with its own optimiser) writes its
+  own, differentiating each tree's loss and applying every update to the pre-step
+  parameters with :func:`ddb_jax.methods.state.apply_updates`;
+- ``other_trees``: ``{tree: optimiser config}`` of the trees it trains besides the segmentor
+  and ``init_others(key)``, their initial parameters (``{}`` for one-tree methods);
 - ``init_state(state)``: its train state (self-training adds the EMA teacher to
-  :class:`~ddb_jax.train.state.TrainState`);
+  :class:`~ddb_jax.methods.state.TrainState`);
 - ``prepare(state, batch, keys, frozen)``: what the step computes without gradients
   (teacher pseudo-labels, the bridged images), a dict;
 - ``terms``: its loss as a sequence of named terms, each ``term(method, params, ctx) ->
@@ -21,9 +29,10 @@ the compiled program.
 
 from __future__ import annotations
 
+import types
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +40,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ddb_jax import losses
+from ddb_jax.methods import previews
+from ddb_jax.methods.state import MODEL, Optimizers, TrainState, apply_updates, as_optimizers
 from ddb_jax.ops import resize_bilinear, upcast
-from ddb_jax.train import previews
-from ddb_jax.train.state import TrainState, apply_gradients
 
 Batch = Mapping[str, jax.Array]
 Context = dict[str, Any]
@@ -50,6 +59,13 @@ class Method(Protocol):
     preview_tag: str
     preview_panels: tuple[str, ...]
     student_apply: Callable
+    other_trees: Mapping[str, Any]  # tree name -> its optimiser config
+
+    def init_others(self, key: jax.Array) -> dict[str, Any]: ...
+
+    def update(
+        self, txs: Optimizers, state: TrainState, batch: Batch, frozen: Any
+    ) -> tuple[TrainState, Context, dict[str, jax.Array]]: ...
 
     def init_state(self, state: TrainState) -> TrainState: ...
 
@@ -94,9 +110,9 @@ def student_forward(
     dropout_key: jax.Array,
     with_backbone: bool = False,
 ):
-    """The student in training mode: (logits, feature), and its updated BN statistics.
+    """The student in training mode: its named outputs, and its updated BN statistics.
 
-    ``with_backbone``: (logits, feature, backbone maps) from the same forward
+    ``with_backbone``: with the backbone maps of the same forward, ``outputs['backbone']``
     (``EncoderDecoder.forward_with_features``).
     """
     method = {"method": "forward_with_features"} if with_backbone else {}
@@ -136,8 +152,9 @@ def labelled_term(
         with_backbone=backbone_key is not None,
     )  # fmt: skip
     if backbone_key is not None:
-        ctx[backbone_key] = outputs[2]
-    return losses.cross_entropy(outputs[0], labels, weight), outputs[0]
+        ctx[backbone_key] = outputs["backbone"]
+    logits = outputs["logits"]
+    return losses.cross_entropy(logits, labels, weight), logits
 
 
 def source_term(method: Method, params, ctx: Context) -> tuple[jax.Array, Context]:
@@ -185,24 +202,34 @@ def loss_and_grads(
     return loss, outputs, grads
 
 
+def single_tree_update(
+    method: Method, txs: Optimizers, state: TrainState, batch: Batch, frozen: Any = None
+) -> tuple[TrainState, Context, dict[str, jax.Array]]:
+    """The one-tree iteration: the sum of the method's terms, one optimiser update of the
+    segmentor, then the method's own updates (``finish``). Returns (state, outputs,
+    metrics)."""
+    loss, outputs, grads = loss_and_grads(method, state, batch, frozen)
+    new_state = apply_updates(state, {MODEL: grads}, outputs["batch_stats"], txs)
+    new_state = method.finish(new_state, outputs)
+    metrics = {"loss": loss, **{k: outputs[k] for k in method.metric_names if k in outputs}}
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return new_state, outputs, metrics
+
+
 def train_step(
     method: Method,
-    tx: optax.GradientTransformation,
+    tx: optax.GradientTransformation | Optimizers,
     state: TrainState,
     batch: Batch,
     frozen: Any = None,
     with_preview: bool = False,
 ):
-    """One iteration: loss terms, one optimiser update, the method's own updates.
+    """One iteration, as the method defines it (``method.update``).
 
     Returns ``(state, metrics)``, and with ``with_preview`` also ``{tag: panels}``, the
-    method's preview of this very step (uint8, see :mod:`ddb_jax.train.previews`).
+    method's preview of this very step (uint8, see :mod:`ddb_jax.methods.previews`).
     """
-    loss, outputs, grads = loss_and_grads(method, state, batch, frozen)
-    new_state = apply_gradients(state, grads, outputs["batch_stats"], tx)
-    new_state = method.finish(new_state, outputs)
-    metrics = {"loss": loss, **{k: outputs[k] for k in method.metric_names if k in outputs}}
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    new_state, outputs, metrics = method.update(as_optimizers(tx), state, batch, frozen)
     if not with_preview:
         return new_state, metrics
     panels = previews.panel_rows(method.preview(batch, outputs))
@@ -211,7 +238,7 @@ def train_step(
 
 def make_train_step(
     method: Method,
-    tx: optax.GradientTransformation,
+    tx: optax.GradientTransformation | Optimizers,
     mesh: Mesh | None = None,
     with_preview: bool = False,
 ) -> Callable:
@@ -237,3 +264,16 @@ def make_train_step(
         out_shardings=outputs,
         donate_argnums=0,
     )
+
+
+class OneTree:
+    """What a method that trains the segmentor alone inherits: no other trees, and the
+    iteration of :func:`single_tree_update` over its terms."""
+
+    other_trees: ClassVar[Mapping[str, Any]] = types.MappingProxyType({})
+
+    def init_others(self, key: jax.Array) -> dict[str, Any]:
+        return {}
+
+    def update(self, txs: Optimizers, state: TrainState, batch: Batch, frozen: Any = None):
+        return single_tree_update(self, txs, state, batch, frozen)

@@ -20,10 +20,9 @@ import jax
 import ml_collections
 
 from ddb_jax import bridging, ensemble, losses, prototypes
-from ddb_jax.methods import base, teachers
+from ddb_jax.methods import base, previews, registry, self_training, teachers
+from ddb_jax.methods.state import TrainState
 from ddb_jax.ops import resize_bilinear, upcast
-from ddb_jax.train import previews
-from ddb_jax.train.state import TrainState
 
 
 def teacher_outputs(
@@ -37,8 +36,9 @@ def teacher_outputs(
     size = images.shape[1:3]
     logits, weights = [], []
     for path in teachers.PATHS:
-        out, feature = teacher_apply(frozen[path]["variables"], images, train=False)
-        logits.append(jax.lax.stop_gradient(resize_bilinear(upcast(out), size)))
+        outputs = teacher_apply(frozen[path]["variables"], images, train=False)
+        feature = outputs["feature"]
+        logits.append(jax.lax.stop_gradient(resize_bilinear(upcast(outputs["logits"]), size)))
         if ckd_cfg.proto_rectify:
             table = frozen[path]["prototypes"].astype(logits[-1].dtype)
             weights.append(
@@ -64,9 +64,10 @@ def target_term(method: CKD, params, ctx: base.Context):
             ctx["pseudo_pixel_weight"],
         )  # fmt: skip
     else:
-        (logits, _), ctx["batch_stats"] = base.student_forward(
+        outputs, ctx["batch_stats"] = base.student_forward(
             method.student_apply, params, ctx["batch_stats"], image, ctx["keys"]["dropout_target"]
         )
+        logits = outputs["logits"]
         # The reference's encode_decode: student logits resized to the image size.
         resized = resize_bilinear(upcast(logits), image.shape[1:3])
         loss = cfg.soft_distill_weight * losses.distillation_kl(
@@ -77,7 +78,7 @@ def target_term(method: CKD, params, ctx: base.Context):
 
 
 @dataclasses.dataclass(frozen=True)
-class CKD:
+class CKD(base.OneTree):
     student_apply: Callable
     teacher_apply: Callable  # the student's architecture, no dropout, the teachers' dtype
     ckd: ml_collections.ConfigDict
@@ -156,3 +157,16 @@ def create(config: ml_collections.ConfigDict, student_apply: Callable, build_mod
         ckd=config.ckd,
         st=config.st,
     )
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """The bridging mask (the student's input), then the teachers and prototype files."""
+    self_training.check_bridging(config)
+    teachers.check_config(config)
+
+
+registry.register(
+    registry.MethodSpec(
+        kinds=("ckd",), create=create, check=check_config, load_frozen=teachers.load_teachers
+    )
+)

@@ -101,7 +101,7 @@ def thing_mask(labels: jax.Array, feature_shape: tuple[int, int], cfg) -> jax.Ar
 
 
 @self_training.register_term(
-    "fdist", source_backbone=True, load_frozen=load_imnet, check=check_config
+    "fdist", order=1, source_backbone=True, load_frozen=load_imnet, check=check_config
 )
 def feature_distance_term(method, params, ctx: base.Context):
     """``weight`` x the masked distance of the student's and the frozen backbone's last map."""

@@ -77,7 +77,7 @@ def masked_target(
     return images, draws
 
 
-@self_training.register_term("mic", check=check_config)
+@self_training.register_term("mic", order=2, check=check_config)
 def mic_term(method, params, ctx: base.Context):
     """``weight`` x the teacher-weighted CE of the student on the masked target."""
     cfg = method.options["mic"]

@@ -26,9 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from ddb_jax import bridging, losses
-from ddb_jax.methods import base
-from ddb_jax.train import previews
-from ddb_jax.train.state import TrainState
+from ddb_jax.methods import base, previews, registry
+from ddb_jax.methods.state import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +35,7 @@ class OptionalTerm:
     """A registered loss term and what it needs besides the context."""
 
     term: base.Term
+    order: int  # terms run in this order (their student forwards update BN statistics so)
     # Reads ctx['source_backbone'], the backbone maps of the source forward.
     source_backbone: bool = False
     # config -> what the term reads but never trains (replicated, in ``frozen[name]``).
@@ -51,32 +51,41 @@ OPTIONAL_TERMS: dict[str, OptionalTerm] = {}
 def register_term(
     name: str,
     *,
+    order: int,
     source_backbone: bool = False,
     load_frozen: Callable[[ml_collections.ConfigDict], Any] | None = None,
     check: Callable[[ml_collections.ConfigDict], None] | None = None,
 ) -> Callable[[base.Term], base.Term]:
     """Adds a loss term to every self-training stage whose ``config.<name>.enabled`` is set.
 
-    Terms run after the source and mixed terms, in registration order (so their student
-    forwards update the BN statistics in that order).
+    Terms run after the source and mixed terms, by ``order`` (so their student forwards
+    update the BN statistics in that order).
     """
 
     def add(term: base.Term) -> base.Term:
-        OPTIONAL_TERMS[name] = OptionalTerm(term, source_backbone, load_frozen, check)
+        OPTIONAL_TERMS[name] = OptionalTerm(term, order, source_backbone, load_frozen, check)
         return term
 
     return add
 
 
 def enabled_terms(config: ml_collections.ConfigDict) -> dict[str, OptionalTerm]:
-    """The registered terms that ``config`` switches on, in registration order."""
-    return {
-        name: item for name, item in OPTIONAL_TERMS.items() if config.get(name, {}).get("enabled")
-    }
+    """The registered terms that ``config`` switches on, in their order."""
+    ordered = sorted(OPTIONAL_TERMS.items(), key=lambda named: named[1].order)
+    return {name: item for name, item in ordered if config.get(name, {}).get("enabled")}
+
+
+def check_bridging(config: ml_collections.ConfigDict) -> None:
+    """The bridging mask exists (self-training and CKD)."""
+    if config.st.mask not in bridging.MASK_MODES:
+        raise registry.MethodConfigError(
+            f"config.st.mask={config.st.mask!r}; use one of {list(bridging.MASK_MODES)}"
+        )
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """The enabled terms' own checks."""
+    """The bridging mask and the enabled terms' own checks."""
+    check_bridging(config)
     for item in enabled_terms(config).values():
         if item.check is not None:
             item.check(config)
@@ -132,7 +141,7 @@ def mixed_term(method: SelfTraining, params, ctx: base.Context):
 
 
 @dataclasses.dataclass(frozen=True)
-class SelfTraining:
+class SelfTraining(base.OneTree):
     student_apply: Callable
     teacher_apply: Callable  # the student's architecture without dropout
     st: ml_collections.ConfigDict
@@ -164,12 +173,13 @@ class SelfTraining:
         """EMA teacher update and its pseudo-labels; the bridged image, label and weight."""
         ema_params = ema_update(state.ema_params, state.params, state.step, self.st.ema_alpha)
         # Teacher: BN in training mode (target-batch statistics, own running stats), no dropout.
-        (teacher_logits, _), teacher_vars = self.teacher_apply(
+        teacher_outputs, teacher_vars = self.teacher_apply(
             {"params": ema_params, "batch_stats": state.ema_batch_stats},
             batch["target_image"],
             train=True,
             mutable=["batch_stats"],
         )
+        teacher_logits = teacher_outputs["logits"]
         pseudo, pseudo_weight = losses.pseudo_labels(
             jax.lax.stop_gradient(teacher_logits),
             batch["source_label"].shape[1:3],
@@ -226,3 +236,10 @@ def create(config: ml_collections.ConfigDict, student_apply: Callable, build_mod
         options={name: config[name] for name in extra},
         keep_source_backbone=any(item.source_backbone for item in extra.values()),
     )
+
+
+registry.register(
+    registry.MethodSpec(
+        kinds=("self_training",), create=create, check=check_config, load_frozen=load_frozen
+    )
+)

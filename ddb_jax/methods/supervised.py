@@ -15,13 +15,12 @@ from typing import ClassVar
 import jax
 import ml_collections
 
-from ddb_jax.methods import base
-from ddb_jax.train import previews
-from ddb_jax.train.state import TrainState
+from ddb_jax.methods import base, previews, registry
+from ddb_jax.methods.state import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
-class Supervised:
+class Supervised(base.OneTree):
     student_apply: Callable
     terms: tuple[tuple[str, base.Term], ...] = (("source", base.source_term),)
 
@@ -50,3 +49,6 @@ class Supervised:
 
 def create(config: ml_collections.ConfigDict, student_apply: Callable, build_model) -> Supervised:
     return Supervised(student_apply=student_apply)
+
+
+registry.register(registry.MethodSpec(kinds=("supervised",), create=create))

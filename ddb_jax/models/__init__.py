@@ -1,9 +1,11 @@
 """Segmentation models: a backbone and a decode head, built from ``config.model``.
 
-Every model maps a normalised NHWC float image batch to ``(logits, feature)``:
-``logits`` at the head's output stride (1/8 for DeepLabV2, 1/4 for SegFormer
-heads) and ``feature``, the decode-head feature that feeds the final 1x1
-classifier (the prototype feature of DDB, docs/method.md §1.4).
+Every segmentor maps a normalised NHWC float image batch to a dict of named outputs, the
+names it declares in ``output_names``: always ``logits``, at the head's output stride (1/8
+for DeepLabV2, 1/4 for SegFormer heads); DDB's segmentors also ``feature``, the
+decode-head feature that feeds the final 1x1 classifier (the prototype feature of DDB,
+docs/method.md §1.4), and on request ``backbone``, the backbone's maps of the same forward.
+Evaluation, prediction, previews and the methods read outputs by name, never by position.
 """
 
 from __future__ import annotations
@@ -24,12 +26,17 @@ RESNET_DEPTHS = (18, 34, 50, 101, 152)
 MIT_VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5")
 # 'segformer' is the DAFormer repo's (NVlabs) all-MLP head, 'mmseg_segformer' mmseg 0.x's
 # SegformerHead (ConvModule embeddings); their checkpoints differ in keys and in maths.
-HEADS = ("dlv2", "segformer", "daformer", "mmseg_segformer")
+HEADS = ("dlv2", "segformer", "daformer", "mmseg_segformer", "advent_aspp")
+# ADVENT's Caffe-style DeepLabV2 (models/advent_deeplabv2.py): its own backbone and head.
+ADVENT_BACKBONE = "resnet101_caffe"
 MIT_LAYOUTS = ("nvlabs", "mmseg")
 
 
 class ModelConfigError(errors.UsageError, ValueError):
     """A model config names something that does not exist."""
+
+
+Outputs = dict[str, Any]
 
 
 class EncoderDecoder(nn.Module):
@@ -38,9 +45,13 @@ class EncoderDecoder(nn.Module):
     backbone: nn.Module
     decode_head: nn.Module
 
-    def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    output_names = ("logits", "feature", "backbone")
+
+    def __call__(self, images: jax.Array, train: bool = False) -> Outputs:
+        """``{'logits', 'feature'}``."""
         features = self.backbone(images, train=train)
-        return self.decode_head(features, train=train)
+        logits, feature = self.decode_head(features, train=train)
+        return {"logits": logits, "feature": feature}
 
     def extract_feat(self, images: jax.Array, train: bool = False) -> list[jax.Array]:
         """The backbone's four maps alone (mmseg's ``extract_feat``): what DAFormer's frozen
@@ -48,14 +59,13 @@ class EncoderDecoder(nn.Module):
         ``backbone``."""
         return self.backbone(images, train=train)
 
-    def forward_with_features(
-        self, images: jax.Array, train: bool = False
-    ) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
-        """``(logits, feature, backbone maps)`` of one forward: the feature distance compares
-        the maps of the very forward that gives the source loss (same drop-path draw)."""
+    def forward_with_features(self, images: jax.Array, train: bool = False) -> Outputs:
+        """``{'logits', 'feature', 'backbone'}`` of one forward: the feature distance compares
+        the backbone maps of the very forward that gives the source loss (same drop-path
+        draw)."""
         features = self.backbone(images, train=train)
         logits, feature = self.decode_head(features, train=train)
-        return logits, feature, features
+        return {"logits": logits, "feature": feature, "backbone": features}
 
 
 def parse_backbone(name: str) -> tuple[str, Any]:
@@ -89,14 +99,24 @@ _CANONICAL: dict[nn.Module, nn.Module] = {}
 _CANONICAL_LOCK = threading.Lock()
 
 
-def build_model(model_cfg: ml_collections.ConfigDict) -> EncoderDecoder:
+def build_model(model_cfg: ml_collections.ConfigDict) -> nn.Module:
     """Builds the segmentor described by ``config.model`` (see configs/default.py)."""
     model = _build(model_cfg)
     with _CANONICAL_LOCK:
         return _CANONICAL.setdefault(model, model)
 
 
-def _build(model_cfg: ml_collections.ConfigDict) -> EncoderDecoder:
+def _build(model_cfg: ml_collections.ConfigDict) -> nn.Module:
+    if model_cfg.head == "advent_aspp" or model_cfg.backbone == ADVENT_BACKBONE:
+        from ddb_jax.models.advent_deeplabv2 import build_advent
+
+        if (model_cfg.backbone, model_cfg.head) != (ADVENT_BACKBONE, "advent_aspp"):
+            raise ModelConfigError(
+                f"config.model.backbone={model_cfg.backbone!r} with head={model_cfg.head!r}: "
+                f"ADVENT's DeepLabV2 is backbone {ADVENT_BACKBONE!r} with head 'advent_aspp'"
+            )
+        compute_dtype(model_cfg.dtype)
+        return build_advent(model_cfg)
     family, size = parse_backbone(model_cfg.backbone)
     dtype = compute_dtype(model_cfg.dtype)
     from ddb_jax.models.resnet import CONV_IMPLS

@@ -23,14 +23,14 @@ def kept_for_backward_bytes(model, image_shape: tuple[int, ...]) -> int:
     images = jax.ShapeDtypeStruct(image_shape, jnp.float32)
 
     def loss(params, batch_stats, x):
-        (logits, _), _ = model.apply(
+        outputs, _ = model.apply(
             {"params": params, "batch_stats": batch_stats},
             x,
             train=True,
             mutable=["batch_stats"],
             rngs={"dropout": jax.random.PRNGKey(0)},
         )
-        return logits.astype(jnp.float32).sum()
+        return outputs["logits"].astype(jnp.float32).sum()
 
     saved = saved_residuals(loss, shapes["params"], shapes["batch_stats"], images)
     return int(

@@ -1,4 +1,4 @@
-"""Stages 'self_training', 'ckd' and 'supervised': train a student with its method.
+"""Every training stage (the kinds of :mod:`ddb_jax.methods.registry`): train with its method.
 
 The shape of the Flax ImageNet example's ``train_and_evaluate``: set up, restore the latest
 checkpoint, then step, log, summarise, evaluate and checkpoint on their periods; a SIGTERM
@@ -26,10 +26,9 @@ from clu import periodic_actions
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ddb_jax import errors, hosts, methods, models, paths
-from ddb_jax.methods import base
-from ddb_jax.train import checkpointing, optim, preemption, setup
+from ddb_jax.methods import assemble, base
+from ddb_jax.train import checkpointing, preemption, setup
 from ddb_jax.train import workdir as workdir_lib
-from ddb_jax.train.state import create_train_state
 from ddb_jax.train.summaries import Summaries
 from input_pipeline import datasets
 
@@ -77,7 +76,7 @@ def step_fingerprint(config: ml_collections.ConfigDict) -> str:
 def shared_train_step(
     config: ml_collections.ConfigDict,
     method: base.Method,
-    tx: optax.GradientTransformation,
+    tx: optax.GradientTransformation | dict[str, optax.GradientTransformation],
     mesh: Mesh,
     with_preview: bool,
 ) -> Callable:
@@ -149,11 +148,10 @@ def train_and_evaluate(
     variables = setup.initial_variables(config, model, init_key)
     workdir_lib.record_config(workdir, config)
 
-    method = methods.create(config, model.apply)
-    tx, _ = optim.make_optimizer(config.optim, config.num_steps)
+    stage = assemble.assemble(config, variables, state_key)
+    method = stage.method
     replicated = NamedSharding(mesh, PartitionSpec())
-    state = method.init_state(create_train_state(variables, tx, state_key))
-    state = jax.device_put(state, replicated)
+    state = jax.device_put(stage.state, replicated)
     frozen = None if frozen is None else jax.device_put(frozen, replicated)
     ckpt = checkpointing.Checkpoints(workdir, config.keep_checkpoints, stage_hosts)
     state, restored = ckpt.restore_latest(state)
@@ -162,7 +160,7 @@ def train_and_evaluate(
     start = int(jax.device_get(state.step))
 
     with_preview = config.image_summary_every > 0
-    train_step = shared_train_step(config, method, tx, mesh, with_preview)
+    train_step = shared_train_step(config, method, stage.txs, mesh, with_preview)
     evaluate = setup.student_evaluator(config, model.apply, stage_hosts)
     summaries = Summaries(workdir, stage_hosts.is_primary)
     writer = summaries.writer
@@ -202,7 +200,7 @@ def train_and_evaluate(
                             config.model, config.stage, step, best,
                         )  # fmt: skip
                 if due_ckpt:
-                    if not bool(jax.device_get(all_finite(state.params))):
+                    if not bool(jax.device_get(all_finite(state.tree_params()))):
                         raise NonFiniteLossError(f"parameters are not finite at step {step}")
                     ckpt.save(step, state)
                     summaries.sync()

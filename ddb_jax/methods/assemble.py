@@ -1,0 +1,75 @@
+"""The one way a training step is set up: segmentor, method, optimisers, state, step.
+
+The training loop, the benchmarks and the tests all build their step here, so a method's
+extra trees (ADVENT's discriminators), its optimisers and its state are made the same way
+everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from ddb_jax import models
+from ddb_jax.methods import base, optim
+from ddb_jax.methods.state import MODEL, TrainState, create_train_state
+
+
+@dataclasses.dataclass(frozen=True)
+class Assembled:
+    """What a training stage steps with."""
+
+    model: Any  # the segmentor (flax module)
+    method: base.Method
+    txs: dict[str, optax.GradientTransformation]  # tree name -> its optimiser
+    lr_schedule: optax.Schedule  # the segmentor's 1x learning rate (for logging)
+    state: TrainState  # at step 0, on the host's default device
+
+
+def optimizers(
+    config: ml_collections.ConfigDict, method: base.Method
+) -> tuple[dict[str, optax.GradientTransformation], optax.Schedule]:
+    """``{tree: optimiser}``: ``config.optim`` for the segmentor, the method's own optimiser
+    config for each of its other trees; and the segmentor's 1x schedule."""
+    tx, schedule = optim.make_optimizer(config.optim, config.num_steps)
+    txs = {MODEL: tx}
+    for name, tree_optim in method.other_trees.items():
+        txs[name] = optim.make_optimizer(tree_optim, config.num_steps)[0]
+    return txs, schedule
+
+
+def initial_state(method: base.Method, txs: dict, variables: dict, key: jax.Array) -> TrainState:
+    """The method's state at step 0: the segmentor's ``variables``, its other trees drawn from
+    a key of their own (so the segmentor's draws do not move), every optimiser's state."""
+    others = method.init_others(jax.random.fold_in(key, zlib.crc32(b"others") >> 1))
+    return method.init_state(create_train_state(variables, txs, key, others))
+
+
+def assemble(
+    config: ml_collections.ConfigDict,
+    variables: dict,
+    key: jax.Array,
+) -> Assembled:
+    """Segmentor, method (``config.stage``), optimisers and initial state of a stage;
+    ``variables``: the segmentor's initial variables, ``key``: the state's base key."""
+    from ddb_jax import methods
+
+    model = models.build_model(config.model)
+    method = methods.create(config, model.apply)
+    txs, schedule = optimizers(config, method)
+    state = initial_state(method, txs, variables, key)
+    return Assembled(model, method, txs, schedule, state)
+
+
+def train_step(
+    assembled: Assembled, mesh: Mesh | None = None, with_preview: bool = False
+) -> Callable:
+    """The jitted step of an assembled stage (:func:`ddb_jax.methods.base.make_train_step`)."""
+    return base.make_train_step(assembled.method, assembled.txs, mesh, with_preview)

@@ -1,0 +1,78 @@
+"""Training methods by name: each method module declares itself here once.
+
+A declaration (:class:`MethodSpec`) says which ``config.stage`` values the method trains
+(its stage kinds), how to build it for a segmentor, what it checks before anything long
+runs, what it reads but never trains (teachers, a frozen ImageNet backbone) and the config
+section it adds to every setting with its defaults. The training loop, the stage dispatcher
+and the config defaults read this table; nothing else names the methods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+from ddb_jax import errors
+
+
+def _nothing(config: ml_collections.ConfigDict) -> None:
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """One training method and the stage kinds it runs."""
+
+    kinds: tuple[str, ...]  # the config.stage values that train with it
+    # (config, student_apply, build_model) -> the method object (ddb_jax.methods.base.Method)
+    create: Callable[[ml_collections.ConfigDict, Callable, Callable], Any]
+    check: Callable[[ml_collections.ConfigDict], None] = _nothing  # raises on bad settings
+    load_frozen: Callable[[ml_collections.ConfigDict], Any] = _nothing  # host arrays or None
+    # (config section name, () -> its defaults) for a method with settings of its own.
+    config_section: tuple[str, Callable[[], ml_collections.ConfigDict]] | None = None
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+class UnknownMethodError(errors.UsageError, ValueError):
+    """config.stage names no training method."""
+
+
+class MethodConfigError(errors.UsageError, ValueError):
+    """A setting of a method that does not exist or cannot work."""
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Declares ``spec`` for each of its kinds (a kind declared twice is a programming error)."""
+    for kind in spec.kinds:
+        if kind in _METHODS and _METHODS[kind] is not spec:
+            raise ValueError(f"training method kind {kind!r} is declared twice")
+        _METHODS[kind] = spec
+    return spec
+
+
+def kinds() -> tuple[str, ...]:
+    """Every stage kind a registered method trains, in declaration order."""
+    return tuple(_METHODS)
+
+
+def spec_for(kind: str) -> MethodSpec:
+    if kind not in _METHODS:
+        raise UnknownMethodError(
+            f"config.stage={kind!r} is not a training method; known: {list(_METHODS)}"
+        )
+    return _METHODS[kind]
+
+
+def config_sections() -> dict[str, Callable[[], ml_collections.ConfigDict]]:
+    """``{section: defaults}`` of the methods that have settings of their own."""
+    sections = {}
+    for spec in dict.fromkeys(_METHODS.values()):
+        if spec.config_section is not None:
+            name, defaults = spec.config_section
+            sections[name] = defaults
+    return sections
