@@ -60,6 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
             # each domain's size, 720x1280 and 512x1024); () = crop_size.
             target_crop_size=(),
             flip_prob=0.5,  # random horizontal flip (ADVENT's loaders: 0)
+            # mmcv's keep-ratio resize to the dataset's (long, short) scale; False: exactly to
+            # (width, height) = that scale (ADVENT's loaders: GTA 1280x720, Cityscapes 1024x512).
+            keep_ratio=True,
             cat_max_ratio=0.75,
             # mmseg's PhotoMetricDistortion on the source images (the reference's CKD
             # stages; DDB's self-training stages do not use it).
@@ -90,6 +93,9 @@ def get_config() -> ml_collections.ConfigDict:
             head_keys=("head",),
             frozen_keys=(),
             max_iters=0,  # the poly schedule's length; 0 = num_steps
+            # sgd: how often the reference's groups list each parameter, each listing stepped
+            # by PyTorch 0.4.1's SGD ('' = once; 'advent_1x': ADVENT's 1x group).
+            listed_times="",
             lr=6e-5,
             b1=0.9,
             b2=0.999,

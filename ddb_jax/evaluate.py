@@ -17,7 +17,10 @@ import numpy as np
 
 from ddb_jax import labels
 from ddb_jax.labels import CITYSCAPES_CLASSES, IGNORE_LABEL
-from ddb_jax.ops import resize_bilinear
+from ddb_jax.ops import resize_bilinear, resize_bilinear_corners
+
+# whole | slide (mmseg) | whole_corners (ADVENT's family: see predict_probabilities)
+EVAL_MODES = ("whole", "slide", "whole_corners")
 
 # Forward pass: normalised NHWC images -> logits at the head's stride.
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -144,14 +147,24 @@ def predict_probabilities(
     """Class probabilities at ``out_size`` (the label's size), optionally flip-averaged.
 
     As mmseg: logits resized to the label size, softmax, then the flipped pass's
-    probabilities (flipped back) averaged in.
+    probabilities (flipped back) averaged in. ``mode`` 'whole_corners' is ADVENT's
+    evaluation: the logits of the whole image upsampled straight to the label's size with
+    align_corners=True (mmseg's 'whole' goes through the input's size, corners not aligned).
     """
+    if mode == "whole_corners":
+        infer = lambda x: jax.nn.softmax(
+            resize_bilinear_corners(logits_fn(x).astype(jnp.float32), out_size), axis=-1
+        )
+        probs = infer(images)
+        if flip:
+            probs = 0.5 * (probs + infer(images[:, :, ::-1])[:, :, ::-1])
+        return probs
     if mode == "whole":
         base = lambda x: logits_whole(logits_fn, x)
     elif mode == "slide":
         base = lambda x: logits_slide(logits_fn, x, crop, stride)
     else:
-        raise ValueError(f"config.eval.mode={mode!r}; use 'whole' or 'slide'")
+        raise ValueError(f"config.eval.mode={mode!r}; use one of {list(EVAL_MODES)}")
     infer = lambda x: jax.nn.softmax(resize_bilinear(base(x), out_size), axis=-1)
     probs = infer(images)
     if flip:

@@ -47,8 +47,12 @@ def validate(config) -> None:
     models.build_model(config.model)
     if methods.is_training(config.stage):
         methods.check_config(config)
-    if config.eval.mode not in ("whole", "slide"):
-        raise FlagError(f"config.eval.mode={config.eval.mode!r}; use 'whole' or 'slide'")
+    from ddb_jax import evaluate
+
+    if config.eval.mode not in evaluate.EVAL_MODES:
+        raise FlagError(
+            f"config.eval.mode={config.eval.mode!r}; use one of {list(evaluate.EVAL_MODES)}"
+        )
 
 
 def main(argv: list[str]) -> None:

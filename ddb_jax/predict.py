@@ -295,8 +295,8 @@ class Predictor:
 
     @classmethod
     def from_model(cls, variables, model_cfg: ml_collections.ConfigDict, **settings) -> Predictor:
-        if settings.get("mode", "whole") not in ("whole", "slide"):
-            raise InputError(f"--mode={settings['mode']!r}; use 'whole' or 'slide'")
+        if settings.get("mode", "whole") not in evaluate.EVAL_MODES:
+            raise InputError(f"--mode={settings['mode']!r}; use one of {list(evaluate.EVAL_MODES)}")
         apply_fn = models.build_model(model_cfg).apply
         return cls(apply_fn, jax.device_put(variables), **settings)
 

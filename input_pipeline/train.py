@@ -52,13 +52,13 @@ def _gather(table: dict[str, np.ndarray], index: tf.Tensor) -> dict[str, tf.Tens
     return {k: tf.gather(tf.constant(v), index) for k, v in table.items()}
 
 
-def _load(entry: dict[str, tf.Tensor], with_label: bool):
+def _load(entry: dict[str, tf.Tensor], with_label: bool, keep_ratio: bool = True):
     image = transforms.read_image(entry["image"], entry["is_jpeg"])
     label = None
     if with_label:
         label = transforms.read_label(entry["label"])
         image, label = transforms.assert_same_size(image, label, entry["image"], entry["label"])
-    return transforms.resize_pair(image, label, entry["scale"], entry["min_size"])
+    return transforms.resize_pair(image, label, entry["scale"], entry["min_size"], keep_ratio)
 
 
 def _shuffled_index(k: tf.Tensor, n: int, seed: tf.Tensor) -> tf.Tensor:
@@ -118,6 +118,7 @@ def _source_fn(data_cfg, table, sampler: _RareClassSampler | None, seed: tf.Tens
     n = len(table["image"])
     distort = bool(data_cfg.get("photometric_distortion", False))
     flip_prob = float(data_cfg.get("flip_prob", 0.5))
+    keep_ratio = bool(data_cfg.get("keep_ratio", True))
 
     def fn(k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         elem_seed = transforms.fold_seed(seed, SOURCE_STREAM, k)
@@ -125,7 +126,7 @@ def _source_fn(data_cfg, table, sampler: _RareClassSampler | None, seed: tf.Tens
             index = _shuffled_index(k, n, transforms.fold_seed(seed, SOURCE_STREAM))
         else:
             index, cls = sampler.sample(transforms.fold_seed(seed, RCS_STREAM, k))
-        image, label = _load(_gather(table, index), True)
+        image, label = _load(_gather(table, index), True, keep_ratio)
 
         def propose(s):
             return transforms.crop_flip_pad(
@@ -156,6 +157,7 @@ def _target_fn(data_cfg, table, seed: tf.Tensor, order: str):
         raise ValueError(f"target order {order!r}; known: {TARGET_ORDERS}")
     crop_size = tuple(data_cfg.get("target_crop_size") or data_cfg.crop_size)
     flip_prob = float(data_cfg.get("flip_prob", 0.5))
+    keep_ratio = bool(data_cfg.get("keep_ratio", True))
     n = len(table["image"])
 
     def fn(k: tf.Tensor) -> tf.Tensor:
@@ -167,7 +169,7 @@ def _target_fn(data_cfg, table, seed: tf.Tensor, order: str):
             index = tf.random.stateless_uniform(
                 [], transforms.fold_seed(seed, TARGET_STREAM, k), maxval=n, dtype=tf.int64
             )
-        image, _ = _load(_gather(table, index), False)
+        image, _ = _load(_gather(table, index), False, keep_ratio)
         elem_seed = transforms.fold_seed(seed, TARGET_STREAM + 100, k)
         image, _ = transforms.crop_flip_pad(
             image, None, crop_size, 1.0, elem_seed, flip_prob=flip_prob

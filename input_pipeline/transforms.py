@@ -216,10 +216,20 @@ def resize_label(label: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
 
 
 def resize_pair(
-    image: tf.Tensor, label: tf.Tensor | None, scale: tf.Tensor, min_size: tf.Tensor
+    image: tf.Tensor,
+    label: tf.Tensor | None,
+    scale: tf.Tensor,
+    min_size: tf.Tensor,
+    keep_ratio: bool = True,
 ) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """Image and label resized to ``scale``: mmcv's keep-ratio rescale, or without
+    ``keep_ratio`` exactly to (width, height) = (long, short) of ``scale`` (ADVENT's
+    loaders: PIL ``resize(size)``)."""
     shape = tf.shape(image)
     size = rescale_size(shape[0], shape[1], scale, min_size)
+    if not keep_ratio:
+        exact = tf.stack([tf.reduce_min(scale), tf.reduce_max(scale)])
+        size = tf.where(tf.reduce_max(scale) <= 0, shape[:2], exact)
     unchanged = tf.reduce_all(tf.equal(size, shape[:2]))
     image = tf.cond(unchanged, lambda: image, lambda: resize_image(image, size))
     if label is not None:

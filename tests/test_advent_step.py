@@ -26,6 +26,7 @@ from ddb_jax.models.advent_deeplabv2 import to_advent_input
 from tests.parity_support import EPS64, adam_param_bound, torch_threads
 from torch_ref import advent as ref_model
 from torch_ref import advent_step as ref_step
+from torch_ref.optim041 import SGD041, Adam041
 
 NUM_CLASSES, WIDTH, NDF = 5, 8, 4
 SOURCE_HW, TARGET_HW = (40, 48), (32, 40)  # the discriminators' five /2 convs reach 1x1
@@ -93,10 +94,6 @@ def reference_modules(seed: int):
         "d_main": ref_model.get_fc_discriminator(NUM_CLASSES, NDF).double(),
     }
     model.train()
-    # The reference's 1x group lists a conv weight once per enclosing module (3 or 4 times),
-    # which modern and 0.4 torch step differently; both sides here step each parameter once
-    # (docs/method.md lists the difference).
-    model.optim_parameters = functools.partial(model.optim_parameters, unique=True)
     return model, discs
 
 
@@ -130,18 +127,28 @@ def leaves(tree) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
-@pytest.mark.parametrize("stage", ["advent", "minent"])
-def test_two_iterations_match_the_reference(stage):
+@pytest.mark.parametrize("stage, listed", [("advent", True), ("minent", True), ("advent", False)])
+def test_two_iterations_match_the_reference(stage, listed):
+    """``listed``: the reference as it ran (its 1x group lists a conv weight 3 or 4 times,
+    stepped by PyTorch 0.4.1's SGD each time; PyTorch 0.4.1's Adam for the discriminators);
+    else every parameter listed once, today's SGD and Adam (``config.optim.listed_times=''``,
+    ``config.advent.optim_d.kind='adam'``)."""
     config = advent_config(stage)
+    config.optim.listed_times = "advent_1x" if listed else ""
+    config.advent.optim_d.kind = "adam041" if listed else "adam"
     cfg = reference_cfg(config)
     batches = make_batches(2)
     with jax.enable_x64(True), torch_threads(1):
         model_t, discs_t = reference_modules(seed=3)
         if stage == "minent":
             discs_t = {}
+        if not listed:
+            model_t.optim_parameters = functools.partial(model_t.optim_parameters, unique=True)
         opt, opt_aux, opt_main = ref_step.make_optimizers(
-            model_t, discs_t.get("d_aux"), discs_t.get("d_main"), cfg
-        )
+            model_t, discs_t.get("d_aux"), discs_t.get("d_main"), cfg,
+            sgd=SGD041 if listed else torch.optim.SGD,
+            adam=Adam041 if listed else torch.optim.Adam,
+        )  # fmt: skip
         from ddb_jax import models
 
         flax_model = models.build_model(config.model)
@@ -223,10 +230,11 @@ def check_iteration(stage, it, config, before, state, metrics, losses, grads, mo
         assert abs(ours - last[name]) <= REL64 * last[name], (it, name, ours, last[name])
 
     # The segmentor after the SGD step (and its running BN statistics); frozen BN affines
-    # unchanged. An SGD step is linear in the gradient: error <= 10 lr (1 + m) |dg| + ulps.
+    # unchanged. An SGD step is linear in the gradient: error <= 10 lr (1 + m) |dg| + ulps,
+    # times the listings (4 at most) and their momentum (1 + m each).
     expected = convert.convert_advent(numpy_state(model_t), flax_model, dtype=np.float64)
     grad_scale = last["model"]
-    bound = 10 * config.optim.lr * 2 * REL64 * grad_scale
+    bound = 4 * 10 * config.optim.lr * 2 * 2 * REL64 * grad_scale
     for ours, ref in zip(leaves(state.params), leaves(expected["params"]), strict=True):
         assert np.max(np.abs(ours - ref)) <= bound + 8 * EPS64 * np.max(np.abs(ref)), it
     for ours, ref in zip(leaves(state.batch_stats), leaves(expected["batch_stats"]), strict=True):

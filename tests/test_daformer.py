@@ -309,11 +309,14 @@ def test_source_forward_keeps_its_draws_with_backbone_maps():
         return plain, kept, frozen
 
     (plain, stats), (kept, kept_stats), frozen = both(variables)
+    assert set(plain) == {"logits", "feature"}
     expected = jax.tree_util.tree_leaves((plain, stats))
-    for a, b in zip(expected, jax.tree_util.tree_leaves((kept[:2], kept_stats)), strict=True):
+    same_outputs = {k: kept[k] for k in plain}
+    for a, b in zip(expected, jax.tree_util.tree_leaves((same_outputs, kept_stats)), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert [m.shape[1:3] for m in kept[2]] == [(16, 24), (8, 12), (4, 6), (2, 3)]
-    assert not np.allclose(kept[2][-1], frozen[-1])  # drop path on in training mode only
+    maps = kept["backbone"]
+    assert [m.shape[1:3] for m in maps] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    assert not np.allclose(maps[-1], frozen[-1])  # drop path on in training mode only
 
 
 # --- configs -------------------------------------------------------------------------------------

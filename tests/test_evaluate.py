@@ -82,7 +82,7 @@ def test_flip_average_matches_manual_and_resizes_to_label():
 
 def test_evaluate_loop_and_table():
     kernel = jnp.eye(3)
-    apply_fn = lambda variables, x, train: (x @ variables["k"], None)
+    apply_fn = lambda variables, x, train: {"logits": x @ variables["k"]}
     images = np.eye(3, dtype=np.float32)[np.array([[0, 1], [2, 2]])][None]
     labels = np.array([[[0, 1], [2, 0]]], np.int32)
     result = evaluate.evaluate(apply_fn, {"k": kernel}, [{"image": images, "label": labels}], 3)

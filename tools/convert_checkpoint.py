@@ -5,6 +5,10 @@
   python tools/convert_checkpoint.py mit_b5.pth pretrained/mit_b5 --backbone=mit_b5 --head=daformer
   python tools/convert_checkpoint.py segformer.pth runs/segformer_b0 --backbone=mit_b0 \
       --head=mmseg_segformer
+  python tools/convert_checkpoint.py gta2cityscapes_advent.pth runs/advent \
+      --backbone=resnet101_caffe
+  python tools/convert_checkpoint.py DeepLab_resnet_pretrained_imagenet.pth \
+      pretrained/advent_imagenet --backbone=resnet101_caffe
 
 MiT heads: ``segformer`` (DAFormer/NVlabs all-MLP head), ``daformer`` (default) and
 ``mmseg_segformer`` (mmseg 0.x's SegformerHead); a segmentor checkpoint holding another
@@ -32,9 +36,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("checkpoint", help="input .pth file")
     parser.add_argument("out", help="output model directory")
     parser.add_argument("--which", choices=MODEL_PREFIXES, default=None)
-    parser.add_argument("--backbone", default="resnet101_v1c", help="e.g. resnet101_v1c, mit_b5")
     parser.add_argument(
-        "--head", default=None, help="dlv2 | segformer | daformer | mmseg_segformer"
+        "--backbone",
+        default="resnet101_v1c",
+        help="e.g. resnet101_v1c, mit_b5, resnet101_caffe (ADVENT's DeepLabV2)",
+    )
+    parser.add_argument(
+        "--head", default=None, help="dlv2 | segformer | daformer | mmseg_segformer | advent_aspp"
     )
     parser.add_argument("--num-classes", type=int, default=19)
     parser.add_argument("--head-channels", type=int, default=None)
@@ -51,7 +59,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     model_cfg = default.get_model_config()
     model_cfg.backbone = args.backbone
-    model_cfg.head = args.head or ("dlv2" if args.backbone.startswith("resnet") else "daformer")
+    model_cfg.head = args.head or models.default_head(args.backbone)
     model_cfg.num_classes = args.num_classes
     if args.head_channels is not None:
         model_cfg.head_channels = args.head_channels

@@ -12,7 +12,7 @@ recursively) or glob patterns. Per image: OUT/color/NAME.png (Cityscapes palette
 OUT/overlay/NAME.png, OUT/trainIds/NAME.png, and with --format cityscapes
 OUT/labelIds/CITY/NAME.png (label ids; zip that folder alone for the server).
 
-Inference is the evaluate stage's (--mode whole|slide, --crop, --stride, --flip as
+Inference is the evaluate stage's (--mode whole|slide|whole_corners, --crop, --stride, --flip as
 config.eval); --scale resizes each image keep-ratio before inference, as the eval pipeline
 does for a dataset: LONG,SHORT, a dataset name (its evaluation scale: cityscapes is
 1024,512), or none (default; cityscapes with --format cityscapes). Predictions come back at
@@ -85,7 +85,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, globs")
     parser.add_argument("--out", "-o", required=True, help="output folder (local or gs://)")
     parser.add_argument("--format", choices=("default", "cityscapes"), default="default")
-    parser.add_argument("--mode", choices=("whole", "slide"), default="whole")
+    parser.add_argument("--mode", choices=("whole", "slide", "whole_corners"), default="whole")
     parser.add_argument("--crop", type=pair, default=(512, 512), help="slide window H,W")
     parser.add_argument("--stride", type=pair, default=(341, 341), help="slide stride H,W")
     parser.add_argument("--flip", action="store_true", help="average with the flipped image")
@@ -101,7 +101,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     pth = parser.add_argument_group("a .pth MODEL (as tools/convert_checkpoint.py)")
     pth.add_argument("--which", choices=MODEL_PREFIXES, default=None)
     pth.add_argument("--backbone", default="resnet101_v1c")
-    pth.add_argument("--head", default=None, help="dlv2 | segformer | daformer | mmseg_segformer")
+    pth.add_argument(
+        "--head", default=None, help="dlv2 | segformer | daformer | mmseg_segformer | advent_aspp"
+    )
     pth.add_argument("--num-classes", type=positive, default=19)
     pth.add_argument("--head-channels", type=positive, default=None)
     pth.add_argument("--allow-pickle", action="store_true")
@@ -113,10 +115,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def pth_model_config(args: argparse.Namespace):
     from configs import default
+    from ddb_jax import models
 
     model_cfg = default.get_model_config()
     model_cfg.backbone = args.backbone
-    model_cfg.head = args.head or ("dlv2" if args.backbone.startswith("resnet") else "daformer")
+    model_cfg.head = args.head or models.default_head(args.backbone)
     model_cfg.num_classes = args.num_classes
     if args.head_channels is not None:
         model_cfg.head_channels = args.head_channels

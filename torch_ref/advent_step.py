@@ -230,29 +230,30 @@ def interp_target(x: torch.Tensor, cfg) -> torch.Tensor:
     return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=True)
 
 
-def make_optimizers(model, d_aux, d_main, cfg):
+def make_optimizers(model, d_aux, d_main, cfg, sgd=torch.optim.SGD, adam=torch.optim.Adam):
     """(SGD over ``model.optim_parameters(lr)``, Adam for d_aux, Adam for d_main).
+
+    ``sgd`` / ``adam``: the optimiser classes (``torch_ref.optim041``'s for PyTorch 0.4.1's,
+    which the reference ran on).
 
     ``model.optim_parameters(lr)`` must return ADVENT's two groups (1x, then 10x); the
     rates are overwritten by ``adjust_learning_rate`` at every iteration anyway. ``d_aux``
     may be None (its optimizer is then None).
     """
     cfg = _cfg(cfg)
-    optimizer = torch.optim.SGD(
+    optimizer = sgd(
         model.optim_parameters(cfg.learning_rate),
         lr=cfg.learning_rate,
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
     )
 
-    def adam(d):
+    def make_adam(d):
         if d is None:
             return None
-        return torch.optim.Adam(
-            d.parameters(), lr=cfg.learning_rate_d, betas=ADAM_BETAS_D, eps=ADAM_EPS_D
-        )
+        return adam(d.parameters(), lr=cfg.learning_rate_d, betas=ADAM_BETAS_D, eps=ADAM_EPS_D)
 
-    return optimizer, adam(d_aux), adam(d_main)
+    return optimizer, make_adam(d_aux), make_adam(d_main)
 
 
 def _set_requires_grad(module, flag: bool) -> None:

@@ -1,4 +1,4 @@
-"""PyTorch (mmseg / DDB / ImageNet) weights -> Flax variables of our models.
+"""PyTorch (mmseg / DDB / ADVENT / ImageNet) weights -> Flax variables of our models.
 
 ``convert_model_state`` takes one model's numpy state dict (see ``torch_io``) and
 the model config, and returns Flax variables; strict: every tensor is used once
@@ -59,6 +59,8 @@ def convert_model_state(
       ``model_cfg`` is a copy with what the file fixes (MiT key layout, class count).
     """
     model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+    if model_cfg.backbone == models.ADVENT_BACKBONE:
+        return _convert_advent(state, model_cfg, source)
     family, _ = models.parse_backbone(model_cfg.backbone)
     arch = _architecture(family)
     kind = "segmentor" if is_segmentor_state(state) else "backbone"
@@ -88,6 +90,20 @@ def convert_model_state(
     )
     variables = jax.tree_util.tree_map(np.asarray, _prune_none(variables))
     return variables, model_cfg, kind
+
+
+def _convert_advent(state, model_cfg: ml_collections.ConfigDict, source: str):
+    """ADVENT's DeepLabV2: a trained model (``layer6`` present: aux + main classifiers) or
+    its ImageNet initialisation (``Scale.``-prefixed keys: the backbone alone)."""
+    from ddb_jax.convert import advent
+
+    model = models.build_model(model_cfg)
+    plain = advent.strip_data_parallel(state)
+    if any(key.startswith("layer6.") for key in plain):
+        model_cfg.advent_multi_level = any(key.startswith("layer5.") for key in plain)
+        model = models.build_model(model_cfg)
+        return advent.convert_advent(plain, model, source=source), model_cfg, "segmentor"
+    return advent.convert_advent_imagenet(plain, model, source=source), model_cfg, "backbone"
 
 
 def convert_torch_checkpoint(

@@ -42,10 +42,11 @@ def default_config() -> ml_collections.ConfigDict:
             lambda_ent_aux=2e-4,
             disc_channels=64,  # ndf of the discriminators' first conv
             # The discriminators' Adam: LEARNING_RATE_D, betas (0.9, 0.99), poly 0.9 over
-            # MAX_ITERS (250k) though training stops at EARLY_STOP (120k).
+            # MAX_ITERS (250k) though training stops at EARLY_STOP (120k); PyTorch 0.4.1's
+            # eps placement ('adam' for today's).
             optim_d=ml_collections.ConfigDict(
                 dict(
-                    kind="adam",
+                    kind="adam041",
                     lr=1e-4,
                     b1=0.9,
                     b2=0.99,

@@ -21,6 +21,8 @@ torch names do (tests/test_optim.py checks this on MiT and ResNet).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -51,7 +53,7 @@ def mmcv_poly_warmup_schedule(
 
 
 HEAD_KEY = "head"
-OPTIMIZERS = ("adamw", "adam", "sgd")
+OPTIMIZERS = ("adamw", "adam", "adam041", "sgd")
 
 
 def is_head_param(path: tuple) -> bool:
@@ -98,10 +100,94 @@ def param_groups(
     )
 
 
+# config.optim.listed_times: how often a reference's parameter groups list each parameter.
+LISTINGS = ("", "advent_1x")
+
+
+class ListedSGDState(NamedTuple):
+    count: jax.Array
+    momentum: optax.Params
+
+
+def listed_sgd(
+    schedule: optax.Schedule, momentum: float, weight_decay: float, times
+) -> optax.GradientTransformation:
+    """PyTorch 0.4.1's ``SGD.step`` when a parameter is listed ``times(path)`` times in its
+    group (ADVENT's 1x group, :func:`ddb_jax.models.advent_deeplabv2.listed_times`): each
+    listing steps it again, with the same learning rate, on a gradient to which weight decay
+    is added in place each time, through the one momentum buffer. Listed once, this is
+    ``add_decayed_weights`` then ``sgd`` with momentum, as PyTorch's SGD."""
+
+    def init(params):
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        return ListedSGDState(jnp.zeros([], jnp.int32), zeros)
+
+    def update(grads, state, params):
+        lr = schedule(state.count)
+
+        def step(path, grad, buf, param):
+            start = param
+            for _ in range(times(path)):
+                grad = grad + weight_decay * param  # 0.4.1: d_p.add_(weight_decay, p.data)
+                buf = momentum * buf + grad
+                param = param - lr * buf
+            return param - start, buf
+
+        out = jax.tree_util.tree_map_with_path(step, grads, state.momentum, params)
+        treedef = jax.tree_util.tree_structure(grads)
+        flat = treedef.flatten_up_to(out)
+        updates = treedef.unflatten([u for u, _ in flat])
+        bufs = treedef.unflatten([b for _, b in flat])
+        return updates, ListedSGDState(optax.safe_increment(state.count), bufs)
+
+    return optax.GradientTransformation(init, update)
+
+
+class Adam041State(NamedTuple):
+    count: jax.Array
+    mu: optax.Params
+    nu: optax.Params
+
+
+def adam041(schedule: optax.Schedule, b1: float, b2: float, eps: float):
+    """PyTorch 0.4.1's Adam (ADVENT's discriminators): ``eps`` is added to sqrt(v) before the
+    bias corrections, which scale the step size, i.e. today's Adam with
+    ``eps / sqrt(1 - b2^t)`` (a larger eps in the first steps, where it matters most)."""
+
+    def init(params):
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        return Adam041State(jnp.zeros([], jnp.int32), zeros, zeros)
+
+    def update(grads, state, params=None):
+        count = optax.safe_increment(state.count)
+        mu = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
+        nu = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, grads)
+        t = count.astype(jnp.result_type(float))
+        step_size = schedule(state.count) * jnp.sqrt(1 - b2**t) / (1 - b1**t)
+        updates = jax.tree_util.tree_map(lambda m, v: -step_size * m / (jnp.sqrt(v) + eps), mu, nu)
+        return updates, Adam041State(count, mu, nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def listing(name: str):
+    """``path -> times listed`` of ``config.optim.listed_times``."""
+    if name == "advent_1x":
+        from ddb_jax.models.advent_deeplabv2 import listed_times
+
+        return listed_times
+    raise ValueError(f"optim.listed_times={name!r}; known: {list(LISTINGS)}")
+
+
 def base_transform(optim_cfg: ml_collections.ConfigDict, schedule, weight_decay: float):
     """``optim_cfg.kind``: 'adamw' (decoupled decay, mmcv/DDB), 'adam' (torch's Adam: L2 decay
-    added to the gradient) or 'sgd' (torch's SGD: L2 decay, then heavy-ball momentum)."""
+    added to the gradient), 'adam041' (PyTorch 0.4.1's Adam, no weight decay) or 'sgd'
+    (torch's SGD: L2 decay, then heavy-ball momentum)."""
     kind = optim_cfg.get("kind", "adamw")
+    if kind == "adam041":
+        if weight_decay:
+            raise ValueError("optim.kind='adam041' takes no weight decay")
+        return adam041(schedule, optim_cfg.b1, optim_cfg.b2, 1e-8)
     if kind == "adamw":
         return optax.adamw(
             schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=1e-8, weight_decay=weight_decay
@@ -109,6 +195,9 @@ def base_transform(optim_cfg: ml_collections.ConfigDict, schedule, weight_decay:
     if kind == "adam":
         adam = optax.adam(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=1e-8)
     elif kind == "sgd":
+        listed = optim_cfg.get("listed_times", "")
+        if listed:
+            return listed_sgd(schedule, optim_cfg.momentum, weight_decay, listing(listed))
         adam = optax.sgd(schedule, momentum=optim_cfg.momentum or None)
     else:
         raise ValueError(f"optim.kind={kind!r}; use one of {list(OPTIMIZERS)}")
@@ -131,7 +220,7 @@ def make_optimizer(
     """
     max_iters = optim_cfg.get("max_iters", 0) or num_steps
 
-    def transform(mult: float, weight_decay: float):
+    def transform(mult: float, weight_decay: float, cfg: ml_collections.ConfigDict = optim_cfg):
         schedule = mmcv_poly_warmup_schedule(
             optim_cfg.lr * mult,
             max_iters,
@@ -140,15 +229,19 @@ def make_optimizer(
             optim_cfg.poly_power,
             optim_cfg.min_lr * mult,
         )
-        return base_transform(optim_cfg, schedule, weight_decay), schedule
+        return base_transform(cfg, schedule, weight_decay), schedule
 
     no_decay_keys = tuple(optim_cfg.get("no_decay_keys", ()))
     head_keys = tuple(optim_cfg.get("head_keys", (HEAD_KEY,)))
     frozen_keys = tuple(optim_cfg.get("frozen_keys", ()))
     backbone_tx, backbone_schedule = transform(1.0, optim_cfg.weight_decay)
+    head_cfg = optim_cfg
+    if optim_cfg.get("listed_times", ""):  # only the reference's 1x group repeats parameters
+        head_cfg = ml_collections.ConfigDict(optim_cfg.to_dict())
+        head_cfg.listed_times = ""
     transforms = {
         "backbone": backbone_tx,
-        "head": transform(optim_cfg.head_lr_mult, optim_cfg.weight_decay)[0],
+        "head": transform(optim_cfg.head_lr_mult, optim_cfg.weight_decay, head_cfg)[0],
     }
     if no_decay_keys:
         transforms["no_decay"] = transform(1.0, 0.0)[0]

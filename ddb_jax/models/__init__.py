@@ -191,6 +191,24 @@ def _build(model_cfg: ml_collections.ConfigDict) -> nn.Module:
     return EncoderDecoder(backbone=backbone, decode_head=head)
 
 
+def default_head(backbone: str) -> str:
+    """The head a converted checkpoint of ``backbone`` has unless told otherwise."""
+    if backbone == ADVENT_BACKBONE:
+        return "advent_aspp"
+    return "dlv2" if backbone.startswith("resnet") else "daformer"
+
+
+def backbone_predicate(model: nn.Module):
+    """``name -> bool``: whether a top-level module of ``model`` belongs to its backbone (what
+    an ImageNet initialisation supplies): mmseg segmentors' ``backbone``, everything but the
+    classifiers of ADVENT's DeepLabV2."""
+    from ddb_jax.models.advent_deeplabv2 import CLASSIFIER_MODULES, AdventDeepLabV2
+
+    if isinstance(model, AdventDeepLabV2):
+        return lambda name: name not in CLASSIFIER_MODULES
+    return lambda name: name == "backbone"
+
+
 def init_variables(model: nn.Module, rng: jax.Array, image_size: tuple[int, int] = (64, 64)):
     """Random initial variables ({'params', 'batch_stats'}) for ``model``."""
     images = jnp.zeros((1, *image_size, 3), jnp.float32)

@@ -28,6 +28,8 @@ Submodule names follow the torch state dict (``conv1``, ``bn1``, ``layer3_0`` wi
 
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -209,6 +211,18 @@ def frozen_param(path: tuple) -> bool:
 def is_classifier_param(path: tuple) -> bool:
     """A parameter of layer5/layer6: the reference's 10x learning-rate group."""
     return any(name in CLASSIFIER_MODULES for name in _path_names(path))
+
+
+def listed_times(path: tuple) -> int:
+    """How often the reference's 1x SGD group lists this parameter (``optim_parameters``:
+    ``get_1x_lr_params_no_scale`` yields the parameters of every module enclosing it within
+    conv1, bn1 and layer1..4): the stem conv once, a bottleneck conv 3 times (the layer, the
+    block, the conv), a shortcut conv 4 times (the layer, the block, the shortcut, the conv);
+    1 elsewhere (the classifiers are listed once, BN parameters not at all)."""
+    names = [n for n in _path_names(path) if n != "params"]
+    if not names or frozen_param(path) or not re.fullmatch(r"layer[1-4]_\d+", names[0]):
+        return 1
+    return 4 if len(names) > 1 and names[1].startswith("downsample_") else 3
 
 
 def build_advent(model_cfg) -> AdventDeepLabV2:

@@ -90,7 +90,8 @@ def initial_variables(config: ml_collections.ConfigDict, model, key: jax.Array) 
     if not config.init_from:
         return variables
     loaded, stored_cfg = checkpoints.load_model_dir(config.init_from)
-    whole = "decode_head" in loaded.get("params", {})
+    is_backbone = models.backbone_predicate(model)
+    whole = any(not is_backbone(name) for name in loaded.get("params", {}))
     checked = checkpoints.ARCHITECTURE_KEYS if whole else ("backbone", "mit_layout")
     diffs = [k for k in checked if stored_cfg.get(k) != config.model.get(k)]
     if diffs:
@@ -101,8 +102,12 @@ def initial_variables(config: ml_collections.ConfigDict, model, key: jax.Array) 
             )
         )
     wanted = variables
-    if not whole:  # backbone-only: compare the backbone subtrees
-        wanted = {k: {"backbone": v["backbone"]} for k, v in variables.items() if "backbone" in v}
+    if not whole:  # backbone-only (ImageNet weights): compare the backbone's modules
+        wanted = {
+            collection: {name: v for name, v in tree.items() if is_backbone(name)}
+            for collection, tree in variables.items()
+        }
+        wanted = {k: v for k, v in wanted.items() if v}
     checkpoints.check_tensors(
         wanted, loaded, f"config.init_from={config.init_from} does not fit the model"
     )
