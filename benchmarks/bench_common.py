@@ -32,10 +32,10 @@ from ddb_jax.train import setup  # noqa: E402
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 # Modules the benchmark must never import (the GPU image has none of them).
 FORBIDDEN_MODULES = ("tensorflow", "tensorflow_datasets", "clu")
-# Top-level import names of the device image's Python packages (/work/.library/device/
-# KINDS.md, 'Python packages already there', read 2026-11-17), and of the wheels that travel
-# with the kit (benchmarks/device_check.sh). A third-party module the kit imports outside
-# both would be missing there: the smoke test fails on it.
+# Top-level import names of the GPU machine image's Python packages (its package list, read
+# 2026-11-17), and of the wheels that travel with the kit (benchmarks/device_check.sh). A
+# third-party module the kit imports outside both would be missing there: the smoke test
+# fails on it.
 DEVICE_IMAGE_MODULES = set(
     """absl accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated_doc anyio attr
     attrs botorch build certifi charset_normalizer chex click cloudpickle cmake colorama
@@ -430,7 +430,7 @@ class TorchStep:
     ):
         import torch
 
-        from ddb_jax import bridging
+        from ddb_jax.uda import bridging
         from torch_ref.augment import random_draw
         from torch_ref.optim import make_optimizer
 

@@ -36,7 +36,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ddb_jax.models import resnet  # noqa: E402
+from ddb_jax.models import layers  # noqa: E402
 
 # (name, input size as a fraction of the image, cin, cout, kernel, stride, dilation,
 #  occurrences in DLV2-R101 + DLV2 head)
@@ -68,9 +68,9 @@ def load() -> str:
 def jax_conv(impl: str):
     """conv(x, w, stride, dilation) of one conv_impl (the functions the models use)."""
     if impl == "lax":
-        return resnet.lax_conv
+        return layers.lax_conv
     if impl == "matmul":
-        return resnet.matmul_grad_conv
+        return layers.matmul_grad_conv
     if impl == "im2col":
 
         def im2col(x, w, stride, dilation):
@@ -79,11 +79,11 @@ def jax_conv(impl: str):
                 (n + 2 * dilation * (k // 2) - dilation * (k - 1) - 1) // stride + 1
                 for n in x.shape[1:3]
             ]
-            columns = jnp.concatenate(resnet._taps(x, k, stride, dilation, out_hw), axis=-1)
+            columns = jnp.concatenate(layers._taps(x, k, stride, dilation, out_hw), axis=-1)
             return jnp.dot(columns, w.reshape(-1, w.shape[-1]))
 
         return im2col
-    raise ValueError(f"unknown conv_impl {impl!r}; known: {list(resnet.CONV_IMPLS)}")
+    raise ValueError(f"unknown conv_impl {impl!r}; known: {list(layers.CONV_IMPLS)}")
 
 
 def _best(fn, best: dict, key) -> None:
@@ -172,9 +172,10 @@ def model_table(args) -> None:
     import torch
 
     from configs import default
-    from ddb_jax import losses, models
+    from ddb_jax import models
     from ddb_jax.convert import resnet as resnet_names
     from ddb_jax.convert.common import convert_state_dict
+    from ddb_jax.uda import losses
     from torch_ref.common import nchw, numpy_state_dict, to_torch
     from torch_ref.losses import seg_ce
     from torch_ref.resnet_dlv2 import Segmentor, randomize

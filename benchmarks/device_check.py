@@ -235,7 +235,7 @@ def run_eval(name: str, opts: dict, smoke: bool) -> dict:
     import jax
     import numpy as np
 
-    from ddb_jax import evaluate
+    from ddb_jax.evaluation import evaluate
 
     s = sizes(smoke)
     rows = {}

@@ -29,8 +29,8 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ddb_jax import augment, bridging, losses, prototypes  # noqa: E402
 from ddb_jax.ops import resize_bilinear  # noqa: E402
+from ddb_jax.uda import augment, bridging, losses, prototypes  # noqa: E402
 
 
 def load_default_config():

@@ -11,7 +11,7 @@ discriminators, the loss weights, the listed SGD group, no flip.
 """
 
 from configs import advent_gta2cs, default
-from ddb_jax import rounds
+from ddb_jax.graph import stage_graph
 
 NAME = "advent_demo"
 STEPS = 300
@@ -47,5 +47,5 @@ def setting(steps: int = STEPS):
 def get_config(arg: str | None = None):
     """``arg``: a stage name, or a number of steps per stage (the whole pipeline)."""
     if arg and arg.isdigit():
-        return rounds.config_for(setting(int(arg)), "pipeline", f"runs/{NAME}")
-    return rounds.config_for(setting(), arg or "pipeline", f"runs/{NAME}")
+        return stage_graph.config_for(setting(int(arg)), "pipeline", f"runs/{NAME}")
+    return stage_graph.config_for(setting(), arg or "pipeline", f"runs/{NAME}")

@@ -16,7 +16,7 @@ its best snapshot).
 """
 
 from configs import default
-from ddb_jax import rounds
+from ddb_jax.graph import stage_graph
 
 NAME = "advent_gta2cs"
 
@@ -59,4 +59,4 @@ def setting():
 
 def get_config(arg: str | None = None):
     """``arg``: a stage ('advent', 'minent'), or nothing for both."""
-    return rounds.config_for(setting(), arg or "pipeline", f"runs/{NAME}")
+    return stage_graph.config_for(setting(), arg or "pipeline", f"runs/{NAME}")

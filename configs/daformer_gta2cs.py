@@ -12,12 +12,12 @@ feature distance. Rare class sampling reads the class statistics the GTA convert
 """
 
 from configs import daformer_recipe, gta2cs
-from ddb_jax import rounds
+from ddb_jax.graph import stage_graph
 
 NAME = "daformer_gta2cs"
 
 
 def get_config():
     setting = daformer_recipe.apply(gta2cs.setting())
-    stage = rounds.Stage(NAME, "self_training", (("st.mask", "class"),))
-    return rounds.stage_config(setting, stage, f"runs/{NAME}")
+    stage = stage_graph.Stage(NAME, "self_training", (("st.mask", "class"),))
+    return stage_graph.stage_config(setting, stage, f"runs/{NAME}")

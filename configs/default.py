@@ -177,11 +177,11 @@ def get_config() -> ml_collections.ConfigDict:
     for section, defaults in methods.registry.config_sections().items():
         config[section] = defaults()
 
-    # Stage 'pipeline' (ddb_jax/rounds.py): DDB's rounds, the optional baseline rows
+    # Stage 'pipeline' (ddb_jax/graph/rounds.py): DDB's rounds, the optional baseline rows
     # ('source_only', 'oracle'), round 2's learning rate (the reference's r2 configs: a
     # tenth), and a comma-separated subset of stages to run ('' = all), e.g.
     # --config.stages=r1_ckd,r2_cu. Per-stage overrides: config.pipeline.<stage>.<key>.
-    # The method's pipeline (ddb_jax/rounds.py GRAPHS): 'ddb' (DDB's rounds) | 'advent'.
+    # The method's pipeline (ddb_jax/graph/rounds.py GRAPHS): 'ddb' (DDB's rounds) | 'advent'.
     config.graph = "ddb"
     config.rounds = 2
     config.baselines = ()
@@ -212,6 +212,10 @@ def get_config() -> ml_collections.ConfigDict:
             # Extra mIoUs from the same confusion matrix (ddb_jax/labels.py MIOU_PROTOCOLS):
             # 'synthia16', 'synthia13' (SYNTHIA's 16 / 13 classes), 'categories7'.
             miou_protocols=(),
+            # Stage 'evaluate': a second model whose logits are added to config.checkpoint's,
+            # weighted (ADVENT's AdvEnt + MinEnt: 0.5 each).
+            ensemble_checkpoint="",
+            ensemble_weights=(0.5, 0.5),
         )
     )
     return config

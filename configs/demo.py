@@ -13,7 +13,7 @@ is no ImageNet model at this size), so round 1 and the CKD students start from s
 """
 
 from configs import default
-from ddb_jax import rounds
+from ddb_jax.graph import stage_graph
 
 NAME = "demo"
 STEPS = 300  # per training stage
@@ -46,5 +46,5 @@ def setting(steps: int = STEPS):
 def get_config(arg: str | None = None):
     """``arg``: a stage name, or a number of steps per stage (the whole pipeline)."""
     if arg and arg.isdigit():
-        return rounds.config_for(setting(int(arg)), "pipeline", f"runs/{NAME}")
-    return rounds.config_for(setting(), arg or "pipeline", f"runs/{NAME}")
+        return stage_graph.config_for(setting(int(arg)), "pipeline", f"runs/{NAME}")
+    return stage_graph.config_for(setting(), arg or "pipeline", f"runs/{NAME}")

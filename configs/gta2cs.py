@@ -4,13 +4,13 @@ configs/gta2city/; AdamW 6e-5, head x10, 1500 warm-up iterations then poly to 40
     python -m ddb_jax.main --config=configs/gta2cs.py --workdir=runs/gta2cs        # all rounds
     python -m ddb_jax.main --config=configs/gta2cs.py:r1_cu --workdir=runs/gta2cs/r1_cu
 
-The stages and their wiring are ddb_jax/rounds.py's graph. ``init_from``: the ImageNet
+The stages and their wiring are ddb_jax/graph/rounds.py's graph. ``init_from``: the ImageNet
 ResNetV1c-101, converted with ``python tools/convert_checkpoint.py resnet101_v1c.pth
 pretrained/resnet101_v1c``.
 """
 
 from configs import default
-from ddb_jax import rounds
+from ddb_jax.graph import stage_graph
 
 NAME = "gta2cs"
 
@@ -24,4 +24,4 @@ def setting():
 
 
 def get_config(stage: str = "pipeline"):
-    return rounds.config_for(setting(), stage, f"runs/{NAME}")
+    return stage_graph.config_for(setting(), stage, f"runs/{NAME}")

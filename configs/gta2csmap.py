@@ -4,7 +4,7 @@ configs/gta2city+mapi/). As configs/gta2cs.py.
 """
 
 from configs import gta2cs
-from ddb_jax import rounds
+from ddb_jax.graph import stage_graph
 
 NAME = "gta2csmap"
 
@@ -16,4 +16,4 @@ def setting():
 
 
 def get_config(stage: str = "pipeline"):
-    return rounds.config_for(setting(), stage, f"runs/{NAME}")
+    return stage_graph.config_for(setting(), stage, f"runs/{NAME}")

@@ -3,7 +3,7 @@ DeepLabV2 ResNet-101 (the reference's configs/gta+syns2city/). As configs/gta2cs
 """
 
 from configs import gta2cs
-from ddb_jax import rounds
+from ddb_jax.graph import stage_graph
 
 NAME = "gtasyn2cs"
 
@@ -15,4 +15,4 @@ def setting():
 
 
 def get_config(stage: str = "pipeline"):
-    return rounds.config_for(setting(), stage, f"runs/{NAME}")
+    return stage_graph.config_for(setting(), stage, f"runs/{NAME}")

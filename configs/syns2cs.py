@@ -3,7 +3,7 @@ configs/gta2cs.py.
 
 The reference has this setting's dataset configs but no experiment configs: its
 configs/_base_/datasets/{st,ckd,so}_syns2city_512x512.py (Synscapes resized to (1280, 720)
-as GTA5, PhotoMetricDistortion on the source in the CKD data config, as ddb_jax/rounds.py
+as GTA5, PhotoMetricDistortion on the source in the CKD data config, as ddb_jax/graph/rounds.py
 sets for every CKD stage), with the GTA5 schedule of configs/gta2city/.
 
     python tools/convert_datasets/synscapes.py data/synscapes
@@ -11,7 +11,7 @@ sets for every CKD stage), with the GTA5 schedule of configs/gta2city/.
 """
 
 from configs import gta2cs
-from ddb_jax import rounds
+from ddb_jax.graph import stage_graph
 
 NAME = "syns2cs"
 
@@ -23,4 +23,4 @@ def setting():
 
 
 def get_config(stage: str = "pipeline"):
-    return rounds.config_for(setting(), stage, f"runs/{NAME}")
+    return stage_graph.config_for(setting(), stage, f"runs/{NAME}")

@@ -15,7 +15,7 @@ confusion matrix: 'synthia16' (mIoU16), 'synthia13' (mIoU13), 'categories7' (mIo
 """
 
 from configs import gta2cs
-from ddb_jax import rounds
+from ddb_jax.graph import stage_graph
 
 NAME = "synthia2cs"
 MIOU_PROTOCOLS = ("synthia16", "synthia13", "categories7")
@@ -29,4 +29,4 @@ def setting():
 
 
 def get_config(stage: str = "pipeline"):
-    return rounds.config_for(setting(), stage, f"runs/{NAME}")
+    return stage_graph.config_for(setting(), stage, f"runs/{NAME}")

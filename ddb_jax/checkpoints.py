@@ -26,7 +26,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import array_metadata_store
 
-from ddb_jax import errors, hosts, paths
+from ddb_jax import errors, paths
+from ddb_jax.runtime import hosts
 
 MODEL_JSON = "model.json"
 VARIABLES_DIR = "variables"

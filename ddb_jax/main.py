@@ -16,7 +16,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddb_jax import distributed, errors, models, platforms
+from ddb_jax import config_checks, errors, models
+from ddb_jax.runtime import distributed, platforms
 from ddb_jax.stages import resolve_stage
 
 FLAGS = flags.FLAGS
@@ -24,7 +25,7 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and result
 config_flags.DEFINE_config_file("config", None, "A config file under configs/ (FILE or FILE:ARG).")
 flags.mark_flags_as_required(["config", "workdir"])
 flags.DEFINE_bool("traceback", False, "On an error, print the traceback, not just one line.")
-# Multi-host (see ddb_jax/distributed.py and the README's 'Running at scale').
+# Multi-host (see ddb_jax/runtime/distributed.py and the README's 'Running at scale').
 flags.DEFINE_enum(
     "distributed", "auto", list(distributed.MODES),
     "auto: initialise jax.distributed when flags, JAX_COORDINATOR_ADDRESS or a cluster "
@@ -40,19 +41,17 @@ class FlagError(errors.UsageError):
     """A command-line flag or config override that cannot be used."""
 
 
-def validate(config) -> None:
-    """Checks that fail fast, before any data is read or any model is compiled."""
+def validate(config, workdir: str) -> None:
+    """Checks that fail fast, before any data is read, any model is compiled or anything
+    is written: every config value against its range (:mod:`ddb_jax.config_checks`), the
+    model and the method's settings, then the workdir (created and written to, on trial)."""
     from ddb_jax import methods
 
+    config_checks.check_config(config)
     models.build_model(config.model)
     if methods.is_training(config.stage):
         methods.check_config(config)
-    from ddb_jax import evaluate
-
-    if config.eval.mode not in evaluate.EVAL_MODES:
-        raise FlagError(
-            f"config.eval.mode={config.eval.mode!r}; use one of {list(evaluate.EVAL_MODES)}"
-        )
+    config_checks.check_workdir(workdir)
 
 
 def main(argv: list[str]) -> None:
@@ -67,7 +66,7 @@ def main(argv: list[str]) -> None:
     )
     distributed.initialize(settings)
     config = FLAGS.config
-    validate(config)
+    validate(config, FLAGS.workdir)
     run = resolve_stage(config.stage)
     logging.info("stage %s, workdir %s", config.stage, FLAGS.workdir)
     logging.info("%s", platforms.describe())

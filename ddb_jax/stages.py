@@ -15,9 +15,9 @@ from ddb_jax import errors
 # in ddb_jax.methods.registry) run the training loop.
 TRAIN = "ddb_jax.train.loop:train_and_evaluate"
 STAGES = {
-    "prototypes": "ddb_jax.prototype_stage:run",
-    "evaluate": "ddb_jax.eval_stage:run",
-    "pipeline": "ddb_jax.pipeline:run",
+    "prototypes": "ddb_jax.offline.prototype_stage:run",
+    "evaluate": "ddb_jax.evaluation.eval_stage:run",
+    "pipeline": "ddb_jax.pipeline.runner:run",
 }
 
 

@@ -21,7 +21,8 @@ from configs import default
 from ddb_jax import models
 from ddb_jax.convert import resnet as resnet_names
 from ddb_jax.convert.common import convert_state_dict, path_to_str
-from ddb_jax.methods.state import create_train_state
+from ddb_jax.methods import assemble
+from ddb_jax.methods.state import as_optimizers
 from torch_ref.common import numpy_state_dict
 from torch_ref.optim import mmcv_lr
 from torch_ref.resnet_dlv2 import Segmentor, randomize
@@ -85,9 +86,11 @@ def torch_segmentor(seed: int, dtype=torch.float64) -> Segmentor:
 
 
 def initial_state(method, tx, variables, key):
-    """``method.init_state(create_train_state(variables, tx, key))`` as one compiled program
-    (op by op it is ~100 tiny compiles, one per leaf shape and operation: seconds)."""
-    return jax.jit(lambda v, k: method.init_state(create_train_state(v, tx, k)))(variables, key)
+    """The stage's initial state (``methods.assemble.initial_state``, the loop's) as one
+    compiled program (op by op it is ~100 tiny compiles, one per leaf shape and operation:
+    seconds)."""
+    txs = as_optimizers(tx)
+    return jax.jit(lambda v, k: assemble.initial_state(method, txs, v, k))(variables, key)
 
 
 def to_flax(torch_model: torch.nn.Module, model, dtype=jnp.float64):

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from ddb_jax import augment
 from ddb_jax.ops import IMAGE_MEAN, IMAGE_STD
+from ddb_jax.uda import augment
 from torch_ref.augment import blur as torch_blur
 from torch_ref.augment import color_jitter as torch_color_jitter
 from torch_ref.augment import random_draw as fixed_params

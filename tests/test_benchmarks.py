@@ -26,7 +26,7 @@ import pytest
 
 from configs import default
 from ddb_jax import models
-from ddb_jax.models.resnet import lax_conv, matmul_grad_conv, weight_grad_path
+from ddb_jax.models.layers import lax_conv, matmul_grad_conv, weight_grad_path
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddb_jax import bridging
+from ddb_jax.uda import bridging
 from torch_ref.bridging import cut_mask as reference_cut_mask
 
 H, W = 24, 40

@@ -30,11 +30,12 @@ import numpy as np
 import pytest
 import torch
 
-from ddb_jax import checkpoints, losses, methods, models
+from ddb_jax import checkpoints, methods, models
 from ddb_jax.convert import convert_torch_checkpoint
 from ddb_jax.convert import mit as convert_mit
 from ddb_jax.convert.common import path_to_str
 from ddb_jax.methods import base, feature_distance, optim
+from ddb_jax.uda import losses
 from tests.parity_support import (
     EPS64,
     REL64,
@@ -323,7 +324,7 @@ def test_source_forward_keeps_its_draws_with_backbone_maps():
 
 
 def test_daformer_config_is_its_reference_recipe():
-    from configs import daformer_gta2cs, default, gta2cs, gta2cs_daformer
+    from configs import daformer_gta2cs, default, gta2cs, gta2cs_ddb_daformer
 
     config = daformer_gta2cs.get_config()
     assert config.stage == "self_training" and config.st.mask == "class"
@@ -341,7 +342,7 @@ def test_daformer_config_is_its_reference_recipe():
     assert (config.optim.lr, config.optim.head_lr_mult, config.num_steps) == (6e-5, 10.0, 40000)
     assert not config.mic.enabled
     # DDB's MiT paths take DAFormer's settings; DDB's own configs keep DDB's.
-    path = gta2cs_daformer.get_config("r1_cu")
+    path = gta2cs_ddb_daformer.get_config("r1_cu")
     assert path.st.mask == "cut" and path.fdist.enabled and path.st.coins_per_batch
     assert path.batch_size == 2 and path.st.ema_alpha == 0.999
     for ddb in (default.get_config(), gta2cs.get_config("r1_ca")):

@@ -7,7 +7,8 @@ import shutil
 
 import numpy as np
 
-from ddb_jax import checkpoints, pipeline, prototype_io
+from ddb_jax import checkpoints, pipeline
+from ddb_jax.offline import prototype_io
 from tests.support import tiny_pipeline
 
 STAGES = [

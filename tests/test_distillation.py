@@ -24,11 +24,13 @@ import pytest
 import torch
 
 from configs import default
-from ddb_jax import checkpoints, ensemble, models, prototype_io
+from ddb_jax import checkpoints, models
 from ddb_jax.methods import base, ckd, optim, teachers
 from ddb_jax.methods.state import TrainState
+from ddb_jax.offline import prototype_io
 from ddb_jax.train import checkpointing, loop
 from ddb_jax.train import workdir as workdir_lib
+from ddb_jax.uda import ensemble
 from input_pipeline import toy
 from tests.parity_support import (
     adam_param_bound,

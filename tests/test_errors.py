@@ -78,7 +78,7 @@ USAGE_CASES = {
                                 "--num_processes=2", "--process_id=0"], ["has no port"]),
     "PipelineError": (["--config=configs/demo.py", "--config.st.mask=class"],
                       ["config.st.mask='class' is set per stage"]),
-    "EvaluateConfigError": (["--config=configs/test_cityscapes.py"], ["--config.checkpoint"]),
+    "EvaluateConfigError": (["--config=configs/eval_cityscapes.py"], ["--config.checkpoint"]),
     "PrototypeStageError": (["--config=configs/demo.py:r1_proto_cu", "--config.checkpoint="],
                             ["--config.checkpoint=MODEL_DIR"]),
 }  # fmt: skip
@@ -124,7 +124,7 @@ def test_dataset_error_names_the_directory(capsys, tmp_path):
 
 
 def test_checkpoint_error_names_the_directory(capsys, tmp_path, toy_root):
-    args = ["--config=configs/test_cityscapes.py", f"--config.data.root={toy_root}",
+    args = ["--config=configs/eval_cityscapes.py", f"--config.data.root={toy_root}",
             f"--config.checkpoint={tmp_path / 'nothing'}"]  # fmt: skip
     status, err = run_cli(capsys, *args, f"--workdir={tmp_path / 'run'}")
     assert_one_line(status, err, 1, f"{tmp_path / 'nothing'} is not a model directory")

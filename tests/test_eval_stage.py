@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import test_cityscapes
-from ddb_jax import checkpoints, eval_stage, evaluate, labels, models
+from configs import eval_cityscapes
+from ddb_jax import checkpoints, labels, models
+from ddb_jax.evaluation import eval_stage, evaluate
 from input_pipeline import evaluation, toy
 
 
@@ -19,7 +20,7 @@ from input_pipeline import evaluation, toy
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     toy.main(["--out", str(root / "toy"), "--num-train", "2", "--num-val", "3"])
-    config = test_cityscapes.get_config()
+    config = eval_cityscapes.get_config()
     config.data.root = str(root)
     config.data.target = ("toy_target",)
     config.model.backbone = "resnet18_v1c"

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddb_jax import evaluate
+from ddb_jax.evaluation import evaluate
 
 
 def test_confusion_and_iou_by_hand():

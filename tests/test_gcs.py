@@ -17,7 +17,9 @@ import jax
 import numpy as np
 import pytest
 
-from ddb_jax import checkpoints, eval_stage, models, paths, prototype_io, prototype_stage
+from ddb_jax import checkpoints, models, paths
+from ddb_jax.evaluation import eval_stage
+from ddb_jax.offline import prototype_io, prototype_stage
 from ddb_jax.train import loop
 from tests.support import tiny_stage
 

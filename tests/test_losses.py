@@ -5,7 +5,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ddb_jax import losses
+from ddb_jax.uda import losses
 from torch_ref.common import nchw
 
 N, K, h, w, H, W = 2, 5, 4, 6, 16, 24

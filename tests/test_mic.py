@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from configs import default
-from ddb_jax import augment, bridging, methods, models
+from ddb_jax import methods, models
 from ddb_jax.methods import base, optim
 from ddb_jax.methods import mic as mic_method
+from ddb_jax.uda import augment, bridging
 from tests.parity_support import (
     REL64,
     assert_argmax_agrees,
@@ -164,7 +165,7 @@ RESIZES = [(3, 7), (7, 10), (3, 32), (3, 40), (8, 512), (16, 1024), (5, 13), (11
 
 @pytest.mark.parametrize("grid,size", RESIZES)
 def test_block_upsampling_is_torch_nearest(grid, size):
-    rows = augment.nearest_indices(grid, size)
+    rows = mic_method.nearest_indices(grid, size)
     probe = torch.arange(grid, dtype=torch.float32).view(1, 1, grid, 1)
     expected = F.interpolate(probe, size=(size, 1), mode="nearest")[0, 0, :, 0].long().numpy()
     np.testing.assert_array_equal(rows, expected)
@@ -173,12 +174,14 @@ def test_block_upsampling_is_torch_nearest(grid, size):
 def test_block_mask_law():
     """Blocks kept with probability 1 - ratio, independently per block and image, constant
     over each block; the grid is MIC's round(H / block) x round(W / block)."""
-    assert augment.block_grid_shape((512, 512), 64) == (8, 8)
-    assert augment.block_grid_shape((1024, 2048), 64) == (16, 32)
-    assert augment.block_grid_shape((96, 160), 64) == (2, 2)  # round(1.5) = 2, round(2.5) = 2
+    assert mic_method.block_grid_shape((512, 512), 64) == (8, 8)
+    assert mic_method.block_grid_shape((1024, 2048), 64) == (16, 32)
+    assert mic_method.block_grid_shape((96, 160), 64) == (2, 2)  # round(1.5) = 2, round(2.5) = 2
     with pytest.raises(ValueError, match="do not fit"):
-        augment.block_grid_shape((16, 64), 64)
-    keep = jax.jit(lambda k: augment.block_keep_mask(k, (400, 64, 64), 16, 0.7))(jax.random.key(0))
+        mic_method.block_grid_shape((16, 64), 64)
+    keep = jax.jit(lambda k: mic_method.block_keep_mask(k, (400, 64, 64), 16, 0.7))(
+        jax.random.key(0)
+    )
     keep = np.asarray(keep)
     blocks = keep.reshape(400, 4, 16, 4, 16)
     assert (blocks == blocks[:, :, :1, :, :1]).all()

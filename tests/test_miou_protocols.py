@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from configs import demo, synthia2cs
-from ddb_jax import eval_stage, evaluate, labels, pipeline
+from ddb_jax import labels, pipeline
+from ddb_jax.evaluation import eval_stage, evaluate
 
 # cityscapesScripts helpers/labels.py: (name, category) of the 19 classes with a train id.
 CITYSCAPES_SCRIPTS_CATEGORY = {

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ddb_jax import distributed
+from ddb_jax.runtime import distributed
 from input_pipeline import evaluation
 from tests.support import tiny_stage
 
@@ -72,7 +72,7 @@ def test_one_process_stage_hosts_are_this_process():
     import jax
     from jax.sharding import Mesh
 
-    from ddb_jax import hosts
+    from ddb_jax.runtime import hosts
 
     stage = hosts.Hosts.of(Mesh(np.asarray(jax.devices()[2:6]), ("data",)))
     assert stage.processes == (0,) and (stage.index, stage.count, stage.primary) == (0, 1, 0)

@@ -14,7 +14,11 @@ import pytest
 from PIL import Image
 
 from configs import demo
-from ddb_jax import checkpoints, label_images, models, pictures, predict
+from ddb_jax import checkpoints, models
+from ddb_jax.demo import pictures
+from ddb_jax.inference import label_images
+from ddb_jax.inference.batching import predict_images
+from ddb_jax.inference.predictor import Predictor, load_model
 from tests.support import TINY, set_keys
 
 VAL = os.path.join("toy", "cityscapes", "leftImg8bit", "val", "toycity")
@@ -73,8 +77,7 @@ def test_predictions_grid_holds_image_truth_and_each_stage(workdir, toy_root):
     names = sorted(os.listdir(toy_root / VAL))[:3]
     models_ = {s: os.path.join(workdir, s, "export") for s in ("source_only", "r1_cu", "r2_ckd")}
     predictors = {
-        stage: predict.Predictor.from_model(*predict.load_model(path)[:2])
-        for stage, path in models_.items()
+        stage: Predictor.from_model(*load_model(path)[:2]) for stage, path in models_.items()
     }
     for row, name in enumerate(names):
         image = np.asarray(Image.open(toy_root / VAL / name))
@@ -83,7 +86,7 @@ def test_predictions_grid_holds_image_truth_and_each_stage(workdir, toy_root):
         np.testing.assert_array_equal(panel(picture, grid, row, 0), image)
         np.testing.assert_array_equal(panel(picture, grid, row, 1), label_images.colorize(label))
         for column, stage in enumerate(("source_only", "r1_cu", "r2_ckd"), start=2):
-            ids = predict.predict_images(predictors[stage], [image])[0]
+            ids = predict_images(predictors[stage], [image])[0]
             assert len(np.unique(ids)) > 1
             np.testing.assert_array_equal(
                 panel(picture, grid, row, column), label_images.colorize(ids), err_msg=stage

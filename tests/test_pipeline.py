@@ -12,8 +12,10 @@ import shutil
 import numpy as np
 import pytest
 
-from configs import demo, gta2cs
-from ddb_jax import pipeline, prototype_io, rounds
+from configs import demo
+from ddb_jax import pipeline
+from ddb_jax.graph import stage_graph
+from ddb_jax.offline import prototype_io
 from ddb_jax.train import workdir as workdir_lib
 
 DDB_ORDER = [
@@ -138,7 +140,7 @@ def test_bad_pipeline_configs_are_refused(tmp_path):
         pipeline.run(config, str(tmp_path / "b"), run_stage=Recorder())
     config = demo_config()
     with config.pipeline.unlocked():
-        config.pipeline.round1 = rounds.placeholders(config)
+        config.pipeline.round1 = stage_graph.placeholders(config)
     config.pipeline.round1.seed = 3
     with pytest.raises(pipeline.PipelineError, match="config.pipeline.round1"):
         pipeline.run(config, str(tmp_path / "c"), run_stage=Recorder())
@@ -211,21 +213,25 @@ def test_every_config_file_loads_and_names_a_stage():
     assert set(pipelines) >= {"gta2cs", "gtasyn2cs", "gta2csmap", "demo", "gta2cs_ddb"}
 
 
-def test_per_stage_config_files_are_the_pipelines_stages():
-    """configs/<setting>_r<n>_<stage>.py is the stage the pipeline runs in runs/<setting>."""
+@pytest.mark.parametrize(
+    "setting, count", [("gta2cs", 6), ("gta2cs_ddb_daformer", 2), ("advent_gta2cs", 2)]
+)
+def test_per_stage_config_files_are_the_pipelines_stages(setting, count):
+    """configs/<setting>_<stage>.py is the stage the pipeline runs in runs/<setting>."""
     import importlib
 
-    plan = pipeline.plan_stages(gta2cs.get_config(), "runs/gta2cs")
+    module = importlib.import_module(f"configs.{setting}")
+    plan = pipeline.plan_stages(module.get_config(), f"runs/{module.NAME}")
     checked = 0
     for planned in plan:
         try:
-            module = importlib.import_module(f"configs.gta2cs_{planned.name}")
+            stage_module = importlib.import_module(f"configs.{setting}_{planned.name}")
         except ModuleNotFoundError:
-            assert "proto" in planned.name  # prototypes: tools/calc_prototypes.py by hand
+            # prototypes (tools/calc_prototypes.py by hand), or stages run from the setting
             continue
-        assert module.get_config().to_dict() == planned.config.to_dict(), planned.name
+        assert stage_module.get_config().to_dict() == planned.config.to_dict(), planned.name
         checked += 1
-    assert checked == 6
+    assert checked == count
 
 
 def test_waves_group_the_independent_stages_of_every_seed():

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from ddb_jax import platforms
+from ddb_jax.runtime import platforms
 from tests.support import ROOT, process_env
 
 

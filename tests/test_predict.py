@@ -1,6 +1,7 @@
 """tools/predict.py: the evaluate stage's predictions pixel for pixel, label-id files that map
 back to the train ids, a .pth that predicts as its converted directory, folders of arbitrary
-images of several sizes whatever the batching, and bad files and flags named in one line."""
+images of several sizes whatever the batching, bad files and flags named in one line, and an
+output folder that the inputs reach, or that cannot be written, refused before any work."""
 
 from __future__ import annotations
 
@@ -13,8 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-from configs import test_cityscapes
-from ddb_jax import checkpoints, eval_stage, label_images, labels, models, predict
+from configs import eval_cityscapes
+from ddb_jax import checkpoints, labels, models
+from ddb_jax.evaluation import eval_stage
+from ddb_jax.inference import label_images
+from ddb_jax.inference.batching import predict_images
+from ddb_jax.inference.errors import InputError
+from ddb_jax.inference.image_files import list_images
+from ddb_jax.inference.image_input import prepare, scale_of
+from ddb_jax.inference.outputs import OutputLayout
+from ddb_jax.inference.predictor import Predictor, load_model
 from tests.support import save_rgb
 from tools import convert_checkpoint
 from tools import predict as predict_cli
@@ -24,7 +33,7 @@ VAL = os.path.join("toy", "cityscapes", "leftImg8bit", "val")
 
 
 def tiny_model_config() -> ml_collections.ConfigDict:
-    model_cfg = test_cityscapes.get_config().model
+    model_cfg = eval_cityscapes.get_config().model
     model_cfg.backbone = "resnet18_v1c"
     model_cfg.base_channels = 8
     model_cfg.head_channels = 8
@@ -81,7 +90,7 @@ def outputs(out, kind: str) -> dict[str, np.ndarray]:
 def test_predictions_equal_the_evaluate_stage_pixel_for_pixel(
     toy_root, model_dir, tmp_path, capsys, settings
 ):
-    config = test_cityscapes.get_config()
+    config = eval_cityscapes.get_config()
     config.data.root = str(toy_root)
     config.data.target = ("toy_target",)
     config.model = tiny_model_config()
@@ -245,12 +254,12 @@ def test_a_folder_of_arbitrary_images_does_not_depend_on_the_batching(
 
 def test_library_batches_of_mixed_sizes_equal_one_by_one(model_dir):
     """Buckets per size, partial batches padded, oldest bucket flushed: same ids as singles."""
-    variables, model_cfg, _ = predict.load_model(model_dir)
-    predictor = predict.Predictor.from_model(variables, model_cfg)
+    variables, model_cfg, _ = load_model(model_dir)
+    predictor = Predictor.from_model(variables, model_cfg)
     images = [photo(*size, seed=i) for i, size in enumerate([(40, 60), (33, 47)] * 3 + [(20, 20)])]
-    singles = predict.predict_images(predictor, images, batch_size=1)
+    singles = predict_images(predictor, images, batch_size=1)
     for batch in (2, 4):
-        batched = predict.predict_images(predictor, images, batch_size=batch)
+        batched = predict_images(predictor, images, batch_size=batch)
         for a, b in zip(singles, batched, strict=True):
             np.testing.assert_array_equal(a, b)
     assert [s.shape for s in singles] == [i.shape[:2] for i in images]
@@ -260,11 +269,11 @@ def test_scale_resizes_the_input_and_predicts_at_the_image_size(model_dir):
     """--scale 64,32 (long, short): a 40x60 image runs at 32x48 (mmcv imrescale), and the
     ids come back at 40x60."""
     image = photo(40, 60, 0)
-    assert predict.prepare(image, predict.scale_of("64,32")).shape == (32, 48, 3)
-    assert predict.scale_of("cityscapes") == (1024, 512) and predict.scale_of("none") is None
-    variables, model_cfg, _ = predict.load_model(model_dir)
-    predictor = predict.Predictor.from_model(variables, model_cfg)
-    assert predict.predict_images(predictor, [image], (64, 32))[0].shape == (40, 60)
+    assert prepare(image, scale_of("64,32")).shape == (32, 48, 3)
+    assert scale_of("cityscapes") == (1024, 512) and scale_of("none") is None
+    variables, model_cfg, _ = load_model(model_dir)
+    predictor = Predictor.from_model(variables, model_cfg)
+    assert predict_images(predictor, [image], (64, 32))[0].shape == (40, 60)
 
 
 def test_strict_stops_at_the_bad_file_in_one_line(model_dir, photo_folder, tmp_path, capsys):
@@ -286,6 +295,7 @@ def test_strict_stops_at_the_bad_file_in_one_line(model_dir, photo_folder, tmp_p
         ("bad_crop", "--crop"),
         ("bad_scale", "--scale='huge'"),
         ("missing_model", "no_model: no such model directory or .pth file"),
+        ("model_in_missing_folder", "gone/iter_1.pth: no such model directory or .pth file"),
         ("not_cityscapes_names", "needs Cityscapes image names"),
         ("name_clash", "would both be written as img0"),
     ],
@@ -304,6 +314,8 @@ def test_usage_errors_exit_2_in_one_line_naming_the_input(
         flags = ["--scale=huge"]
     elif case == "missing_model":
         model = str(tmp_path / "no_model")
+    elif case == "model_in_missing_folder":
+        model = str(tmp_path / "gone" / "iter_1.pth")
     elif case == "not_cityscapes_names":
         flags = ["--format=cityscapes"]
     elif case == "name_clash":
@@ -318,7 +330,7 @@ def test_usage_errors_exit_2_in_one_line_naming_the_input(
 
 
 def test_listing_files_folders_and_patterns(photo_folder):
-    files = predict.list_images(
+    files = list_images(
         [photo_folder, os.path.join(photo_folder, "img0.png"), os.path.join(photo_folder, "s*")]
     )
     # img0 and street/ named twice are listed once; README.txt is not an image.
@@ -327,3 +339,89 @@ def test_listing_files_folders_and_patterns(photo_folder):
         "street/img3", "street/img4", "street/img5", "street/truncated",
     ]  # fmt: skip
     assert files[1].path == os.path.join(photo_folder, "img0.png")
+
+
+# --- the output folder ---------------------------------------------------------------------------
+
+
+def refuse_loading(*args, **kwargs):
+    raise AssertionError("the model was loaded before the output folder was checked")
+
+
+@pytest.mark.parametrize(
+    ("case", "needle"),
+    [
+        ("inside_input", "is inside the input folder"),
+        ("equal_to_input", "is inside the input folder"),
+        ("pattern_reaches_out", "reaches its output folder"),
+        ("input_inside_out", "the input lies in the output folder"),
+    ],
+)
+def test_out_that_an_input_reaches_is_refused_in_one_line_writing_nothing(
+    model_dir, photo_folder, tmp_path, capsys, monkeypatch, case, needle
+):
+    """A run must never read its own outputs: with --out inside the input folder, the next
+    run on that folder would predict the predictions."""
+    monkeypatch.setattr("ddb_jax.inference.predictor.load_model", refuse_loading)
+    inputs, out = [photo_folder], os.path.join(photo_folder, "preds")
+    if case == "equal_to_input":
+        out = photo_folder
+    elif case == "pattern_reaches_out":
+        inputs = [os.path.join(photo_folder, "*")]
+    elif case == "input_inside_out":  # an earlier run's colour file given back as an input
+        os.rename(photo_folder, tmp_path / "color")
+        inputs, out = [str(tmp_path / "color" / "img0.png")], str(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    code, stdout, err = run_cli([model_dir, *inputs, "--out", out], capsys)
+    assert code == 2 and stdout == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+    assert needle in err and inputs[0] in err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_outputs_apart_from_the_inputs_are_accepted_and_leave_nothing(photo_folder):
+    """Patterns compare component by component, as the glob expands them: one that cannot
+    match the output folders is no reason to refuse. The writability probe removes the
+    folders it made."""
+    layout = OutputLayout(os.path.join(photo_folder, "preds", "run1"))
+    for inputs in (
+        [os.path.join(photo_folder, "*.jpg")],
+        [os.path.join(photo_folder, "street"), os.path.join(photo_folder, "img0.png")],
+        [os.path.join(photo_folder, "*", "*.png")],
+    ):
+        layout.check_location(inputs)
+    assert not os.path.exists(os.path.join(photo_folder, "preds"))
+    with pytest.raises(InputError, match="reaches its output folder"):
+        layout.check_location([os.path.join(photo_folder, "p*", "run?")])
+
+
+@pytest.mark.parametrize("case", ["a_file", "below_a_file"])
+def test_unwritable_out_is_refused_before_the_model_loads(
+    model_dir, photo_folder, tmp_path, capsys, monkeypatch, case
+):
+    monkeypatch.setattr("ddb_jax.inference.predictor.load_model", refuse_loading)
+    (tmp_path / "taken").write_text("a file where the output folder would be")
+    out = tmp_path / "taken" if case == "a_file" else tmp_path / "taken" / "preds"
+    code, _, err = run_cli([model_dir, photo_folder, "--out", out], capsys)
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"error: --out {out}")
+    assert (tmp_path / "taken").read_text().startswith("a file")
+
+
+@pytest.mark.parametrize("case", ["out", "input", "model"])
+def test_a_missing_bucket_is_named_in_one_line_before_any_work(
+    gcs, model_dir, photo_folder, capsys, monkeypatch, case
+):
+    monkeypatch.setattr("ddb_jax.inference.predictor.load_model", refuse_loading)
+    missing = "gs://no-such-bucket/ddb"
+    model, inputs, out = model_dir, [photo_folder], f"{gcs.bucket}/preds"
+    if case == "out":
+        out = f"{missing}/preds"
+    elif case == "input":
+        inputs = [f"{missing}/photos/*.png"]
+    else:
+        model = f"{missing}/export"
+    code, _, err = run_cli([model, *inputs, "--out", out], capsys)
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+    assert missing in err and "bucket gs://no-such-bucket does not exist" in err

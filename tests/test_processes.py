@@ -37,7 +37,8 @@ import jax
 import numpy as np
 import pytest
 
-from ddb_jax import paths, prototype_io
+from ddb_jax import paths
+from ddb_jax.offline import prototype_io
 from ddb_jax.train import checkpointing, loop, setup
 from ddb_jax.train import workdir as workdir_lib
 from tests import support

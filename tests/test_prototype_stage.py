@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from configs import default
-from ddb_jax import checkpoints, models, prototype_io, prototype_stage
+from ddb_jax import checkpoints, models
+from ddb_jax.offline import prototype_io, prototype_stage
 from input_pipeline import toy
 from input_pipeline import train as train_data
 from tests.support import data_config, identities, write_identity_gta

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddb_jax import ensemble, ops, prototypes
+from ddb_jax import ops
 from ddb_jax.ops import resize_bilinear
+from ddb_jax.uda import ensemble, prototypes
 from torch_ref.common import nchw
 from torch_ref.prototypes import mean_vectors as torch_mean_vectors
 from torch_ref.prototypes import prototype_weight as torch_proto_weights

@@ -23,8 +23,9 @@ import pytest
 import torch
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ddb_jax import bridging, methods, models
+from ddb_jax import methods, models
 from ddb_jax.methods import base, optim
+from ddb_jax.uda import bridging
 from tests.parity_support import (
     EPS32,
     REL64,

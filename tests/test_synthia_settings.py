@@ -21,7 +21,10 @@ import pytest
 from PIL import Image
 
 from configs import gta2cs, syns2cs, syns2cs_ddb, synthia2cs, synthia2cs_ddb
-from ddb_jax import checkpoints, eval_stage, labels, pipeline, prototype_io, rounds
+from ddb_jax import checkpoints, labels, pipeline
+from ddb_jax.evaluation import eval_stage
+from ddb_jax.graph import stage_graph
+from ddb_jax.offline import prototype_io
 from ddb_jax.train import workdir as workdir_lib
 from input_pipeline import datasets, toy
 from tests.support import set_keys, tiny_pipeline
@@ -164,8 +167,8 @@ def tiny_setting(ddb_module, root):
     """``ddb_module``'s pipeline with tiny_pipeline's keys (model, crops, batch, steps), its
     datasets replaced by the toy ones, one round."""
     config = ddb_module.get_config()
-    for key, value in rounds.set_leaves(tiny_pipeline(root)):
-        if key.split(".")[0] not in rounds.PIPELINE_KEYS and key not in OWN_KEYS:
+    for key, value in stage_graph.set_leaves(tiny_pipeline(root)):
+        if key.split(".")[0] not in stage_graph.PIPELINE_KEYS and key not in OWN_KEYS:
             set_keys(config, {key: value})
     config.data.source = tuple(TOY_NAMES[n] for n in config.data.source)
     config.data.target = tuple(TOY_NAMES[n] for n in config.data.target)

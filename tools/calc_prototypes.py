@@ -19,7 +19,8 @@ import sys
 import ml_collections
 
 from configs import default
-from ddb_jax import checkpoints, errors, prototype_io, prototype_stage
+from ddb_jax import checkpoints, errors
+from ddb_jax.offline import prototype_io, prototype_stage
 
 
 class UsageError(errors.UsageError, ValueError):

@@ -18,8 +18,11 @@ does for a dataset: LONG,SHORT, a dataset name (its evaluation scale: cityscapes
 1024,512), or none (default; cityscapes with --format cityscapes). Predictions come back at
 each image's own size. A file that cannot be read or decoded is named and skipped (counted
 at the end; exit 1 if no image was written); --strict stops at it instead (exit 1). Usage
-errors (a missing input, a bad flag, names --format cityscapes cannot hold) exit 2 before
-any work.
+errors (a missing input, a bad flag, names --format cityscapes cannot hold, an OUT that an
+INPUT reaches: a folder holding it, a pattern matching it, whose next run would read the
+predictions as images) exit 2 before any work. An OUT that cannot be created and written
+and a gs:// bucket that does not exist are found before any work too, and exit 1. Every
+error is one line that names its path.
 """
 
 from __future__ import annotations
@@ -126,50 +129,47 @@ def pth_model_config(args: argparse.Namespace):
     return model_cfg
 
 
-def main(argv: list[str]) -> int:
-    try:
-        args = parse_args(argv)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def check_buckets(args: argparse.Namespace) -> None:
+    """Names a gs:// MODEL's or INPUT's missing bucket at once: listing it would fail with
+    an error that names no path."""
+    from ddb_jax import paths
+
+    checked = set()
+    for path, what in [(args.model, "model"), *((p, "input") for p in args.inputs)]:
+        if paths.bucket_of(path) not in checked:
+            checked.add(paths.bucket_of(path))
+            paths.check_bucket(path, what)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Checks everything it can before loading the model (inputs, names, MODEL, OUT), then
+    predicts and writes every image; returns the exit status."""
     from tqdm import tqdm
 
-    from ddb_jax import checkpoints, models, paths, predict
-    from ddb_jax.convert.common import ConversionError
-    from ddb_jax.convert.torch_io import CheckpointFormatError
+    from ddb_jax import paths
+    from ddb_jax.inference import image_files, image_input, predict
+    from ddb_jax.inference.errors import ImageError, InputError
+    from ddb_jax.inference.outputs import OutputLayout
+    from ddb_jax.inference.predictor import Predictor, load_model
 
-    try:
-        scale = predict.scale_of(args.scale)
-        files = predict.list_images(args.inputs)
-        layout = predict.OutputLayout(args.out, args.format == "cityscapes", args.alpha)
-        layout.check_names(files)
-        if not (paths.isdir(args.model) or paths.isfile(args.model)):
-            raise predict.InputError(f"{args.model}: no such model directory or .pth file")
-    except predict.InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        variables, model_cfg, description = predict.load_model(
-            args.model, pth_model_config(args), args.which, args.allow_pickle, args.dtype
+    check_buckets(args)
+    scale = image_input.scale_of(args.scale)
+    files = image_files.list_images(args.inputs)
+    layout = OutputLayout(args.out, args.format == "cityscapes", args.alpha)
+    layout.check_names(files)
+    if not (paths.isdir(args.model) or paths.isfile(args.model)):
+        raise InputError(f"{args.model}: no such model directory or .pth file")
+    layout.check_location(args.inputs)
+    variables, model_cfg, description = load_model(
+        args.model, pth_model_config(args), args.which, args.allow_pickle, args.dtype
+    )
+    if args.format == "cityscapes" and model_cfg.num_classes != 19:
+        raise InputError(
+            f"--format cityscapes needs a 19-class model; {args.model} has {model_cfg.num_classes}"
         )
-        if args.format == "cityscapes" and model_cfg.num_classes != 19:
-            raise predict.InputError(
-                f"--format cityscapes needs a 19-class model; {args.model} has "
-                f"{model_cfg.num_classes}"
-            )
-        predictor = predict.Predictor.from_model(
-            variables, model_cfg, mode=args.mode, crop=args.crop, stride=args.stride,
-            flip=args.flip,
-        )  # fmt: skip
-    except predict.InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (
-        checkpoints.CheckpointError, ConversionError, CheckpointFormatError,
-        models.ModelConfigError, OSError,
-    ) as err:  # fmt: skip
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    predictor = Predictor.from_model(
+        variables, model_cfg, mode=args.mode, crop=args.crop, stride=args.stride, flip=args.flip
+    )
     settings = f"{args.mode}{' + flip' if args.flip else ''}, scale {scale or 'none'}"
     print(f"{len(files)} image(s); {description}; {settings}", file=sys.stderr)
     bar = tqdm(total=len(files), unit="img", disable=True if args.no_progress else None)
@@ -180,13 +180,12 @@ def main(argv: list[str]) -> int:
             on_skip=lambda message: bar.write(f"skipped {message}", file=sys.stderr),
             progress=bar.update,
         )  # fmt: skip
-    except predict.ImageError as err:
+    except (ImageError, OSError) as err:
         bar.close()
-        print(f"error: {err} (--strict)", file=sys.stderr)
-        return 1
-    except OSError as err:
-        bar.close()
-        print(f"error: writing the outputs failed: {err}", file=sys.stderr)
+        if isinstance(err, ImageError):
+            print(f"error: {err} (--strict)", file=sys.stderr)
+        else:
+            print(f"error: writing the outputs failed: {errors.one_line(err)}", file=sys.stderr)
         return 1
     bar.close()
     skipped = len(counts.skipped)
@@ -195,6 +194,15 @@ def main(argv: list[str]) -> int:
         + (" (named above)" if skipped else "")
     )
     return 1 if skipped and not counts.written else 0
+
+
+def main(argv: list[str]) -> int:
+    """Runs the tool; every user error ends in one ``error: ...`` line: exit 2 for a usage
+    error, 1 for a file, bucket or model problem (:mod:`ddb_jax.errors`)."""
+    try:
+        return run(parse_args(argv))
+    except (errors.UsageError, errors.InputError, OSError) as err:
+        return errors.report(err)
 
 
 if __name__ == "__main__":

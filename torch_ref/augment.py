@@ -104,7 +104,7 @@ def strong(img_hwc: np.ndarray, p: dict) -> np.ndarray:
 
 
 def random_draw(seed: int, jitter: bool = True, blur: bool = True) -> dict:
-    """One image's augmentation draw (the fields of ``ddb_jax.augment.draw_strong_params``)
+    """One image's augmentation draw (the fields of ``ddb_jax.uda.augment.draw_strong_params``)
     from NumPy, with the two coins given, so both sides can be fed the same draw."""
     rng = np.random.default_rng(seed)
     return dict(

@@ -22,11 +22,12 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ddb_jax import adversarial, models
+from ddb_jax import models
 from ddb_jax.methods import base, optim, previews, registry
 from ddb_jax.methods.state import MODEL, Optimizers, TrainState, apply_updates
 from ddb_jax.models.discriminator import FCDiscriminator
 from ddb_jax.ops import resize_bilinear_corners
+from ddb_jax.uda import adversarial
 
 LEVELS = {"main": "logits", "aux": "aux_logits"}  # output level -> the model's output name
 

@@ -39,10 +39,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ddb_jax import losses
 from ddb_jax.methods import previews
 from ddb_jax.methods.state import MODEL, Optimizers, TrainState, apply_updates, as_optimizers
 from ddb_jax.ops import resize_bilinear, upcast
+from ddb_jax.uda import losses
 
 Batch = Mapping[str, jax.Array]
 Context = dict[str, Any]

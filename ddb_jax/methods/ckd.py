@@ -3,7 +3,7 @@
 Per iteration, as the reference ``CKD.forward_train``: source CE on the student; both
 frozen path models (cut path "cu", class path "ca") in inference mode on the clean target
 image, logits and features resized to the image size; optional prototype rectification of
-each teacher; the two-teacher ensemble (:mod:`ddb_jax.ensemble`) gives the pseudo-label
+each teacher; the two-teacher ensemble (:mod:`ddb_jax.uda.ensemble`) gives the pseudo-label
 (or, with ``soft_distill``, a temperature-softened target); the student learns it on the
 strongly augmented target image (the 'zero' bridging mask); source and target gradients
 are summed; one AdamW step. The teachers and prototype tables are the step's ``frozen``
@@ -19,10 +19,10 @@ from typing import Any, ClassVar
 import jax
 import ml_collections
 
-from ddb_jax import bridging, ensemble, losses, prototypes
 from ddb_jax.methods import base, previews, registry, self_training, teachers
 from ddb_jax.methods.state import TrainState
 from ddb_jax.ops import resize_bilinear, upcast
+from ddb_jax.uda import bridging, ensemble, losses, prototypes
 
 
 def teacher_outputs(
@@ -117,20 +117,14 @@ class CKD(base.OneTree):
             threshold=self.st.pseudo_threshold,
         )
         # The 'zero' mask: the student's target input is the strongly augmented target image.
-        batch_key = keys["bridging_batch"] if bridging.needs_batch_key(self.st) else None
-        draws = bridging.draw(keys["bridging"], batch["source_label"], self.st, batch_key)
+        draws, student_image = bridging.bridged_input(keys, batch, self.st)
         return {
             **targets,
             "pseudo_pixel_weight": targets["pseudo_weight"],
             "pseudo_weight": targets["pseudo_weight"].mean(),
             "teacher_labels": tuple(jax.numpy.argmax(x, -1) for x in logits),
             "draws": draws,
-            "student_image": bridging.bridge_images(
-                draws,
-                batch["source_image"],
-                batch["target_image"],
-                blur_2d=self.st.get("blur_2d", False),
-            ),
+            "student_image": student_image,
         }
 
     def finish(self, state: TrainState, outputs: base.Context) -> TrainState:

@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ddb_jax import checkpoints, errors, losses, models, paths
+from ddb_jax import checkpoints, errors, models, paths
 from ddb_jax.labels import NUM_CLASSES
 from ddb_jax.methods import base, self_training
+from ddb_jax.uda import losses
 
 
 class FeatureDistanceConfigError(errors.UsageError, ValueError):

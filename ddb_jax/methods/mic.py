@@ -22,10 +22,13 @@ from 'dropout_mic': switching MIC on moves no other draw.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from ddb_jax import augment, errors
+from ddb_jax import errors
 from ddb_jax.methods import base, self_training
+from ddb_jax.uda import augment
 
 
 class MicConfigError(errors.UsageError, ValueError):
@@ -37,9 +40,57 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not 0.0 <= cfg.mask_ratio < 1.0:
         raise MicConfigError(f"config.mic.mask_ratio={cfg.mask_ratio}; use [0, 1)")
     try:
-        augment.block_grid_shape(tuple(config.data.crop_size), cfg.block_size)
+        block_grid_shape(tuple(config.data.crop_size), cfg.block_size)
     except ValueError as err:
         raise MicConfigError(f"config.mic.block_size={cfg.block_size}: {err}") from err
+
+
+# --- MIC's block mask ---------------------------------------------------------------------
+
+
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source index of each output index of torch's ``interpolate(mode='nearest')``:
+    ``min(floor(dst * scale), in - 1)`` with ``scale = in / out`` in float32, as its kernel
+    rounds (static shapes, so computed on the host)."""
+    if out_size == in_size:
+        return np.arange(out_size)
+    scale = np.float32(in_size) / np.float32(out_size)
+    dst = np.arange(out_size, dtype=np.float32)
+    return np.minimum(np.floor(dst * scale).astype(np.int64), in_size - 1)
+
+
+def block_grid_shape(shape: tuple[int, int], block_size: int) -> tuple[int, int]:
+    """MIC's grid of blocks: ``round(H / block)`` x ``round(W / block)`` (Python rounding)."""
+    grid = tuple(round(n / block_size) for n in shape)
+    if min(grid) < 1:
+        raise ValueError(f"MIC blocks of {block_size} pixels do not fit a {shape} image")
+    return grid  # type: ignore[return-value]
+
+
+def upsample_blocks(keep: jax.Array, shape: tuple[int, int]) -> jax.Array:
+    """(N, gh, gw) block grid -> (N, H, W) by torch's nearest resize (MIC's ``resize``)."""
+    rows = nearest_indices(keep.shape[1], shape[0])
+    cols = nearest_indices(keep.shape[2], shape[1])
+    return keep[:, rows][:, :, cols]
+
+
+def block_keep_grid(
+    key: jax.Array, batch_shape: tuple[int, int, int], block_size: int, mask_ratio: float
+) -> jax.Array:
+    """MIC's ``BlockMaskGenerator`` draw: per image, each block of the grid is kept (True)
+    when its U(0, 1) draw exceeds ``mask_ratio``, i.e. with probability ``1 - mask_ratio``;
+    (N, gh, gw) bool."""
+    n, h, w = batch_shape
+    grid = block_grid_shape((h, w), block_size)
+    return jax.random.uniform(key, (n, *grid), jnp.float32) > mask_ratio
+
+
+def block_keep_mask(
+    key: jax.Array, batch_shape: tuple[int, int, int], block_size: int, mask_ratio: float
+) -> jax.Array:
+    """MIC's pixel mask (N, H, W) bool: :func:`block_keep_grid` upsampled to the image."""
+    grid = block_keep_grid(key, batch_shape, block_size, mask_ratio)
+    return upsample_blocks(grid, batch_shape[1:])
 
 
 def draw(key: jax.Array, batch_shape: tuple[int, int, int], st, cfg) -> dict:
@@ -52,7 +103,7 @@ def draw(key: jax.Array, batch_shape: tuple[int, int, int], st, cfg) -> dict:
             aug_key, batch_shape[0], augment.MIC_SHARED,
             st.color_jitter_p, st.color_jitter_strength, st.blur_p,
         )  # fmt: skip
-    draws["grid"] = augment.block_keep_grid(mask_key, batch_shape, cfg.block_size, cfg.mask_ratio)
+    draws["grid"] = block_keep_grid(mask_key, batch_shape, cfg.block_size, cfg.mask_ratio)
     return draws
 
 
@@ -63,7 +114,7 @@ def apply(images: jax.Array, draws: dict) -> tuple[jax.Array, jax.Array]:
         images = jax.vmap(lambda x, p: augment.apply_strong(x, p, blur_2d=True))(
             images, draws["aug"]
         )
-    keep = augment.upsample_blocks(draws["grid"], images.shape[1:3])
+    keep = upsample_blocks(draws["grid"], images.shape[1:3])
     return images * keep[..., None].astype(images.dtype), keep
 
 

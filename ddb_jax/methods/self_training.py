@@ -11,7 +11,7 @@ config switch (``config.<name>.enabled``) that turns it on; the term reads its s
 as ``method.options[name]`` (``config.<name>``). DAFormer's ImageNet feature distance
 (:mod:`ddb_jax.methods.feature_distance`) and MIC's masked consistency
 (:mod:`ddb_jax.methods.mic`) are such terms. DAFormer's other differences from DDB are
-switches of ``config.st`` read here and in :mod:`ddb_jax.bridging`.
+switches of ``config.st`` read here and in :mod:`ddb_jax.uda.bridging`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ddb_jax import bridging, losses
 from ddb_jax.methods import base, previews, registry
 from ddb_jax.methods.state import TrainState
+from ddb_jax.uda import bridging, losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,8 +187,7 @@ class SelfTraining(base.OneTree):
             self.st.pseudo_weight_ignore_top,
             self.st.pseudo_weight_ignore_bottom,
         )
-        batch_key = keys["bridging_batch"] if bridging.needs_batch_key(self.st) else None
-        draws = bridging.draw(keys["bridging"], batch["source_label"], self.st, batch_key)
+        draws, mixed_image = bridging.bridged_input(keys, batch, self.st)
         masks = draws["masks"]
         return {
             "ema_params": ema_params,
@@ -198,12 +197,7 @@ class SelfTraining(base.OneTree):
             "pseudo_pixel_weight": pseudo_weight,
             "pseudo_weight": jnp.mean(pseudo_weight),
             "draws": draws,
-            "mixed_image": bridging.bridge_images(
-                draws,
-                batch["source_image"],
-                batch["target_image"],
-                blur_2d=self.st.get("blur_2d", False),
-            ),
+            "mixed_image": mixed_image,
             "mixed_label": bridging.mix(masks, batch["source_label"], pseudo),
             "mixed_weight": bridging.mix(masks, jnp.ones_like(pseudo_weight), pseudo_weight),
         }

@@ -13,8 +13,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddb_jax import checkpoints, errors, models, paths, prototype_io, rounds
+from ddb_jax import checkpoints, errors, models, paths
+from ddb_jax.graph import rounds
 from ddb_jax.methods.self_training import no_dropout
+from ddb_jax.offline import prototype_io
 
 PATHS = ("cu", "ca")
 TEACHER_DTYPES = ("float32", "bfloat16")

@@ -119,7 +119,7 @@ def _build(model_cfg: ml_collections.ConfigDict) -> nn.Module:
         return build_advent(model_cfg)
     family, size = parse_backbone(model_cfg.backbone)
     dtype = compute_dtype(model_cfg.dtype)
-    from ddb_jax.models.resnet import CONV_IMPLS
+    from ddb_jax.models.layers import CONV_IMPLS
 
     if model_cfg.get("conv_impl", "lax") not in CONV_IMPLS:
         raise ModelConfigError(

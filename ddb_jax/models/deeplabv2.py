@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddb_jax.models.resnet import conv_init, make_conv, make_norm
+from ddb_jax.models.layers import conv_init, make_conv, make_norm
 from ddb_jax.ops import upcast
 
 # mmcv normal_init(std=0.01) on the ASPP branches.

@@ -2,9 +2,11 @@
 
 Orbax makes each step's save atomic by the means the storage has (locally a temporary
 directory renamed when complete; on GCS a commit file written last), so a save cut off
-half-way is never restored. On top of it: the step whose background write
-failed is named in the error (a full disk, say), and a step directory that lacks orbax's
-metadata (a partial copy, a filesystem without atomic rename) is skipped on restore.
+half-way is never restored. On top of it: the step whose background write failed is named
+in the error, with the latest complete step (from the manager's own record when the storage
+cannot be listed) and advice that fits (free space only for a full disk); a step directory
+that lacks orbax's metadata (a partial copy, a filesystem without atomic rename) is skipped
+on restore.
 
 Saves of stages running side by side in one process are started one at a time: orbax keys
 the signals between a save's blocking part and its background commit by a process-wide
@@ -30,13 +32,15 @@ model directory instead (:func:`ddb_jax.train.workdir.export_best`).
 
 from __future__ import annotations
 
+import errno
 import re
 from typing import Any
 
 import orbax.checkpoint as ocp
 from absl import logging
 
-from ddb_jax import checkpoints, errors, hosts, paths
+from ddb_jax import checkpoints, errors, paths
+from ddb_jax.runtime import hosts
 from ddb_jax.train import workdir as workdir_lib
 
 METADATA_FILE = "_CHECKPOINT_METADATA"
@@ -74,6 +78,20 @@ def multiprocessing_options(
     )
 
 
+def is_disk_full(err: BaseException) -> bool:
+    """A full disk or quota anywhere in ``err``'s chain (orbax and TensorStore wrap the
+    OSError, or only keep its text): the one failure that freeing space cures."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(err) for text in ("No space left on device", "Disk quota exceeded")):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 class Checkpoints:
     """The manager, and the step being written in the background (so a failure names it)."""
 
@@ -105,16 +123,27 @@ class Checkpoints:
             return state, None
         return self.manager.restore(step, args=ocp.args.StandardRestore(state)), step
 
-    def _error(self, step: int | None, err: BaseException) -> CheckpointWriteError:
+    def _latest_on_record(self, failed: int | None) -> int | None:
+        """The newest complete checkpoint: from the storage when it answers; when it does
+        not (a lost connection), the steps this manager has on record, ``failed`` left out
+        (a save waits for the one before it, so those were written whole)."""
         try:
             self.manager.reload()
-            kept = self.manager.latest_step()
-        except Exception:  # the listing itself may fail on a broken disk
-            kept = "unknown"
+            return latest_complete_step(self.manager)
+        except Exception:  # the listing itself fails on a lost connection or a broken disk
+            return max((s for s in self.manager.all_steps() if s != failed), default=None)
+
+    def _error(self, step: int | None, err: BaseException) -> CheckpointWriteError:
+        kept = self._latest_on_record(step)
+        rerun = "rerun" if kept is None else "rerun to continue from it"
+        if is_disk_full(err):
+            advice = f"free space and {rerun}"
+        else:
+            advice = f"{rerun} once {self.directory} can be written again"
         return CheckpointWriteError(
             f"writing the checkpoint of step {step} to {self.directory} failed "
             f"({type(err).__name__}: {err}); the checkpoints written before it are kept "
-            f"(latest: step {kept}); free space and rerun to continue from it"
+            f"(latest: {'none complete yet' if kept is None else f'step {kept}'}); {advice}"
         )
 
     def wait(self) -> None:

@@ -25,8 +25,9 @@ from absl import logging
 from clu import periodic_actions
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ddb_jax import errors, hosts, methods, models, paths
+from ddb_jax import errors, methods, models, paths
 from ddb_jax.methods import assemble, base
+from ddb_jax.runtime import hosts
 from ddb_jax.train import checkpointing, preemption, setup
 from ddb_jax.train import workdir as workdir_lib
 from ddb_jax.train.summaries import Summaries

@@ -8,7 +8,7 @@ steps (steps that wait for metrics anyway) with a collective over the stage's ow
 and stop together; a process that got the signal also announces it to the whole job
 through the coordination service, so stages running on other processes (the pipeline's
 groups) stop at their next agreement too. JAX's own preemption service is not used
-(:func:`ddb_jax.distributed.initialize` turns it off): it agrees on one step across all of
+(:func:`ddb_jax.runtime.distributed.initialize` turns it off): it agrees on one step across all of
 the job's processes, which stages running on different processes at different steps
 cannot do.
 """
@@ -22,7 +22,7 @@ import threading
 import jax
 from absl import logging
 
-from ddb_jax import hosts as hosts_lib
+from ddb_jax.runtime import hosts as hosts_lib
 
 _REQUESTED = threading.Event()
 _INSTALLED = threading.Event()

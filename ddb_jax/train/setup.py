@@ -10,7 +10,8 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from ddb_jax import checkpoints, errors, hosts, models
+from ddb_jax import checkpoints, errors, models, paths
+from ddb_jax.runtime import hosts
 
 
 class MeshError(errors.UsageError, ValueError):
@@ -86,6 +87,13 @@ def initial_variables(config: ml_collections.ConfigDict, model, key: jax.Array) 
     (ImageNet weights) every tensor of the backbone: missing, unexpected and mis-shaped
     tensors are listed with the directory, so weights are never silently left random.
     """
+    if config.init_from and not paths.exists(config.init_from):
+        # Checked first (and named by its key): load_model_dir would only say that the
+        # path is not a model directory, as if it existed.
+        raise checkpoints.CheckpointError(
+            f"config.init_from={config.init_from} does not exist (a model directory: "
+            "tools/convert_checkpoint.py's output or a stage's export/)"
+        )
     variables = jax.device_get(models.init_variables(model, key))
     if not config.init_from:
         return variables
@@ -150,7 +158,7 @@ def student_evaluator(
     the files)."""
 
     def evaluate(variables) -> dict:
-        from ddb_jax import eval_stage, evaluate
+        from ddb_jax.evaluation import eval_stage, evaluate
 
         results = eval_stage.evaluate_targets(apply_fn, variables, config, stage_hosts=stage_hosts)
         summary = {name: float(r["miou"]) for name, r in results.items()}

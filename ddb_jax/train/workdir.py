@@ -18,7 +18,8 @@ from typing import Any
 
 import ml_collections
 
-from ddb_jax import checkpoints, errors, hosts, paths
+from ddb_jax import checkpoints, errors, paths
+from ddb_jax.runtime import hosts
 
 CONFIG_JSON = "config.json"
 RESULT_JSON = "result.json"

@@ -14,11 +14,13 @@ one blur coin for the batch) and ``blur_2d`` (the 2-D blur kernel).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 
-from ddb_jax import augment
 from ddb_jax.labels import IGNORE_LABEL
+from ddb_jax.uda import augment
 
 MASK_MODES = ("cut", "class", "zero")
 
@@ -175,3 +177,17 @@ def bridge_images(
     strongly augmented with its own draw (``blur_2d``: DACS's 2-D blur kernel)."""
     mixed = mix(draws["masks"], source, target)
     return jax.vmap(lambda x, p: augment.apply_strong(x, p, blur_2d=blur_2d))(mixed, draws["aug"])
+
+
+def bridged_input(
+    keys: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], st_cfg
+) -> tuple[dict, jax.Array]:
+    """(draws, bridged images) of a step, from ``config.st``: :func:`draw` from the step keys
+    'bridging' (and 'bridging_batch', with ``st.coins_per_batch``) on the batch's source
+    labels, then :func:`bridge_images` of its 'source_image' and 'target_image'."""
+    batch_key = keys["bridging_batch"] if needs_batch_key(st_cfg) else None
+    draws = draw(keys["bridging"], batch["source_label"], st_cfg, batch_key)
+    images = bridge_images(
+        draws, batch["source_image"], batch["target_image"], blur_2d=st_cfg.get("blur_2d", False)
+    )
+    return draws, images

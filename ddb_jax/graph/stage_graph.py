@@ -1,27 +1,17 @@
-"""DDB's stage graph as data, and the stage configs derived from it.
+"""What a stage graph is, and every stage config derived from one.
 
-A setting (one file under ``configs/``: data, model, schedule) runs these stages:
-
-    source_only, oracle            optional baselines (kind 'supervised'; the oracle trains
-                                   on the target's own labels)
-    r{n}_cu, r{n}_ca               self-training paths of round n: cut-mix / class-mix
-                                   bridging; from round 2 on, student and EMA teacher start
-                                   from r{n-1}_ckd's student at round2_lr_scale x the rate
-    r{n}_proto_cu, r{n}_proto_ca   prototypes of the round's two path models
-    r{n}_ckd                       cross-path distillation from both paths and their
-                                   prototypes; the student starts from config.init_from
-                                   (ImageNet) in every round, as in the reference
-
-Everything that differs between stages is here: the one-command pipeline
-(:mod:`ddb_jax.pipeline`) and every per-stage config (``configs/<setting>_r1_cu.py``...)
-are derived from :func:`graph` and :func:`stage_config`, so a round's wiring lives in one
-place.
+A method's pipeline is a list of :class:`Stage` (name, the stage kind it runs, the config
+keys it sets, the inputs it reads from earlier stages' artifacts), producers first. The
+graph modules of this package register theirs by name (``config.graph``): DDB's rounds
+(:mod:`~ddb_jax.graph.rounds`), ADVENT's (:mod:`~ddb_jax.graph.advent`). The one-command
+pipeline (:mod:`ddb_jax.pipeline`) and every per-stage config (``configs/<setting>_<stage>.py``)
+come from :func:`stage_config` and :func:`config_for`, so a stage's wiring lives in one place.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
@@ -30,15 +20,21 @@ from ml_collections import config_dict
 from ddb_jax import errors, paths
 
 EXPORT = "export"  # a training stage's final student, a model directory
+
+
 PROTOTYPES = "prototypes.npz"  # a prototypes stage's table
+
+
 BASELINES = ("source_only", "oracle")
-PATHS = ("cu", "ca")
-MASKS = {"cu": "cut", "ca": "class"}
+
+
 # Keys the graph sets per stage: at the top of a pipeline config they stay unset ('').
 PER_STAGE_KEYS = (
     "st.mask", "checkpoint", "ckd.teacher_cu", "ckd.teacher_ca", "ckd.prototypes_cu",
-    "ckd.prototypes_ca",
+    "ckd.prototypes_ca", "eval.ensemble_checkpoint",
 )  # fmt: skip
+
+
 # Keys of a pipeline config that describe the pipeline, not its stages.
 PIPELINE_KEYS = (
     "pipeline", "stages", "rounds", "baselines", "round2_lr_scale", "seeds", "concurrent_stages",
@@ -76,32 +72,18 @@ class Stage:
     round2_lr: bool = False  # learning rate x config.round2_lr_scale
 
 
-def graph(rounds: int = 2, baselines: Sequence[str] = ()) -> list[Stage]:
-    """The stages of ``rounds`` DDB rounds (and the baselines), in running order."""
-    if rounds < 1:
-        raise GraphError(f"config.rounds={rounds}; DDB needs at least one round")
-    stages = baseline_stages(baselines)
-    for n in range(1, rounds + 1):
-        for path in PATHS:
-            init = (Input("init_from", f"r{n - 1}_ckd", EXPORT),) if n > 1 else ()
-            stages.append(
-                Stage(f"r{n}_{path}", "self_training", (("st.mask", MASKS[path]),), init, n > 1)
-            )
-        for path in PATHS:
-            model = Input("checkpoint", f"r{n}_{path}", EXPORT)
-            stages.append(Stage(f"r{n}_proto_{path}", "prototypes", (("init_from", ""),), (model,)))
-        teachers = tuple(
-            Input(f"ckd.{what}_{path}", producer, artifact, when)
-            for path in PATHS
-            for what, producer, artifact, when in (
-                ("teacher", f"r{n}_{path}", EXPORT, ""),
-                ("prototypes", f"r{n}_proto_{path}", PROTOTYPES, "ckd.proto_rectify"),
-            )
-        )
-        # The reference's CKD data configs add PhotoMetricDistortion to the source images.
-        settings = (("st.mask", "zero"), ("data.photometric_distortion", True))
-        stages.append(Stage(f"r{n}_ckd", "ckd", settings, teachers))
-    return stages
+# config.graph -> (config -> the stages of that method's pipeline, producers first).
+GRAPHS: dict[str, Callable[[ml_collections.ConfigDict], list[Stage]]] = {}
+
+
+def register_graph(name: str):
+    """Declares a method's stage graph under ``config.graph = name``."""
+
+    def add(build: Callable[[ml_collections.ConfigDict], list[Stage]]):
+        GRAPHS[name] = build
+        return build
+
+    return add
 
 
 def baseline_stages(baselines: Sequence[str]) -> list[Stage]:
@@ -117,21 +99,10 @@ def baseline_stages(baselines: Sequence[str]) -> list[Stage]:
     ]
 
 
-def advent_graph(config: ml_collections.ConfigDict) -> list[Stage]:
-    """ADVENT's rows: AdvEnt and MinEnt, independent stages of one setting."""
-    return [*baseline_stages(tuple(config.baselines)), Stage("advent", "advent"),
-            Stage("minent", "minent")]  # fmt: skip
-
-
-# config.graph -> the stages of that method's pipeline, in running order (producers first).
-GRAPHS = {
-    "ddb": lambda config: graph(config.rounds, tuple(config.baselines)),
-    "advent": advent_graph,
-}
-
-
 def graph_of(config: ml_collections.ConfigDict) -> list[Stage]:
     """The stages of the pipeline ``config.graph`` names (DDB's rounds by default)."""
+    import ddb_jax.graph  # noqa: F401  (its modules register their graphs)
+
     name = config.get("graph", "ddb")
     if name not in GRAPHS:
         raise GraphError(f"config.graph={name!r}; known pipelines: {list(GRAPHS)}")
@@ -147,25 +118,6 @@ def find(stages: Sequence[Stage], name: str) -> Stage:
 
 def artifact_path(workdir: str, stage: str, artifact: str) -> str:
     return paths.join(workdir, stage, artifact)
-
-
-def produced_by(key: str) -> str:
-    """What writes the input ``key`` (for error messages), e.g. for 'ckd.teacher_cu': the
-    export/ of the cut-path self-training stage, r1_cu or r2_cu."""
-    producers = sorted({i.producer for s in graph(rounds=2) for i in s.inputs if i.key == key})
-    artifact = next((i.artifact for s in graph(2) for i in s.inputs if i.key == key), None)
-    if not producers:
-        return "an earlier stage"
-    names = " or ".join(producers)
-    kind = producers[0].split("_", 1)[1]  # cu | ca | proto_cu | proto_ca | ckd
-    if artifact == PROTOTYPES:
-        path = "cut" if kind.endswith("cu") else "class"
-        return (
-            f"stage 'prototypes' run on the {path}-path model (pipeline stage {names}; by "
-            "hand: tools/calc_prototypes.py)"
-        )
-    what = {"cu": "cut-path self-training", "ca": "class-path self-training", "ckd": "CKD"}[kind]
-    return f"the export/ directory of the {what} stage (pipeline stage {names})"
 
 
 def _get(config: ml_collections.ConfigDict, key: str):
@@ -244,12 +196,20 @@ def placeholders(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     return out
 
 
+def per_stage_keys(setting: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The keys of :data:`PER_STAGE_KEYS` that this setting's graph sets for its stages."""
+    wired = set()
+    for stage in graph_of(setting):
+        wired |= {key for key, _ in stage.settings} | {item.key for item in stage.inputs}
+    return tuple(key for key in PER_STAGE_KEYS if key in wired)
+
+
 def pipeline_config(setting: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """``setting`` as stage 'pipeline': every stage of :func:`graph_of`, each with a tree of
     per-stage overrides; the keys the graph sets per stage left unset at the top."""
     config = ml_collections.ConfigDict(setting.to_dict())
     config.stage = "pipeline"
-    for key in PER_STAGE_KEYS:
+    for key in per_stage_keys(setting):
         _set(config, key, "")
     config.pipeline = ml_collections.ConfigDict(
         {stage.name: placeholders(setting) for stage in graph_of(setting)}

@@ -1,7 +1,7 @@
 """Evaluate a model directory on Cityscapes val (whole image at 1024x512, as the reference).
 
   python tools/convert_checkpoint.py weights/gta2cs/r2-ckd-pro-bs1x4/weight.pth runs/ddb_gta2cs
-  python -m ddb_jax.main --config=configs/test_cityscapes.py --workdir=runs/eval \
+  python -m ddb_jax.main --config=configs/eval_cityscapes.py --workdir=runs/eval \
       --config.checkpoint=runs/ddb_gta2cs
 """
 

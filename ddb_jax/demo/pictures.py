@@ -2,12 +2,13 @@
 
 - ``predictions.png``: a grid, one row per validation image of the (first) target, columns
   image | ground truth | source-only | r1_cu | r1_ca | r2_ckd (the stages that exist), each
-  model's prediction computed here as the evaluate stage computes it (:mod:`ddb_jax.predict`,
-  with the pipeline's eval settings and the dataset's eval scale);
+  model's prediction computed here as the evaluate stage computes it
+  (:mod:`ddb_jax.inference.predictor`, with the pipeline's eval settings and the dataset's
+  eval scale);
 - ``miou.png``: each stage's mIoU (``summary.json``) as horizontal bars, the source-only
   and oracle rows in their own colours and the gap between them shaded.
 
-    python -m ddb_jax.pictures --workdir runs/demo [--docs docs]
+    python -m ddb_jax.demo.pictures --workdir runs/demo [--docs docs]
 
 No matplotlib: the project does not depend on it, and two fixed layouts need little.
 """
@@ -24,7 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ddb_jax import label_images, paths
+from ddb_jax import paths
+from ddb_jax.inference import label_images
 
 PREDICTIONS_PNG = "predictions.png"
 MIOU_PNG = "miou.png"
@@ -121,7 +123,10 @@ def predictions_picture(
     """The grid of ``predictions.png`` for the pipeline in ``workdir``: the first
     ``num_images`` validation images of its first target, with their ground truth and the
     prediction of each stage of ``stages`` that has an exported model."""
-    from ddb_jax import pipeline, predict
+    from ddb_jax import pipeline
+    from ddb_jax.inference.batching import predict_images
+    from ddb_jax.inference.image_input import read_image
+    from ddb_jax.inference.predictor import Predictor, load_model
     from ddb_jax.train import workdir as workdir_lib
     from input_pipeline import datasets
 
@@ -133,21 +138,19 @@ def predictions_picture(
         data.get("resize_scales") or None,
     )
     chosen = list(zip(files.images, files.labels, strict=True))[:num_images]
-    images = [predict.read_image(image) for image, _ in chosen]
+    images = [read_image(image) for image, _ in chosen]
     truths = [label_images.read_png(label) for _, label in chosen]
     columns = [s for s in stages if paths.isdir(paths.join(workdir, s, workdir_lib.EXPORT_DIR))]
     if not columns:
         raise FileNotFoundError(f"{workdir}: none of {list(stages)} has an export/ model yet")
     predictions = {}
     for stage in columns:
-        variables, model_cfg, _ = predict.load_model(
-            paths.join(workdir, stage, workdir_lib.EXPORT_DIR)
-        )
-        predictor = predict.Predictor.from_model(
+        variables, model_cfg, _ = load_model(paths.join(workdir, stage, workdir_lib.EXPORT_DIR))
+        predictor = Predictor.from_model(
             variables, model_cfg, mode=evaluation["mode"], crop=tuple(evaluation["crop_size"]),
             stride=tuple(evaluation["stride"]), flip=evaluation["flip"],
         )  # fmt: skip
-        predictions[stage] = predict.predict_images(predictor, images, files.scale)
+        predictions[stage] = predict_images(predictor, images, files.scale)
     width = min(images[0].shape[1], max_panel_width)
     rows = []
     for i, image in enumerate(images):

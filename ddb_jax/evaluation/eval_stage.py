@@ -1,6 +1,6 @@
 """Stage 'evaluate': a model directory on each target's validation set, per-class IoU tables.
 
-Used for converted PyTorch checkpoints (configs/test_cityscapes.py) and for our own
+Used for converted PyTorch checkpoints (configs/eval_cityscapes.py) and for our own
 stages. Tables are printed and written to ``workdir/eval_<target>.md`` and
 ``workdir/eval_results.json``.
 """
@@ -15,7 +15,12 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from ddb_jax import checkpoints, errors, evaluate, hosts, label_images, labels, models, paths
+from ddb_jax import checkpoints, errors, labels, models, paths
+from ddb_jax.evaluation import evaluate
+from ddb_jax.inference import label_images
+from ddb_jax.runtime import hosts
+
+RESULT_JSON = "result.json"  # as a training stage's (ddb_jax.train.workdir)
 
 
 class EvaluateConfigError(errors.UsageError, ValueError):
@@ -30,13 +35,39 @@ def load_for_evaluation(model_dir: str, config: ml_collections.ConfigDict):
             f"{model_dir} predicts {stored.num_classes} classes but config.model.num_classes is "
             f"{config.model.num_classes}"
         )
-    if "decode_head" not in variables.get("params", {}):
+    stored.dtype = config.model.dtype
+    model = models.build_model(stored)
+    is_backbone = models.backbone_predicate(model)
+    if all(is_backbone(name) for name in variables.get("params", {})):
         raise checkpoints.CheckpointError(
             f"{model_dir} holds only a backbone (an ImageNet file?); it cannot be evaluated"
         )
-    stored.dtype = config.model.dtype
-    model = models.build_model(stored)
     return model.apply, variables
+
+
+def load_ensemble(config: ml_collections.ConfigDict):
+    """(apply_fn, variables) of ``config.checkpoint``, or with ``eval.ensemble_checkpoint``
+    of both models as one: their logits weighted by ``eval.ensemble_weights`` and summed
+    (ADVENT's AdvEnt + MinEnt evaluation, ``eval_UDA.py``: the weighted sum of the two
+    upsampled logits; upsampling is linear, so summing first is the same)."""
+    apply_fn, variables = load_for_evaluation(config.checkpoint, config)
+    second = config.eval.get("ensemble_checkpoint", "")
+    if not second:
+        return apply_fn, variables
+    weights = tuple(float(w) for w in config.eval.ensemble_weights)
+    if len(weights) != 2:
+        raise EvaluateConfigError(
+            f"config.eval.ensemble_weights={weights}: one weight for config.checkpoint and one "
+            "for config.eval.ensemble_checkpoint"
+        )
+    other_fn, other_variables = load_for_evaluation(second, config)
+
+    def ensemble_fn(both, images, train=False):
+        first_logits = apply_fn(both[0], images, train=train)["logits"]
+        second_logits = other_fn(both[1], images, train=train)["logits"]
+        return {"logits": weights[0] * first_logits + weights[1] * second_logits}
+
+    return ensemble_fn, (variables, other_variables)
 
 
 def sum_over_processes(confusion: np.ndarray, stage_hosts: hosts.Hosts) -> np.ndarray:
@@ -160,7 +191,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
             "stage 'evaluate' needs a model: --config.checkpoint=MODEL_DIR (a stage's export/ "
             "or a .pth converted with tools/convert_checkpoint.py)"
         )
-    apply_fn, variables = load_for_evaluation(config.checkpoint, config)
+    apply_fn, variables = load_ensemble(config)
     predictions_dir = paths.join(workdir, "predictions") if config.eval.save_predictions else None
     mesh = Mesh(np.asarray(devices if devices else jax.devices()), ("data",))
     stage_hosts = hosts.Hosts.of(mesh)
@@ -174,5 +205,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
         print(table)
         paths.write_text(paths.join(workdir, f"eval_{name}.md"), table + "\n")
     paths.write_json(paths.join(workdir, "eval_results.json"), summary)
+    # The same scalars as a training stage's result.json: the pipeline's summary row.
+    scalars = {name: r["miou"] for name, r in results.items()}
+    scalars["miou"] = sum(scalars.values()) / len(scalars)
+    scalars.update(evaluate.protocol_scalars(results))
+    paths.write_json(paths.join(workdir, RESULT_JSON), {"step": None, **scalars})
     logging.info("evaluation: %s", {k: v["miou"] for k, v in summary.items()})
     return summary

@@ -2,7 +2,7 @@
 
 Reference: DDB ``tools/cal_prototypes/class_features.py`` (per-image class means, running
 mean table) and ``dass/models/uda/ckd.py`` (prototype weights). The two-teacher ensemble
-that uses the weights is :mod:`ddb_jax.ensemble`. The
+that uses the weights is :mod:`ddb_jax.uda.ensemble`. The
 reference loops over images and classes in Python; here each step is one batched, jitted
 array program (one-hot matmuls, a closed form for the sequential table update).
 """

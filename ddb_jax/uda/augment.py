@@ -24,8 +24,7 @@ image) so tests can feed one fixed draw to both this code and a PyTorch referenc
 
 DAFormer's DACS (and MIC) draw some of these once per batch (:func:`share_over_batch`) and
 blur with a 2-D kernel (``blur_2d``: its kernel sizes come from a (1, C, H, W) view, so
-rows from H and columns from W). MIC also hides random blocks of the image
-(:func:`block_keep_mask`).
+rows from H and columns from W). MIC's block mask is MIC's own (``ddb_jax/methods/mic.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ddb_jax.ops import IMAGE_MEAN, IMAGE_STD
 
@@ -312,51 +310,3 @@ def draw_batch_params(
         jax.random.split(image_key, batch_size)
     )
     return share_over_batch(params, batch_key, shared, jitter_prob, strength, blur_prob)
-
-
-# --- MIC's block masking -------------------------------------------------------------------
-
-
-def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-    """Source index of each output index of torch's ``interpolate(mode='nearest')``:
-    ``min(floor(dst * scale), in - 1)`` with ``scale = in / out`` in float32, as its kernel
-    rounds (static shapes, so computed on the host)."""
-    if out_size == in_size:
-        return np.arange(out_size)
-    scale = np.float32(in_size) / np.float32(out_size)
-    dst = np.arange(out_size, dtype=np.float32)
-    return np.minimum(np.floor(dst * scale).astype(np.int64), in_size - 1)
-
-
-def block_grid_shape(shape: tuple[int, int], block_size: int) -> tuple[int, int]:
-    """MIC's grid of blocks: ``round(H / block)`` x ``round(W / block)`` (Python rounding)."""
-    grid = tuple(round(n / block_size) for n in shape)
-    if min(grid) < 1:
-        raise ValueError(f"MIC blocks of {block_size} pixels do not fit a {shape} image")
-    return grid  # type: ignore[return-value]
-
-
-def upsample_blocks(keep: jax.Array, shape: tuple[int, int]) -> jax.Array:
-    """(N, gh, gw) block grid -> (N, H, W) by torch's nearest resize (MIC's ``resize``)."""
-    rows = nearest_indices(keep.shape[1], shape[0])
-    cols = nearest_indices(keep.shape[2], shape[1])
-    return keep[:, rows][:, :, cols]
-
-
-def block_keep_grid(
-    key: jax.Array, batch_shape: tuple[int, int, int], block_size: int, mask_ratio: float
-) -> jax.Array:
-    """MIC's ``BlockMaskGenerator`` draw: per image, each block of the grid is kept (True)
-    when its U(0, 1) draw exceeds ``mask_ratio``, i.e. with probability ``1 - mask_ratio``;
-    (N, gh, gw) bool."""
-    n, h, w = batch_shape
-    grid = block_grid_shape((h, w), block_size)
-    return jax.random.uniform(key, (n, *grid), jnp.float32) > mask_ratio
-
-
-def block_keep_mask(
-    key: jax.Array, batch_shape: tuple[int, int, int], block_size: int, mask_ratio: float
-) -> jax.Array:
-    """MIC's pixel mask (N, H, W) bool: :func:`block_keep_grid` upsampled to the image."""
-    grid = block_keep_grid(key, batch_shape, block_size, mask_ratio)
-    return upsample_blocks(grid, batch_shape[1:])

@@ -30,10 +30,13 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from ddb_jax import checkpoints, errors, hosts, labels, models, paths, prototype_io, prototypes
+from ddb_jax import checkpoints, errors, labels, models, paths
+from ddb_jax.offline import prototype_io
 from ddb_jax.ops import resize_bilinear
+from ddb_jax.runtime import hosts
 from ddb_jax.train import setup
 from ddb_jax.train import workdir as workdir_lib
+from ddb_jax.uda import prototypes
 from input_pipeline import datasets, sharding
 from input_pipeline import train as train_data
 

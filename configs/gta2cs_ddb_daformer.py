@@ -11,9 +11,9 @@ Set ``--config.model.remat=True`` / ``--config.model.dtype=bfloat16`` on small G
 """
 
 from configs import daformer_recipe, gta2cs
-from ddb_jax import rounds
+from ddb_jax.graph import stage_graph
 
-NAME = "gta2cs_daformer"
+NAME = "gta2cs_ddb_daformer"
 
 
 def setting():
@@ -21,4 +21,4 @@ def setting():
 
 
 def get_config(stage: str = "pipeline"):
-    return rounds.config_for(setting(), stage, f"runs/{NAME}")
+    return stage_graph.config_for(setting(), stage, f"runs/{NAME}")

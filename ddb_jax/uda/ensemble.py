@@ -2,7 +2,7 @@
 
 Reference: DDB ``dass/models/uda/ckd.py``. Each frozen path model (cut path "cu", class
 path "ca") gives logits at image size and, with prototype rectification, a weight per
-class (:func:`ddb_jax.prototypes.prototype_weights`); the student learns the ensemble's
+class (:func:`ddb_jax.uda.prototypes.prototype_weights`); the student learns the ensemble's
 argmax (or, with soft distillation, the ensemble's logits). Pure array functions: the
 models that produce the inputs live in :mod:`ddb_jax.methods.ckd`.
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ddb_jax import losses
 from ddb_jax.ops import upcast
+from ddb_jax.uda import losses
 
 
 def rectified_ensemble(
@@ -29,7 +29,7 @@ def rectified_ensemble(
     renormalised. On logits (the reference's other option): ``0.5 softmax(W_a l_a) +
     0.5 softmax(W_b l_b)``. Logits and weights (N, H, W, K) at the same size. The
     confidence (max of the ensemble) feeds the ``use_pl_weight`` option through
-    :func:`ddb_jax.losses.confident_fraction`.
+    :func:`ddb_jax.uda.losses.confident_fraction`.
     """
     logits_a, logits_b = upcast(logits_a), upcast(logits_b)
     if on_probabilities:
@@ -46,7 +46,7 @@ def rectified_logit_average(
     logits_a: jax.Array, weights_a: jax.Array, logits_b: jax.Array, weights_b: jax.Array
 ) -> jax.Array:
     """Soft-distillation target logits: ``(W_a l_a + W_b l_b) / 2`` (pass weights of 1 to skip
-    rectification); :func:`ddb_jax.losses.distillation_kl` divides by T."""
+    rectification); :func:`ddb_jax.uda.losses.distillation_kl` divides by T."""
     return 0.5 * (weights_a * logits_a + weights_b * logits_b)
 
 

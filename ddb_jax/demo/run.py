@@ -3,7 +3,7 @@
 Generates the toy domains (once), runs ``configs/demo.py`` (source-only and oracle
 baselines, then both rounds of DDB) in ``runs/demo``, prints the summary table
 with the share of the source-only -> oracle gap the final student recovers, and draws
-``runs/demo/predictions.png`` and ``runs/demo/miou.png`` (:mod:`ddb_jax.pictures`). A
+``runs/demo/predictions.png`` and ``runs/demo/miou.png`` (:mod:`ddb_jax.demo.pictures`). A
 rerun skips finished stages; ``rm -rf runs/demo`` starts over.
 """
 
@@ -58,7 +58,7 @@ def main() -> int:
     with open(os.path.join(WORKDIR, "summary.md")) as f:
         print(f.read().rstrip())
     print(gap_report(summary))
-    from ddb_jax import pictures  # runs the models here: JAX and TensorFlow load only now
+    from ddb_jax.demo import pictures  # runs the models here: JAX and TensorFlow load only now
 
     for path in pictures.write_demo_pictures(WORKDIR):
         print(f"wrote {path}")

@@ -95,7 +95,7 @@ def protocol_scores(confusion: np.ndarray, names) -> dict[str, dict[str, Any]]:
 
 
 def protocol_scalars(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """``{'<target>/<protocol>': mIoU}`` of :func:`ddb_jax.eval_stage.evaluate_targets`'
+    """``{'<target>/<protocol>': mIoU}`` of :func:`ddb_jax.evaluation.eval_stage.evaluate_targets`'
     results: what a training stage adds to its TensorBoard scalars and result.json."""
     return {
         f"{target}/{name}": score["miou"]

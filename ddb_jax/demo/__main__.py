@@ -1,0 +1,5 @@
+import sys
+
+from ddb_jax.demo.run import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Inference over a labelled set and its scores; stage 'evaluate'."""

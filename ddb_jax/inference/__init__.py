@@ -1,0 +1,1 @@
+"""Predictions on any images and their label files."""
