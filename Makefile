@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-multihost bench lint clean
+.PHONY: venv demo test test-multihost test-faults bench lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || test -n "$(PY)" || { echo "error: no python3.11, python3.12 \
@@ -29,12 +29,18 @@ demo: $(STAMP)
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
-		-m "not multihost" tests
+		-m "not multihost and not faults" tests
 
 # Four processes of a multi-host job running a round's paths on two processes each (about
 # 3 minutes on 2 cores, the machine's both cores for itself): .ci/run runs it after `test`.
 test-multihost: $(STAMP)
 	$(BIN)/python -m pytest -q -m multihost tests/test_processes.py
+
+# A training stage whose bucket goes away (a real GCS emulator on 127.0.0.1, stopped and
+# restarted): one line and exit 1 within the storage deadline, then the rerun resumes to the
+# same model (about a minute): .ci/run runs it after `test-multihost`.
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -q -m faults tests/test_storage_faults.py
 
 # The benchmark kit on this machine's CPU (minutes): the device check's smoke run, our step vs
 # the PyTorch reference step alternated (DLV2-R18, 128x128, batch 4), the DDB ops and the

@@ -34,6 +34,11 @@ for _protocol in ("gs", "gcs"):
     fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
 
 from ddb_jax import errors  # noqa: E402
+from ddb_jax.runtime import deadline  # noqa: E402
+
+# gcsfs logs each retry of a lost connection with its traceback: to absl's log at debug
+# level, not the console (the last one is the cause the storage deadline's line names).
+deadline.quiet_storage_logs()
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 

@@ -397,3 +397,24 @@ def upload_tree(local: str, remote: str) -> None:
             target = paths.join(remote, *([] if rel == "." else rel.split(os.sep)), name)
             with open(os.path.join(base, name), "rb") as f:
                 paths.write_bytes(target, f.read())
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    """(exit status, stderr) of ``python -m ddb_jax.main args``, run in this process (0 when
+    it returns without exiting)."""
+    import pytest
+
+    from ddb_jax import main as cli
+
+    argv = ["ddb_jax.main", *args]
+    cli.FLAGS.unparse_flags()
+    for name in [n for n in cli.FLAGS if n.startswith("config.")]:
+        delattr(cli.FLAGS, name)  # a previous case's overrides, registered by ml_collections
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.argv", argv)  # ml_collections finds --config.* overrides there
+        try:
+            cli.run_main(cli.parse_flags(argv))
+            status = 0
+        except SystemExit as exit_info:
+            status = exit_info.code
+    return status, capsys.readouterr().err

@@ -23,31 +23,14 @@ import pytest
 
 from configs import default, demo
 from ddb_jax import config_checks, paths
-from ddb_jax import main as cli
 from ddb_jax.train import checkpointing, summaries
 from ddb_jax.train import workdir as workdir_lib
-from tests.support import ROOT, finish, process_env, stage_command, start, tail
+from tests.support import ROOT, finish, process_env, run_cli, stage_command, start, tail
 
 
 @pytest.fixture(autouse=True)
 def in_repository(monkeypatch):
     monkeypatch.chdir(ROOT)  # config paths are relative to the repository
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str]:
-    """(exit status, stderr) of ``python -m ddb_jax.main args``, run in this process."""
-    argv = ["ddb_jax.main", *args]
-    cli.FLAGS.unparse_flags()
-    for name in [n for n in cli.FLAGS if n.startswith("config.")]:
-        delattr(cli.FLAGS, name)  # a previous case's overrides, registered by ml_collections
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("sys.argv", argv)  # ml_collections finds --config.* overrides there
-        try:
-            cli.run_main(cli.parse_flags(argv))
-            status = 0
-        except SystemExit as exit_info:
-            status = exit_info.code
-    return status, capsys.readouterr().err
 
 
 def flag_value(value) -> str:

@@ -17,28 +17,13 @@ import os
 import pytest
 
 from ddb_jax import checkpoints, errors, paths
-from ddb_jax import main as cli
 from ddb_jax.train import checkpointing, loop, workdir
-from tests.support import ROOT, TINY, tiny_stage
+from tests.support import ROOT, TINY, run_cli, tiny_stage
 
 
 @pytest.fixture(autouse=True)
 def in_repository(monkeypatch):
     monkeypatch.chdir(ROOT)  # config paths are relative to the repository
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str]:
-    """(exit status, stderr) of the command line with ``args``."""
-    argv = ["ddb_jax.main", *args]
-    cli.FLAGS.unparse_flags()
-    for name in [n for n in cli.FLAGS if n.startswith("config.")]:
-        delattr(cli.FLAGS, name)  # a previous case's overrides, registered by ml_collections
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("sys.argv", argv)  # ml_collections finds --config.* overrides there
-        with pytest.raises(SystemExit) as exit_info:
-            cli.run_main(cli.parse_flags(argv))
-    err = capsys.readouterr().err
-    return exit_info.value.code, err
 
 
 def tiny(config: str, *extra: str) -> list[str]:

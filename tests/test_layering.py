@@ -22,7 +22,9 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LEAVES = ("ddb_jax.ops", "ddb_jax.labels", "ddb_jax.paths", "ddb_jax.errors")
+LEAVES = (
+    "ddb_jax.ops", "ddb_jax.labels", "ddb_jax.paths", "ddb_jax.errors", "ddb_jax.runtime.deadline",
+)  # fmt: skip
 # The domain-adaptation ops (ddb_jax/uda/): every module of the folder.
 DDB_OPS = tuple(
     f"ddb_jax.uda.{name[:-3]}"

@@ -155,8 +155,10 @@ def adam041(schedule: optax.Schedule, b1: float, b2: float, eps: float):
     ``eps / sqrt(1 - b2^t)`` (a larger eps in the first steps, where it matters most)."""
 
     def init(params):
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-        return Adam041State(jnp.zeros([], jnp.int32), zeros, zeros)
+        # Two trees of zeros, not one twice: a donated state must not hold a buffer twice.
+        mu = jax.tree_util.tree_map(jnp.zeros_like, params)
+        nu = jax.tree_util.tree_map(jnp.zeros_like, params)
+        return Adam041State(jnp.zeros([], jnp.int32), mu, nu)
 
     def update(grads, state, params=None):
         count = optax.safe_increment(state.count)

@@ -28,6 +28,11 @@ least ``ddb_jax.checkpoints.MIN_REPLICA_SLICE_BYTES``.
 Not orbax's ``best_fn``: that ranks the train-state checkpoints themselves and would trade
 the latest one (which resumption needs) for the best; the best student is exported as a
 model directory instead (:func:`ddb_jax.train.workdir.export_best`).
+
+Every wait on the storage here (restore, the blocking part of a save, its completion,
+close) is bounded by the storage deadline (:mod:`ddb_jax.runtime.deadline`): when the
+storage does not answer in time, the process ends in one line naming the directory and
+the last complete checkpoint, which this class records as each save completes.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from ddb_jax import checkpoints, errors, paths
-from ddb_jax.runtime import hosts
+from ddb_jax.runtime import deadline, hosts
 from ddb_jax.train import workdir as workdir_lib
 
 METADATA_FILE = "_CHECKPOINT_METADATA"
@@ -102,6 +107,7 @@ class Checkpoints:
         if grouped:  # orbax creates the directory only for all processes: each one does
             paths.makedirs(self.directory)
         processes = multiprocessing_options(self.directory, stage_hosts)
+        self._saving: int | None = None  # the step of the save started last
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=not grouped,
@@ -116,20 +122,41 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handler)
         self.pending: int | None = None
 
+        # The deadline's line names the newest complete checkpoint, asked when it expires.
+        deadline.record_checkpoint(self.directory, None, self._settled)
+
+    def _settled(self) -> int | None:
+        """The step of the save started last if orbax has committed it (no save in
+        progress, no error), else None; without waiting on the storage."""
+        if self._saving is None or self.manager.is_saving_in_progress():
+            return None
+        self.manager.check_for_errors()  # raises the background save's error, if any
+        return self._saving
+
     def restore_latest(self, state: Any) -> tuple[Any, int | None]:
         """(the latest complete checkpoint, its step), or (``state``, None) if none."""
-        step = latest_complete_step(self.manager)
-        if step is None:
-            return state, None
-        return self.manager.restore(step, args=ocp.args.StandardRestore(state)), step
+        with self._deadline("restoring the latest checkpoint"):
+            step = latest_complete_step(self.manager)
+            if step is None:
+                return state, None
+            restored = self.manager.restore(step, args=ocp.args.StandardRestore(state))
+        deadline.record_checkpoint(self.directory, step)
+        return restored, step
+
+    def _deadline(self, doing: str):
+        return deadline.storage(self.directory, doing)
 
     def _latest_on_record(self, failed: int | None) -> int | None:
         """The newest complete checkpoint: from the storage when it answers; when it does
         not (a lost connection), the steps this manager has on record, ``failed`` left out
         (a save waits for the one before it, so those were written whole)."""
+        recorded = deadline.last_checkpoint(self.directory)
+        if paths.is_remote(self.directory) and recorded is not None:
+            return recorded  # no listing: it would retry for minutes on a lost connection
         try:
-            self.manager.reload()
-            return latest_complete_step(self.manager)
+            with self._deadline("listing the checkpoints"):
+                self.manager.reload()
+                return latest_complete_step(self.manager)
         except Exception:  # the listing itself fails on a lost connection or a broken disk
             return max((s for s in self.manager.all_steps() if s != failed), default=None)
 
@@ -150,14 +177,17 @@ class Checkpoints:
         """Blocks until the background write is done; raises CheckpointWriteError if it failed."""
         step, self.pending = self.pending, None
         try:
-            self.manager.wait_until_finished()
+            with self._deadline(f"writing the checkpoint of step {step}"):
+                self.manager.wait_until_finished()
         except Exception as err:
             raise self._error(step, err) from err
+        deadline.record_checkpoint(self.directory, step)
 
     def save(self, step: int, state: Any) -> None:
         self.wait()  # an earlier write's failure is reported under its own step
+        self._saving = step
         try:
-            with checkpoints.SAVE_START:
+            with self._deadline(f"writing the checkpoint of step {step}"), checkpoints.SAVE_START:
                 self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
         except Exception as err:
             raise self._error(step, err) from err
@@ -170,6 +200,8 @@ class Checkpoints:
         except CheckpointWriteError as err:
             logging.error("%s", err)
         try:
-            self.manager.close()
+            with self._deadline("closing the checkpoint manager"):
+                self.manager.close()
         except Exception as err:
             logging.warning("closing the checkpoint manager of %s: %s", self.directory, err)
+        deadline.forget_probe(self.directory)

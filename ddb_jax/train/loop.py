@@ -6,6 +6,14 @@ saves the current step and stops cleanly (:mod:`ddb_jax.train.preemption`). Non-
 losses stop the run before a checkpoint of bad parameters is written. What a method does
 inside a step is :mod:`ddb_jax.methods`; the files of the workdir are
 :mod:`ddb_jax.train.workdir`.
+
+Each wait of the loop on a bucket (the next input batch, checkpoints, exports, the
+summaries' copy, the input pipeline's shutdown) is bounded by the storage deadline
+(:mod:`ddb_jax.runtime.deadline`): a lost bucket ends the run in one line, exit status 1.
+A storage error raised in time ends the stage as any error does; the input pipeline is
+then shut down under the deadline and, in the main thread, the process's exit is bounded
+too (:func:`ddb_jax.runtime.deadline.bound_exit`: a teardown stuck on the storage is cut
+short with status 1 after the error line).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ddb_jax import errors, methods, models, paths
 from ddb_jax.methods import assemble, base
-from ddb_jax.runtime import hosts
+from ddb_jax.runtime import deadline, hosts
 from ddb_jax.train import checkpointing, preemption, setup
 from ddb_jax.train import workdir as workdir_lib
 from ddb_jax.train.summaries import Summaries
@@ -171,12 +179,15 @@ def train_and_evaluate(
     export = exporter(stage_hosts)
     best = workdir_lib.read_best_score(workdir)
     batches = setup.batch_stream(config, mesh)(start)
+    data_root = str(config.data.root)
     history: list[tuple[int, dict]] = []
     result: dict[str, Any] = {}
     try:
         with preemption.StopRequested(stage_hosts, config.log_every) as stop:
             for step in range(start + 1, config.num_steps + 1):
-                outputs = train_step(state, next(batches), frozen)
+                with deadline.storage(data_root, f"reading the batch of step {step}"):
+                    batch = next(batches)
+                outputs = train_step(state, batch, frozen)
                 state, metrics = outputs[:2]
                 history.append((step, metrics))
                 report_progress(step)
@@ -196,27 +207,48 @@ def train_and_evaluate(
                     writer.write_scalars(step, flat_scalars(result))
                     if result["miou"] > best:  # the same on every process of the stage
                         best = result["miou"]
-                        export(
-                            workdir_lib.export_best, workdir, state.variables(),
-                            config.model, config.stage, step, best,
-                        )  # fmt: skip
+                        with deadline.storage(workdir, "exporting best/"):
+                            export(
+                                workdir_lib.export_best, workdir, state.variables(),
+                                config.model, config.stage, step, best,
+                            )  # fmt: skip
                 if due_ckpt:
                     if not bool(jax.device_get(all_finite(state.tree_params()))):
                         raise NonFiniteLossError(f"parameters are not finite at step {step}")
                     ckpt.save(step, state)
-                    summaries.sync()
+                    with deadline.storage(workdir, "copying the TensorBoard events"):
+                        summaries.sync()
                 if stopping:
                     ckpt.wait()
                     logging.warning("stopped at step %d on request; rerun to continue", step)
                     return state, None
         ckpt.wait()
+    except BaseException as err:
+        if is_storage_error(err, workdir, data_root):
+            deadline.bound_exit()
+        raise
     finally:
         # Any exit (an error, a NaN, a stop) still finalises the checkpoints already started;
         # a failure there is logged, the first error is the one raised.
+        with deadline.storage(data_root, "shutting the input pipeline down"):
+            batches.close()  # now, under the deadline: its readers may wait on the storage
         ckpt.close()
-        summaries.close()
+        with deadline.storage(workdir, "copying the TensorBoard events"):
+            summaries.close()
     if not result and config.eval_every > 0:
         # Resumed at the last step (its export was lost): evaluate again for result.json.
         result = evaluate(state.variables())
-    export(workdir_lib.export_final, workdir, state.variables(), config, result)
+    with deadline.storage(workdir, "exporting export/"):
+        export(workdir_lib.export_final, workdir, state.variables(), config, result)
     return state, result
+
+
+def is_storage_error(err: BaseException, workdir: str, data_root: str) -> bool:
+    """An error of a bucket's storage that ends the process (the main thread's stage
+    reads or writes a bucket and failed on a file, a checkpoint or a read of tf.data)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False  # a pipeline's stage beside others: the pipeline decides
+    if not (paths.is_remote(workdir) or paths.is_remote(data_root)):
+        return False
+    tf_error = type(err).__module__.startswith("tensorflow")
+    return isinstance(err, OSError | checkpointing.CheckpointWriteError) or tf_error

@@ -1,0 +1,388 @@
+"""Compile-only checks: a stage's real train step, compiled for a named target from any machine.
+
+``compile_stage(config, "v5e-8")`` builds the step the training loop runs for ``config``
+(:func:`ddb_jax.methods.assemble.assemble`, then :func:`ddb_jax.methods.assemble.train_step`
+with the loop's 1-D 'data' mesh, its shardings and the donated state), over the compile-only
+devices of the target's topology (``jax.experimental.topologies``), lowers it with
+``jax.ShapeDtypeStruct`` arguments (the state from ``jax.eval_shape``, so nothing of full size
+is allocated; the batch from ``batch_size``, ``data.crop_size`` and ``data.target_crop_size``)
+and compiles it with the target's compiler. The report, per device: memory
+(``memory_analysis``: arguments, temporaries, outputs, total against the device's memory),
+FLOPs and bytes accessed (``cost_analysis``, where the compiler gives them), the roofline
+lower bound of the step time ``max(flops / peak, bytes / bandwidth)``, and the collectives,
+transposes and copies of the compiled program (counted in its HLO text, fused computations
+included).
+
+TPU targets need ``libtpu`` (the wheel ``jax[tpu]`` pins; the ``test`` extra installs it).
+:data:`TARGETS` is the table of targets; a target names its PJRT ``platform`` and
+``topology``. NVIDIA targets (platform ``cuda``: the jax-cuda plugin wheels and a
+``GpuTargetConfig`` text proto per GPU) are not in the table yet; :func:`target_devices` says
+so in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ddb_jax import errors
+
+GIB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A device set to compile for. Figures are per JAX device of the topology."""
+
+    name: str
+    platform: str  # PJRT platform of the compiler: 'tpu' (libtpu); 'cuda' later
+    topology: str  # what jax.experimental.topologies.get_topology_desc takes
+    devices: int  # JAX devices the topology gives
+    device: str  # what one device is
+    memory_bytes: int  # HBM per device
+    peak_flops: float  # dense bf16 FLOP/s per device
+    memory_bandwidth: float  # HBM bytes/s per device
+    hosts: int = 1  # processes of the slice
+
+
+# Public specs (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e): per chip HBM, peak bf16
+# FLOP/s and HBM bandwidth. The compile-only v4 topology gives one device per TensorCore
+# (two per chip, no megacore), so v4's figures are half a chip's.
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in (
+        Target("v4-8", "tpu", "v4:2x2x1", 8, "TPU v4 TensorCore (half a chip)",
+               16 * GIB, 137.5e12, 614.4e9),
+        Target("v5e-8", "tpu", "v5e:2x4", 8, "TPU v5 lite (v5e)", 16 * GIB, 197e12, 819e9),
+        Target("v5e-16", "tpu", "v5e:4x4", 16, "TPU v5 lite (v5e), 4 hosts",
+               16 * GIB, 197e12, 819e9, hosts=4),
+        Target("v5p-8", "tpu", "v5p:2x2x1", 4, "TPU v5p (megacore)", 95 * GIB, 459e12, 2765e9),
+        Target("v6e-8", "tpu", "v6e:2x4", 8, "TPU v6 lite (v6e, Trillium)",
+               32 * GIB, 918e12, 1640e9),
+    )
+}  # fmt: skip
+
+# The opcodes counted in the compiled HLO (async pairs counted once, by their -start).
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+_OPCODE = re.compile(r"=\s*(.*?)\s([a-z][a-z0-9-]*)\(")
+_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8\w*|c64|c128)\[([\d,]*)\]")
+_DTYPE_BYTES = {"pred": 1, "bf16": 2, "c64": 8, "c128": 16}
+
+
+class AotError(errors.UsageError):
+    """A target that is not in the table, or whose compiler is not installed."""
+
+
+def target_names() -> list[str]:
+    return sorted(TARGETS)
+
+
+def get_target(name: str) -> Target:
+    if name not in TARGETS:
+        raise AotError(f"unknown target {name!r}; known: {', '.join(target_names())}")
+    return TARGETS[name]
+
+
+def target_devices(target: Target) -> list:
+    """The target's compile-only devices (no hardware needed, only its compiler)."""
+    if target.platform == "tpu":
+        if importlib.util.find_spec("libtpu") is None:
+            raise AotError(
+                f"target {target.name} needs the TPU compiler: pip install 'libtpu==0.0.42.*' "
+                "(the test extra installs it)"
+            )
+    else:
+        raise AotError(f"target {target.name}: platform {target.platform!r} is not wired yet")
+    # libtpu takes a lockfile (/tmp/libtpu_lockfile) per machine unless told that several
+    # processes may load it: compile-only clients touch no chip, so two checks (or a check
+    # beside a test worker) may run at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    devices = topologies.get_topology_desc(
+        topology_name=target.topology, platform=target.platform
+    ).devices
+    if len(devices) != target.devices:
+        raise AotError(
+            f"target {target.name}: topology {target.topology} gave {len(devices)} devices, "
+            f"the table says {target.devices}"
+        )
+    return devices
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of every array (or ShapeDtypeStruct) leaf of ``tree``."""
+    return sum(
+        math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+        for leaf in jax.tree_util.tree_leaves(tree)
+    )
+
+
+def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch a training stage steps on (input_pipeline.train's element)."""
+    b = config.batch_size
+    source = tuple(config.data.crop_size)
+    target = tuple(config.data.get("target_crop_size") or source)
+    return {
+        "source_image": jax.ShapeDtypeStruct((b, *source, 3), jnp.float32),
+        "source_label": jax.ShapeDtypeStruct((b, *source), jnp.int32),
+        "target_image": jax.ShapeDtypeStruct((b, *target, 3), jnp.float32),
+    }
+
+
+@dataclasses.dataclass
+class StageProgram:
+    """The stage's jitted step and its abstract arguments (shardings attached)."""
+
+    step: Any
+    state: Any  # ShapeDtypeStructs of the train state, replicated
+    batch: dict[str, jax.ShapeDtypeStruct]  # global batch, split over 'data'
+    frozen: Any  # ShapeDtypeStructs of what the method reads but never trains, or None
+    mesh: jax.sharding.Mesh
+
+
+def _with_sharding(tree, sharding):
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
+    )
+
+
+def stage_program(config: ml_collections.ConfigDict, devices) -> StageProgram:
+    """The training loop's step for ``config`` over ``devices``, without allocating the state."""
+    from ddb_jax import methods, models
+    from ddb_jax.methods import assemble
+    from ddb_jax.train import setup
+
+    methods.check_config(config)
+    mesh = setup.make_mesh(config, devices=devices)
+    model = models.build_model(config.model)
+    variables = models.variable_shapes(model, tuple(config.data.crop_size))
+    _, state_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    built: dict[str, Any] = {}
+
+    def initial_state(variables, key):
+        built["stage"] = assemble.assemble(config, variables, key)
+        return built["stage"].state
+
+    state = jax.eval_shape(initial_state, variables, state_key)
+    stage = dataclasses.replace(built["stage"], state=None)  # model, method, optimisers
+    step = assemble.train_step(stage, mesh, with_preview=config.image_summary_every > 0)
+    frozen = methods.load_frozen(config)  # CKD's teachers, an ImageNet backbone: read
+    replicated = NamedSharding(mesh, PartitionSpec())
+    data = NamedSharding(mesh, PartitionSpec("data"))
+    if frozen is not None:
+        frozen = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
+    return StageProgram(
+        step=step,
+        state=_with_sharding(state, replicated),
+        batch=_with_sharding(batch_shapes(config), data),
+        frozen=None if frozen is None else _with_sharding(frozen, replicated),
+        mesh=mesh,
+    )
+
+
+def padded_bytes(leaf: jax.ShapeDtypeStruct, layout) -> int:
+    """Bytes of one device's shard of ``leaf`` in the compiler's ``layout``: its dimensions in
+    the layout's order, the minor ones rounded up to the first tile (TPU: (8, 128) for the
+    two minor dimensions of a 32-bit array, 128 for a vector or a scalar)."""
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    itemsize = jnp.dtype(leaf.dtype).itemsize
+    if layout is None or not getattr(layout, "tiling", None):
+        return math.prod(shape) * itemsize
+    physical = [shape[d] for d in layout.major_to_minor] or [1]
+    tile = layout.tiling[0]
+    for i, size in enumerate(tile):
+        j = len(physical) - len(tile) + i
+        if j >= 0:
+            physical[j] = -(-physical[j] // size) * size
+    return math.prod(physical) * itemsize
+
+
+def arguments_in_layouts(program: StageProgram, compiled) -> dict[str, int] | None:
+    """Per device, the bytes of each argument of the step (state, batch, frozen) from its
+    abstract tree and the layouts the compiler chose for it (None where it does not say)."""
+    try:
+        formats = compiled.input_formats[0]
+    except Exception:
+        return None
+    out = {}
+    for name, tree, fmt in zip(
+        ("state", "batch", "frozen"),
+        (program.state, program.batch, program.frozen),
+        formats,
+        strict=True,
+    ):
+        leaves = jax.tree_util.tree_leaves(tree)
+        layouts = [getattr(f, "layout", None) for f in jax.tree_util.tree_leaves(fmt)]
+        if len(layouts) != len(leaves):
+            return None
+        out[name] = sum(padded_bytes(x, lay) for x, lay in zip(leaves, layouts, strict=True))
+    return out
+
+
+def _hlo_bytes(shapes: str) -> int:
+    total = 0
+    for dtype, dims in _SHAPE.findall(shapes):
+        size = _DTYPE_BYTES.get(dtype) or max(1, int(re.sub(r"\D", "", dtype) or 8) // 8)
+        total += size * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def hlo_counts(text: str) -> dict[str, Any]:
+    """Collectives (count and result bytes, by kind), transposes and copies in HLO text."""
+    collectives = {name: {"count": 0, "bytes": 0} for name in COLLECTIVES}
+    transposes = copies = 0
+    for line in text.splitlines():
+        match = _OPCODE.search(line)
+        if not match:
+            continue
+        shapes, opcode = match.groups()
+        if opcode == "transpose":
+            transposes += 1
+        elif opcode in ("copy", "copy-start"):
+            copies += 1
+        else:
+            kind = opcode.removesuffix("-start")
+            if kind in collectives and not opcode.endswith("-done"):
+                collectives[kind]["count"] += 1
+                collectives[kind]["bytes"] += _hlo_bytes(shapes)
+    collectives = {k: v for k, v in collectives.items() if v["count"]}
+    return {
+        "collectives": collectives,
+        "collective_count": sum(v["count"] for v in collectives.values()),
+        "collective_bytes": sum(v["bytes"] for v in collectives.values()),
+        "transposes": transposes,
+        "copies": copies,
+    }
+
+
+def _cost(compiled) -> dict[str, float] | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some compilers give none
+        return None
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    if not cost:
+        return None
+    return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
+
+
+def compile_stage(
+    config: ml_collections.ConfigDict, target: str, compiler_options: dict | None = None
+) -> dict[str, Any]:
+    """Compiles ``config``'s train step for ``target`` (a :data:`TARGETS` name); the report
+    (a JSON-able dict; memory and cost per device). ``compiler_options``: XLA options of
+    this compile (``lowered.compile(compiler_options=...)``)."""
+    spec = get_target(target)
+    devices = target_devices(spec)
+    start = time.perf_counter()
+    program = stage_program(config, devices)
+    lowered = program.step.lower(program.state, program.batch, program.frozen)
+    lowered_s = time.perf_counter() - start
+    compiled = lowered.compile(compiler_options=compiler_options)
+    compile_s = time.perf_counter() - start - lowered_s
+    mem = compiled.memory_analysis()
+    memory = {
+        "arguments": int(mem.argument_size_in_bytes),
+        "outputs": int(mem.output_size_in_bytes),
+        "aliased": int(mem.alias_size_in_bytes),  # outputs in the donated arguments' buffers
+        "temporaries": int(mem.temp_size_in_bytes),
+        "code": int(mem.generated_code_size_in_bytes),
+    }
+    memory["total"] = (
+        memory["arguments"] + memory["outputs"] - memory["aliased"]
+        + memory["temporaries"] + memory["code"]
+    )  # fmt: skip
+    memory["device"] = spec.memory_bytes
+    memory["fits"] = memory["total"] <= spec.memory_bytes
+    cost = _cost(compiled)
+    roofline = None
+    if cost is not None:
+        roofline = {
+            "compute_s": cost["flops"] / spec.peak_flops,
+            "memory_s": cost["bytes"] / spec.memory_bandwidth,
+        }
+        roofline["bound_s"] = max(roofline["compute_s"], roofline["memory_s"])
+    n = len(program.mesh.devices.flat)
+    return {
+        "target": dataclasses.asdict(spec),
+        "stage": config.stage,
+        "model": {k: config.model.get(k) for k in ("backbone", "head", "dtype", "remat")},
+        "batch_size": config.batch_size,
+        "batch_per_device": config.batch_size // n,
+        "crop_size": list(config.data.crop_size),
+        "target_crop_size": list(config.data.get("target_crop_size") or config.data.crop_size),
+        "mesh_devices": n,
+        "predicted": {  # what the arguments hold, per device, from the abstract tree
+            "state_bytes": tree_bytes(program.state),
+            "batch_bytes_per_device": tree_bytes(program.batch) // n,
+            "frozen_bytes": tree_bytes(program.frozen),
+            # the same in the compiler's layouts (TPU tiles pad the minor dimensions)
+            "in_layouts": arguments_in_layouts(program, compiled),
+        },
+        "memory": memory,
+        "cost": cost,
+        "roofline": roofline,
+        "hlo": hlo_counts(compiled.as_text()),
+        "lower_s": round(lowered_s, 2),
+        "compile_s": round(compile_s, 2),
+        "jax": jax.__version__,
+    }
+
+
+def _gib(value: float) -> str:
+    if value < GIB / 10:
+        return f"{value / 1024**2:.1f} MiB"
+    return f"{value / GIB:.2f} GiB"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as a markdown table."""
+    mem, hlo, cost, roof = report["memory"], report["hlo"], report["cost"], report["roofline"]
+    target = report["target"]
+    model = report["model"]
+    rows = [
+        ("target", f"{target['name']} ({target['topology']}, {target['device']})"),
+        ("stage", f"{report['stage']}: {model['backbone']} + {model['head']}, {model['dtype']}"),
+        ("batch", f"{report['batch_size']} ({report['batch_per_device']} per device), "
+                  f"crop {report['crop_size']}, target crop {report['target_crop_size']}"),
+        ("arguments / device", _gib(mem["arguments"])),
+        ("temporaries / device", _gib(mem["temporaries"])),
+        ("outputs / device", f"{_gib(mem['outputs'])} ({_gib(mem['aliased'])} in donated buffers)"),
+        ("total / device", f"{_gib(mem['total'])} of {_gib(mem['device'])}: "
+                           + ("fits" if mem["fits"] else "does NOT fit")),
+        ("FLOPs / device", "n/a" if cost is None else f"{cost['flops'] / 1e9:.1f} GFLOP"),
+        ("bytes accessed / device", "n/a" if cost is None else _gib(cost["bytes"])),
+        ("roofline bound", "n/a" if roof is None else
+            f"{roof['bound_s'] * 1e3:.1f} ms (compute {roof['compute_s'] * 1e3:.1f} ms, "
+            f"memory {roof['memory_s'] * 1e3:.1f} ms)"),
+        ("collectives", f"{hlo['collective_count']} ({_gib(hlo['collective_bytes'])}): "
+            + (", ".join(f"{k} {v['count']}" for k, v in hlo["collectives"].items()) or "none")),
+        ("transposes / copies", f"{hlo['transposes']} / {hlo['copies']}"),
+        ("lower / compile", f"{report['lower_s']} s / {report['compile_s']} s"),
+    ]  # fmt: skip
+    lines = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def numpy_free(report: Any) -> Any:
+    """``report`` with numpy scalars as Python numbers (for json.dump)."""
+    if isinstance(report, dict):
+        return {k: numpy_free(v) for k, v in report.items()}
+    if isinstance(report, list | tuple):
+        return [numpy_free(v) for v in report]
+    if isinstance(report, np.generic):
+        return report.item()
+    return report

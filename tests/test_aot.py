@@ -1,0 +1,142 @@
+"""The compile-only check (ddb_jax.runtime.aot): a tiny self-training stage's real train step,
+compiled for a TPU v5e-8 slice on this CPU, and what its memory and program must be.
+
+The arguments of the step, per device, are the replicated train state (parameters, BN
+statistics, AdamW state, the EMA teacher, step and key) and this device's slice of the
+batch; the state is donated, so the outputs are the state in the same buffers plus the
+metrics; the gradients and BN statistics are all-reduced over the 'data' axis.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from ddb_jax.runtime import aot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu (the TPU compiler, in the test extra) is not installed",
+)
+
+
+def tiny_config():
+    """configs/demo.py's r1_cu (ResNet-18 DLV2 self-training), narrower and on 32x32 crops."""
+    from configs import demo
+
+    config = demo.get_config("r1_cu")
+    config.model.base_channels = 8
+    config.model.head_channels = 8
+    config.model.conv_impl = "lax"  # the accelerators' convolution
+    config.data.crop_size = (32, 32)
+    config.batch_size = 8  # one pair per device of v5e-8
+    config.mesh_devices = 0
+    config.image_summary_every = 0
+    return config
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    config = tiny_config()
+    target = aot.get_target("v5e-8")
+    program = aot.stage_program(config, aot.target_devices(target))
+    report = aot.compile_stage(config, "v5e-8")
+    return config, program, report
+
+
+@needs_libtpu
+def test_arguments_are_the_state_and_a_batch_slice(compiled):
+    config, program, report = compiled
+    state, batch = program.state, program.batch
+    assert program.frozen is None  # r1_cu reads no frozen inputs
+    # The state holds the student, its AdamW moments and the EMA teacher, whole on every device.
+    params = aot.tree_bytes(state.params)
+    assert aot.tree_bytes(state.ema_params) == params
+    assert aot.tree_bytes(state.ema_batch_stats) == aot.tree_bytes(state.batch_stats)
+    assert aot.tree_bytes(state.opt_state) >= 2 * params  # mu and nu
+    state_bytes = (
+        2 * params + 2 * aot.tree_bytes(state.batch_stats) + aot.tree_bytes(state.opt_state)
+        + aot.tree_bytes((state.step, state.key, state.others))
+    )  # fmt: skip
+    predicted = report["predicted"]
+    assert predicted["state_bytes"] == state_bytes
+    # One image pair (and one label map) per device: the batch split over 8 devices.
+    h, w = config.data.crop_size
+    assert predicted["batch_bytes_per_device"] == 3 * h * w * 4 * 2 + h * w * 4
+    assert aot.tree_bytes(batch) // 8 == predicted["batch_bytes_per_device"]
+    # The compiler's argument bytes are exactly those arrays, in its tiled layouts.
+    memory, layouts = report["memory"], predicted["in_layouts"]
+    assert memory["arguments"] == layouts["state"] + layouts["batch"]
+    assert layouts["frozen"] == 0
+    assert layouts["state"] >= state_bytes
+    assert layouts["batch"] >= predicted["batch_bytes_per_device"]
+
+
+@needs_libtpu
+def test_outputs_are_the_donated_state_and_metrics(compiled):
+    _, _, report = compiled
+    memory, layouts = report["memory"], report["predicted"]["in_layouts"]
+    assert memory["aliased"] == layouts["state"]  # the new state in the donated buffers
+    metrics = memory["outputs"] - memory["aliased"]
+    assert 0 < metrics <= 64 * 512  # a few scalars, one tile each
+    assert memory["total"] >= memory["arguments"] + memory["temporaries"]
+    assert memory["fits"] and memory["device"] == 16 * aot.GIB
+
+
+@needs_libtpu
+def test_gradients_and_bn_statistics_are_all_reduced(compiled):
+    _, program, report = compiled
+    hlo = report["hlo"]
+    assert hlo["collectives"]["all-reduce"]["count"] > 0
+    # Every gradient crosses the 'data' axis once (more with the BN statistics).
+    assert hlo["collective_bytes"] >= aot.tree_bytes(program.state.params)
+    assert report["cost"]["flops"] > 0 and report["cost"]["bytes"] > 0
+    assert report["roofline"]["bound_s"] > 0
+    assert "| total / device |" in aot.markdown(report)
+
+
+def test_hlo_counts():
+    text = """
+  %all-reduce-start.1 = (f32[16]{0}, f32[3,3]{1,0}) all-reduce-start(f32[16]{0} %a, %b)
+  %all-reduce-done.1 = (f32[16]{0}, f32[3,3]{1,0}) all-reduce-done(%all-reduce-start.1)
+  %ar = bf16[8]{0} all-reduce(bf16[8]{0} %c), replica_groups={}
+  %t = f32[3,16]{1,0} transpose(f32[16,3]{1,0} %d), dimensions={1,0}
+  %c.1 = f32[16]{0} copy(f32[16]{0} %a)
+"""
+    counts = aot.hlo_counts(text)
+    assert counts["collectives"] == {"all-reduce": {"count": 2, "bytes": 16 * 4 + 9 * 4 + 8 * 2}}
+    assert (counts["transposes"], counts["copies"]) == (1, 1)
+
+
+def test_unknown_target_is_one_line():
+    with pytest.raises(aot.AotError, match="unknown target 'v9-8'; known: .*v5e-8"):
+        aot.get_target("v9-8")
+    run = subprocess.run(
+        [sys.executable, "tools/aot_check.py", "--config=configs/demo.py:r1_cu", "--target=v9"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith("error: unknown target 'v9'")
+
+
+def test_missing_compiler_is_one_line(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(aot.AotError, match="needs the TPU compiler: pip install 'libtpu"):
+        aot.target_devices(aot.get_target("v5e-8"))
+
+
+def test_padded_bytes():
+    sds = jax.ShapeDtypeStruct((3, 3, 16, 16), "float32")
+
+    class Layout:
+        major_to_minor = (0, 1, 2, 3)
+        tiling = ((8, 128),)
+
+    assert aot.padded_bytes(sds, Layout) == 3 * 3 * 16 * 128 * 4
+    assert aot.padded_bytes(sds, None) == 3 * 3 * 16 * 16 * 4

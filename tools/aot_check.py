@@ -1,0 +1,83 @@
+"""Compiles a stage's train step for a named target, from any machine: memory per device.
+
+  python tools/aot_check.py --config=configs/gta2cs.py:r1_cu --target=v5e-8
+  python tools/aot_check.py --config=configs/gta2cs.py:r1_cu --target=v5e-8 \
+      --config.model.dtype=bfloat16 --config.batch_size=8 --out report.json
+
+The step is the training loop's (:mod:`ddb_jax.runtime.aot`): the stage's method, optimisers,
+mesh over the target's devices, shardings and donated state, lowered from abstract arrays
+and compiled by the target's compiler; nothing of full size is allocated and no accelerator
+is needed (TPU targets need libtpu, which the test extra installs). Prints a markdown table
+(memory per device against the device's, FLOPs, bytes, roofline bound, collectives,
+transposes and copies, compile time); ``--out`` writes the report as JSON. Any config key
+can be overridden (``--config.batch_size=8``). Targets: ``--target=list`` prints them.
+An unknown target, a missing compiler or a config mistake is one ``error:`` line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the compilers need no device (set before jax)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from ddb_jax import config_checks, errors  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "A config file under configs/ (FILE or FILE:ARG).")
+flags.DEFINE_string("target", "v5e-8", "A target of ddb_jax.runtime.aot.TARGETS, or 'list'.")
+flags.DEFINE_string("out", None, "Write the report as JSON here.")
+flags.DEFINE_bool("traceback", False, "On an error, print the traceback, not just one line.")
+
+
+def main(argv: list[str]) -> None:
+    from ddb_jax.runtime import aot
+
+    if len(argv) > 1:
+        raise aot.AotError(f"unexpected arguments: {argv[1:]} (flags are --name=value)")
+    if FLAGS.target == "list":
+        for name in aot.target_names():
+            t = aot.TARGETS[name]
+            memory = t.memory_bytes / aot.GIB
+            print(f"{name}: {t.topology}, {t.devices} x {t.device}, {memory:g} GiB each")
+        return
+    aot.get_target(FLAGS.target)  # an unknown target fails before the config is read
+    if FLAGS.config is None:
+        raise aot.AotError("--config is required (e.g. --config=configs/gta2cs.py:r1_cu)")
+    config = FLAGS.config
+    config_checks.check_config(config)
+    report = aot.numpy_free(aot.compile_stage(config, FLAGS.target))
+    print(aot.markdown(report))
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {FLAGS.out}")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    try:
+        args = FLAGS(argv)
+        if FLAGS.config is not None:
+            FLAGS.config.stage  # noqa: B018  (a config file that failed to load fails here)
+        return args
+    except Exception as err:
+        if "--traceback" in argv:
+            raise
+        print(f"error: {errors.one_line(err)} (see --helpfull)", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_main(argv: list[str]) -> None:
+    try:
+        main(argv)
+    except Exception as err:  # known errors: one line; bugs: the traceback
+        sys.exit(errors.report(err, traceback=FLAGS.traceback))
+
+
+if __name__ == "__main__":
+    app.run(run_main, flags_parser=parse_flags)
