@@ -60,6 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
             # each domain's size, 720x1280 and 512x1024); () = crop_size.
             target_crop_size=(),
             flip_prob=0.5,  # random horizontal flip (ADVENT's loaders: 0)
+            # One target stream per target dataset, batch keys 'target_image_<name>' (a method
+            # that adapts to each target apart, e.g. MTAF), instead of one over their union.
+            per_target_streams=False,
             # mmcv's keep-ratio resize to the dataset's (long, short) scale; False: exactly to
             # (width, height) = that scale (ADVENT's loaders: GTA 1280x720, Cityscapes 1024x512).
             keep_ratio=True,

@@ -190,6 +190,32 @@ def _finish(ds: tf.data.Dataset, per_host_batch: int) -> tf.data.Dataset:
     return transforms.finish(ds.batch(per_host_batch, drop_remainder=True))
 
 
+def target_stream_keys(data_cfg) -> tuple[str, ...]:
+    """The batch keys of the target images: 'target_image' (one stream over the concatenated
+    targets, DDB's multi-target setting), or with ``data.per_target_streams`` one
+    'target_image_<name>' per target (MTAF's per-target batches)."""
+    if data_cfg.get("per_target_streams", False):
+        return tuple(f"target_image_{name}" for name in data_cfg.target)
+    return ("target_image",)
+
+
+def _target_streams(data_cfg, target_files, seed: int) -> dict:
+    """Batch key -> element function of each target stream (:func:`target_stream_keys`).
+    The concatenated stream draws from seed (seed, 0), as it always has; per-target stream i
+    from (seed, i + 1), so each target's draws are its own."""
+    keys = target_stream_keys(data_cfg)
+    if keys == ("target_image",):
+        table = _concat(target_files, False)
+        base = tf.constant([seed, 0], tf.int64)
+        return {"target_image": _target_fn(data_cfg, table, base, order="uniform")}
+    return {
+        key: _target_fn(
+            data_cfg, _concat([files], False), tf.constant([seed, i + 1], tf.int64), "uniform"
+        )
+        for i, (key, files) in enumerate(zip(keys, target_files, strict=True))
+    }
+
+
 def make_train_dataset(
     data_cfg,
     per_host_batch: int,
@@ -199,7 +225,8 @@ def make_train_dataset(
     start_batch: int = 0,
 ) -> tf.data.Dataset:
     """Endless batches {'source_image' (B,H,W,3) f32, 'source_label' (B,H,W) i32,
-    'target_image' (B,H,W,3) f32} of this host's slice of the global stream.
+    'target_image' (B,H,W,3) f32} of this host's slice of the global stream; with
+    ``data.per_target_streams`` 'target_image_<name>' per target instead of 'target_image'.
 
     ``start_batch`` is the index of the first *global* batch (the training step a resumed
     run continues from): the stream starts at element ``start_batch * per_host_batch *
@@ -208,15 +235,15 @@ def make_train_dataset(
     source_files = _list(data_cfg, data_cfg.source, True)
     target_files = _list(data_cfg, data_cfg.target, False)
     source_table = _concat(source_files, True)
-    target_table = _concat(target_files, False)
     sampler = _RareClassSampler(data_cfg, source_files) if data_cfg.rare_class_sampling else None
     base = tf.constant([seed, 0], tf.int64)
     source_fn = _source_fn(data_cfg, source_table, sampler, base)
-    target_fn = _target_fn(data_cfg, target_table, base, order="uniform")
+    target_fns = _target_streams(data_cfg, target_files, seed)
 
     def element(k):
         image, label = source_fn(k)
-        return {"source_image": image, "source_label": label, "target_image": target_fn(k)}
+        targets = {key: target_fn(k) for key, target_fn in target_fns.items()}
+        return {"source_image": image, "source_label": label, **targets}
 
     if start_batch < 0:
         raise ValueError(f"make_train_dataset: start_batch={start_batch} must be >= 0")

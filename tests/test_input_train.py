@@ -89,6 +89,30 @@ def test_multi_source_is_the_concatenation(root, tmp_path):
     assert sorted(identities(batch["source_image"])) == [0, 1, 2, 10, 11]
 
 
+def test_per_target_streams_keep_each_target_apart(root, tmp_path):
+    """One stream per target (batch keys 'target_image_<name>'), each from its own files;
+    the default keeps DDB's one stream over the union."""
+    write_identity_gta(str(tmp_path), n=3, name="gta")
+    write_identity_gta(str(tmp_path), n=2, name="synthia_like", offset=10)
+    syn = tmp_path / "synscapes"
+    for i, f in enumerate(sorted(os.listdir(tmp_path / "synthia_like" / "images"))):
+        os.renames(tmp_path / "synthia_like" / "images" / f, syn / "img" / "rgb" / f"{i}.png")
+    cfg = data_config(tmp_path, target=("gta", "synscapes"), cat_max_ratio=1.0)
+    cfg.source = ("gta",)
+    union = _first(train.make_train_dataset(cfg, 6, seed=0), 4)
+    assert set(union[0]) == {"source_image", "source_label", "target_image"}
+    seen = {i for b in union for i in identities(b["target_image"])}
+    assert seen & {0, 1, 2} and seen & {10, 11}  # drawn from both targets' files
+    cfg.per_target_streams = True
+    assert train.target_stream_keys(cfg) == ("target_image_gta", "target_image_synscapes")
+    apart = _first(train.make_train_dataset(cfg, 6, seed=0), 4)
+    assert set(apart[0]) == {"source_image", "source_label", *train.target_stream_keys(cfg)}
+    assert {i for b in apart for i in identities(b["target_image_gta"])} <= {0, 1, 2}
+    assert {i for b in apart for i in identities(b["target_image_synscapes"])} == {10, 11}
+    for a, b in zip(union, apart, strict=True):  # the source stream does not move
+        np.testing.assert_array_equal(a["source_image"], b["source_image"])
+
+
 def _write_rcs_stats(d, counts_per_file):
     stats = [(f"labels/{f}_labelTrainIds.png", c) for f, c in counts_per_file.items()]
     rcs.write_class_stats(d, stats)
@@ -240,3 +264,15 @@ def test_every_stream_runs_without_the_autotuner_in_file_order(root):
     for ds in streams:
         assert ds.options().autotune.enabled is False
         assert ds.options().deterministic is True
+
+
+@pytest.mark.parametrize("stage", ["self_training", "ckd", "advent", "minent"])
+def test_methods_of_one_target_stream_refuse_per_target_streams(stage):
+    from configs import default
+    from ddb_jax import methods
+
+    config = default.get_config()
+    config.stage = stage
+    config.data.per_target_streams = True
+    with pytest.raises(methods.MethodConfigError, match="config.data.per_target_streams=True"):
+        methods.check_config(config)

@@ -206,6 +206,7 @@ class Advent:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
+    base.check_one_target_stream(config)
     if config.model.head != "advent_aspp":
         raise registry.MethodConfigError(
             f"config.stage={config.stage!r} trains ADVENT's DeepLabV2 (config.model.head="

@@ -277,3 +277,15 @@ class OneTree:
 
     def update(self, txs: Optimizers, state: TrainState, batch: Batch, frozen: Any = None):
         return single_tree_update(self, txs, state, batch, frozen)
+
+
+def check_one_target_stream(config) -> None:
+    """A method reading ``batch['target_image']`` (one stream over the union of the targets)
+    refuses ``data.per_target_streams``, which names the streams per target instead."""
+    from ddb_jax.methods.registry import MethodConfigError
+
+    if config.data.get("per_target_streams", False):
+        raise MethodConfigError(
+            f"config.data.per_target_streams=True: config.stage={config.stage!r} trains on one "
+            "target stream over all targets; set it to False"
+        )

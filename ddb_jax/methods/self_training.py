@@ -76,7 +76,8 @@ def enabled_terms(config: ml_collections.ConfigDict) -> dict[str, OptionalTerm]:
 
 
 def check_bridging(config: ml_collections.ConfigDict) -> None:
-    """The bridging mask exists (self-training and CKD)."""
+    """The bridging mask exists and the target is one stream (self-training and CKD)."""
+    base.check_one_target_stream(config)
     if config.st.mask not in bridging.MASK_MODES:
         raise registry.MethodConfigError(
             f"config.st.mask={config.st.mask!r}; use one of {list(bridging.MASK_MODES)}"
