@@ -13,19 +13,29 @@ where it is read, still before ``config.json``.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import numbers
 import os
 import socket
-from collections.abc import Callable, Collection
 from typing import Any
 
 import jax
 import ml_collections
 
 import ddb_jax.graph  # noqa: F401  (its modules register the pipelines of GRAPHS)
-from ddb_jax import errors, labels, models, paths
+from ddb_jax import errors, labels, methods, models, paths
+from ddb_jax.config_rules import (
+    BELOW_ONE,
+    NON_NEGATIVE,
+    PAIR,
+    POSITIVE,
+    RATIO,
+    Rule,
+    each_of,
+    integer,
+    ints,
+    is_real,
+    one_of,
+    real,
+)  # fmt: skip
 from ddb_jax.evaluation.evaluate import EVAL_MODES
 from ddb_jax.graph import stage_graph
 from ddb_jax.methods import optim, teachers
@@ -42,80 +52,6 @@ class WorkdirError(errors.UsageError, ValueError):
     """``--workdir`` cannot be created, is not a directory, or cannot be written."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """What a key accepts: ``test(value)``; ``allowed`` completes "must be ..."; ``invalid``
-    is a value of the key's type that fails (the tests walk every key with it)."""
-
-    test: Callable[[Any], bool]
-    allowed: str
-    invalid: Any
-
-
-def _int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def integer(minimum: int = 1, meaning: str = "", also: tuple[int, ...] = ()) -> Rule:
-    """An integer >= ``minimum`` (or one of ``also``); ``meaning`` explains a special value."""
-    allowed = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-    allowed += "".join(f" or {a}" for a in also) + (f" ({meaning})" if meaning else "")
-    return Rule(lambda v: _int(v) and (v >= minimum or v in also), allowed, minimum - 1)
-
-
-def real(
-    low: float, high: float | None = None, low_open: bool = False, high_open: bool = False
-) -> Rule:
-    """A finite number in [low, high] (an end open where said; no ``high``: unbounded)."""
-
-    def test(v: Any) -> bool:
-        above = _real(v) and (v > low if low_open else v >= low)
-        return above and (high is None or (v < high if high_open else v <= high))
-
-    if high is None:
-        return Rule(test, f"a number {'>' if low_open else '>='} {low:g}", low - 1.0)
-    ends = "(["[not low_open], ")]"[not high_open]
-    return Rule(test, f"a number in {ends[0]}{low:g}, {high:g}{ends[1]}", high + 0.5)
-
-
-def ints(length: int | None = None, minimum: int = 1, empty: bool = False) -> Rule:
-    """A tuple of ``length`` integers >= ``minimum`` (``empty``: or ())."""
-
-    def test(v: Any) -> bool:
-        if isinstance(v, tuple | list) and not v:
-            return empty
-        return (
-            isinstance(v, tuple | list)
-            and (length is None or len(v) == length)
-            and all(_int(x) and x >= minimum for x in v)
-        )
-
-    count = {None: "", 2: "a pair of ", 4: "four "}[length]
-    kind = "positive integers" if minimum == 1 else f"integers >= {minimum}"
-    allowed = f"{count or 'a tuple of '}{kind}" + (" or ()" if empty else "")
-    return Rule(test, allowed, (minimum - 1,) * (length or 1))
-
-
-def one_of(values: Collection) -> Rule:
-    """One of ``values``."""
-    return Rule(lambda v: v in values, f"one of {list(values)}", "nope")
-
-
-def each_of(values: Collection, empty: bool = True) -> Rule:
-    """A tuple of names from ``values`` (``empty=False``: at least one)."""
-
-    def test(v: Any) -> bool:
-        return isinstance(v, tuple | list) and (empty or bool(v)) and all(x in values for x in v)
-
-    return Rule(
-        test, f"a tuple of {'' if empty else 'one or more '}names from {list(values)}", ("nope",)
-    )
-
-
 def scales(v: Any) -> bool:
     """data.resize_scales: dataset name -> None or a (long, short) pair of positive ints."""
     pair = ints(2).test
@@ -124,17 +60,6 @@ def scales(v: Any) -> bool:
     )
 
 
-POSITIVE, NON_NEGATIVE, RATIO = integer(1), real(0.0), real(0.0, 1.0)
-PAIR, BELOW_ONE = ints(2), real(0.0, 1.0, high_open=True)
-# An optimiser section: config.optim (the segmentor's) and a method's own (advent.optim_d).
-OPTIM = {
-    "kind": one_of(optim.OPTIMIZERS), "listed_times": one_of(optim.LISTINGS),
-    "lr": real(0.0, low_open=True), "b1": BELOW_ONE, "b2": BELOW_ONE, "momentum": BELOW_ONE,
-    "weight_decay": NON_NEGATIVE, "head_lr_mult": NON_NEGATIVE, "poly_power": NON_NEGATIVE,
-    "min_lr": NON_NEGATIVE, "warmup_ratio": RATIO,
-    "warmup_iters": integer(0, "0 = no warmup"),
-    "max_iters": integer(0, "0 = config.num_steps"),
-}  # fmt: skip
 RULES: dict[str, Rule] = {
     "seed": integer(0), "batch_size": POSITIVE, "num_steps": POSITIVE,
     "mesh_devices": integer(0, "0 = all devices"),
@@ -158,7 +83,7 @@ RULES: dict[str, Rule] = {
     "data.resize_scales": Rule(scales, f"{{dataset: None or (long, short)}}, datasets of "
                                        f"{list(DATASETS)}", {"nope": None}),
     "data.num_parallel_calls": integer(1, "tf.data.AUTOTUNE", also=(-1,)),
-    **{f"optim.{key}": rule for key, rule in OPTIM.items()},
+    **{f"optim.{key}": rule for key, rule in optim.OPTIM_RULES.items()},
     "st.mask": one_of(MASK_MODES), "st.cut_area_ratio": RATIO, "st.ema_alpha": BELOW_ONE,
     "st.pseudo_threshold": RATIO, "st.pseudo_weight_ignore_top": integer(0),
     "st.pseudo_weight_ignore_bottom": integer(0), "st.color_jitter_p": RATIO,
@@ -173,13 +98,9 @@ RULES: dict[str, Rule] = {
     "eval.mode": one_of(EVAL_MODES), "eval.crop_size": PAIR, "eval.stride": PAIR,
     "eval.batch_size": POSITIVE, "eval.miou_protocols": each_of(labels.MIOU_PROTOCOLS),
     "eval.ensemble_weights": Rule(lambda v: isinstance(v, tuple | list) and len(v) == 2
-                                  and all(map(_real, v)), "a pair of numbers", (1.0,)),
-    # ADVENT's section (ddb_jax/methods/advent.py)
-    **{f"advent.{k}": NON_NEGATIVE for k in ("lambda_seg_aux", "lambda_adv_main",
-                                             "lambda_adv_aux", "lambda_ent_main",
-                                             "lambda_ent_aux")},
-    "advent.disc_channels": POSITIVE,
-    **{f"advent.optim_d.{key}": rule for key, rule in OPTIM.items() if key != "listed_times"},
+                                  and all(map(is_real, v)), "a pair of numbers", (1.0,)),
+    # Each training method's own section, with the rules it declares (methods/registry.py).
+    **methods.registry.section_rules(),
 }  # fmt: skip
 # The other keys (booleans aside): strings checked where they are used, the stage and
 # backbone by the dispatcher and the model builder (one line, exit 2, before anything

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ddb_jax import models
+from ddb_jax import config_rules, models
 from ddb_jax.methods import base, optim, previews, registry
 from ddb_jax.methods.state import MODEL, Optimizers, TrainState, apply_updates
 from ddb_jax.models.discriminator import FCDiscriminator
@@ -241,11 +241,24 @@ def create(config: ml_collections.ConfigDict, student_apply: Callable, build_mod
     )
 
 
+def section_rules() -> dict:
+    """What each value of ``config.advent`` may be (ddb_jax.config_checks)."""
+    lambdas = ("lambda_seg_aux", "lambda_adv_main", "lambda_adv_aux", "lambda_ent_main",
+               "lambda_ent_aux")  # fmt: skip
+    optimiser = {k: rule for k, rule in optim.OPTIM_RULES.items() if k != "listed_times"}
+    return {
+        **{key: config_rules.NON_NEGATIVE for key in lambdas},
+        "disc_channels": config_rules.POSITIVE,
+        **{f"optim_d.{key}": rule for key, rule in optimiser.items()},
+    }
+
+
 registry.register(
     registry.MethodSpec(
         kinds=("advent", "minent"),
         create=create,
         check=check_config,
         config_section=("advent", default_config),
+        section_rules=section_rules,
     )
 )

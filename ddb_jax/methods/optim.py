@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from ddb_jax.config_rules import BELOW_ONE, NON_NEGATIVE, RATIO, integer, one_of, real
+
 
 def mmcv_poly_warmup_schedule(
     base_lr: float,
@@ -179,6 +181,17 @@ def listing(name: str):
 
         return listed_times
     raise ValueError(f"optim.listed_times={name!r}; known: {list(LISTINGS)}")
+
+
+# The rules of an optimiser section's values (config.optim, a method's own: advent.optim_d).
+OPTIM_RULES = {
+    "kind": one_of(OPTIMIZERS), "listed_times": one_of(LISTINGS),
+    "lr": real(0.0, low_open=True), "b1": BELOW_ONE, "b2": BELOW_ONE, "momentum": BELOW_ONE,
+    "weight_decay": NON_NEGATIVE, "head_lr_mult": NON_NEGATIVE, "poly_power": NON_NEGATIVE,
+    "min_lr": NON_NEGATIVE, "warmup_ratio": RATIO,
+    "warmup_iters": integer(0, "0 = no warmup"),
+    "max_iters": integer(0, "0 = config.num_steps"),
+}  # fmt: skip
 
 
 def base_transform(optim_cfg: ml_collections.ConfigDict, schedule, weight_decay: float):

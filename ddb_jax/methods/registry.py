@@ -33,6 +33,8 @@ class MethodSpec:
     load_frozen: Callable[[ml_collections.ConfigDict], Any] = _nothing  # host arrays or None
     # (config section name, () -> its defaults) for a method with settings of its own.
     config_section: tuple[str, Callable[[], ml_collections.ConfigDict]] | None = None
+    # () -> {key within the section: ddb_jax.config_rules.Rule}: what each of them may be.
+    section_rules: Callable[[], dict[str, Any]] | None = None
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -76,3 +78,13 @@ def config_sections() -> dict[str, Callable[[], ml_collections.ConfigDict]]:
             name, defaults = spec.config_section
             sections[name] = defaults
     return sections
+
+
+def section_rules() -> dict[str, Any]:
+    """``{'<section>.<key>': rule}`` of every method's own section (config checks)."""
+    rules = {}
+    for spec in dict.fromkeys(_METHODS.values()):
+        if spec.config_section is not None and spec.section_rules is not None:
+            name = spec.config_section[0]
+            rules.update({f"{name}.{key}": rule for key, rule in spec.section_rules().items()})
+    return rules
