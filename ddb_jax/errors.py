@@ -12,6 +12,7 @@ the project.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 
 class UsageError(Exception):
@@ -49,3 +50,31 @@ def report(err: BaseException, traceback: bool = False) -> int:
         raise err
     print(f"error: {one_line(err)}", file=sys.stderr)
     return status
+
+
+def command_line(flag_values, main: Callable[[list[str]], None], describe=one_line):
+    """``(flags_parser, run)`` for absl's ``app.run`` of a command whose flags include
+    ``--traceback`` (and maybe ``--config``): a flag or config mistake (a misspelt key, a
+    value of the wrong type, a config file that fails) is one ``error:`` line, exit status
+    2; an error of the run is :func:`report`'s one line; ``--traceback`` shows tracebacks."""
+
+    def flags_parser(argv: list[str]) -> list[str]:
+        try:
+            args = flag_values(argv)
+            config = flag_values["config"].value if "config" in flag_values else None
+            if config is not None:
+                config.stage  # noqa: B018  (a config file that failed to load fails here)
+            return args
+        except Exception as err:
+            if "--traceback" in argv:
+                raise
+            print(f"error: {describe(err)} (see --helpfull)", file=sys.stderr)
+            sys.exit(2)
+
+    def run(argv: list[str]) -> None:
+        try:
+            main(argv)
+        except Exception as err:  # known errors: one line; bugs: the traceback
+            sys.exit(report(err, traceback=flag_values.traceback))
+
+    return flags_parser, run

@@ -11,7 +11,6 @@ with ``--traceback``): :mod:`ddb_jax.errors`.
 from __future__ import annotations
 
 import re
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -87,26 +86,8 @@ def _flag_message(err: BaseException) -> str:
     return errors.one_line(err)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with a flag or config mistake (a misspelt key, a value of the wrong
-    type, a config file that fails or does not exist) reported as one ``error:`` line, exit
-    status 2 (``--traceback``: the traceback)."""
-    try:
-        args = FLAGS(argv)
-        FLAGS.config.stage  # noqa: B018  (a config file that failed to load fails here)
-        return args
-    except Exception as err:
-        if "--traceback" in argv:
-            raise
-        print(f"error: {_flag_message(err)} (see --helpfull)", file=sys.stderr)
-        sys.exit(2)
-
-
-def run_main(argv: list[str]) -> None:
-    try:
-        main(argv)
-    except Exception as err:  # known errors: one line; bugs: the traceback
-        sys.exit(errors.report(err, traceback=FLAGS.traceback))
+# absl's parsing and the run, each error in one line (errors.command_line).
+parse_flags, run_main = errors.command_line(FLAGS, main, _flag_message)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the compilers need no device (set before jax)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -59,24 +58,7 @@ def main(argv: list[str]) -> None:
         print(f"wrote {FLAGS.out}")
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    try:
-        args = FLAGS(argv)
-        if FLAGS.config is not None:
-            FLAGS.config.stage  # noqa: B018  (a config file that failed to load fails here)
-        return args
-    except Exception as err:
-        if "--traceback" in argv:
-            raise
-        print(f"error: {errors.one_line(err)} (see --helpfull)", file=sys.stderr)
-        sys.exit(2)
-
-
-def run_main(argv: list[str]) -> None:
-    try:
-        main(argv)
-    except Exception as err:  # known errors: one line; bugs: the traceback
-        sys.exit(errors.report(err, traceback=FLAGS.traceback))
+parse_flags, run_main = errors.command_line(FLAGS, main)
 
 
 if __name__ == "__main__":
