@@ -89,6 +89,26 @@ def test_a_wait_in_time_or_on_local_disk_is_not_cut_short():
     assert (status, lines) == (0, [])
 
 
+def test_a_stream_whose_next_item_does_not_come_ends_in_one_line():
+    """Evaluation and prototype batches: each read is bounded, not the whole stream."""
+    status, lines, took = bounded_wait(
+        "def reads():\n"
+        "    for i in range(3):\n"
+        "        time.sleep(0.6)  # three reads in time: 1.8 s in all, over the deadline\n"
+        "        yield i\n"
+        "    time.sleep(60)  # then the storage stops answering\n"
+        "    yield 3\n"
+        "for item in deadline.bounded(reads(), 'gs://b/data', 'reading val images'):\n"
+        "    print(item, flush=True)\n",
+        DDB_JAX_STORAGE_TIMEOUT_S="1",
+    )
+    assert status == 1 and took < 30, (status, lines)
+    assert lines == [
+        "error: storage gs://b/data did not answer within 1 s (no answer while reading val "
+        "images); rerun to continue"
+    ], lines
+
+
 def test_the_native_backstop_ends_a_process_whose_watchdog_cannot_run():
     status, lines, took = bounded_wait(
         "deadline.GRACE_S = 1\n"

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from ddb_jax import checkpoints, errors, labels, models, paths
 from ddb_jax.evaluation import evaluate
 from ddb_jax.inference import label_images
-from ddb_jax.runtime import hosts
+from ddb_jax.runtime import deadline, hosts
 
 RESULT_JSON = "result.json"  # as a training stage's (ddb_jax.train.workdir)
 
@@ -144,7 +144,11 @@ def evaluate_targets(
         result = evaluate.evaluate(
             apply_fn,
             variables,
-            dataset.as_numpy_iterator(),
+            deadline.bounded(
+                dataset.as_numpy_iterator(),
+                str(config.data.root),
+                f"reading {name}'s {config.eval.split} images",
+            ),  # fmt: skip
             config.model.num_classes,
             mode=config.eval.mode,
             crop=config.eval.crop_size,
@@ -199,16 +203,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     summary = summarize(results)
     if not stage_hosts.is_primary:  # every process has the same results; one writes them
         return summary
-    paths.makedirs(workdir)
-    for name, result in results.items():
-        table = evaluate.format_iou_table(result, title=f"{name} ({config.checkpoint})")
-        print(table)
-        paths.write_text(paths.join(workdir, f"eval_{name}.md"), table + "\n")
-    paths.write_json(paths.join(workdir, "eval_results.json"), summary)
     # The same scalars as a training stage's result.json: the pipeline's summary row.
     scalars = {name: r["miou"] for name, r in results.items()}
     scalars["miou"] = sum(scalars.values()) / len(scalars)
     scalars.update(evaluate.protocol_scalars(results))
-    paths.write_json(paths.join(workdir, RESULT_JSON), {"step": None, **scalars})
+    with deadline.storage(workdir, "writing the evaluation's results"):
+        paths.makedirs(workdir)
+        for name, result in results.items():
+            table = evaluate.format_iou_table(result, title=f"{name} ({config.checkpoint})")
+            print(table)
+            paths.write_text(paths.join(workdir, f"eval_{name}.md"), table + "\n")
+        paths.write_json(paths.join(workdir, "eval_results.json"), summary)
+        paths.write_json(paths.join(workdir, RESULT_JSON), {"step": None, **scalars})
     logging.info("evaluation: %s", {k: v["miou"] for k, v in summary.items()})
     return summary

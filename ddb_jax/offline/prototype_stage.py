@@ -33,7 +33,7 @@ from tqdm import tqdm
 from ddb_jax import checkpoints, errors, labels, models, paths
 from ddb_jax.offline import prototype_io
 from ddb_jax.ops import resize_bilinear
-from ddb_jax.runtime import hosts
+from ddb_jax.runtime import deadline, hosts
 from ddb_jax.train import setup
 from ddb_jax.train import workdir as workdir_lib
 from ddb_jax.uda import prototypes
@@ -204,7 +204,9 @@ def compute_prototypes(
         config.checkpoint, num_images, passes, num_batches, config.prototypes.batch_size,
     )  # fmt: skip
     progress = tqdm(
-        dataset.as_numpy_iterator(),
+        deadline.bounded(
+            dataset.as_numpy_iterator(), str(config.data.root), "reading the target images"
+        ),
         total=num_batches,
         desc="prototypes",
         unit="batch",
@@ -271,5 +273,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> str:
     table, counts = compute_prototypes(config, devices)
     path = paths.join(workdir, prototype_io.PROTOTYPES_FILE)
     if hosts.Hosts.of(make_mesh(config, devices)).is_primary:
-        write_prototypes(path, table, counts, config.checkpoint, describe(config))
+        with deadline.storage(workdir, "writing the prototypes"):
+            write_prototypes(path, table, counts, config.checkpoint, describe(config))
     return path

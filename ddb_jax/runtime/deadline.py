@@ -41,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 from absl import logging
 
@@ -174,13 +174,22 @@ def last_error() -> str:
 
 
 def message(path: str, seconds: float, doing: str = "") -> str:
+    """The one line; it names the last complete checkpoint when this process trains (has a
+    checkpoint directory), and says nothing of checkpoints otherwise (evaluation,
+    prototypes)."""
     step = last_checkpoint(path)
+    with _lock:
+        trains = bool(_last_step or _probes)
     cause = _last_error or f"no answer while {doing}" if doing else _last_error
+    checkpoint = ""
+    if trains:
+        checkpoint = "; the last complete checkpoint is " + (
+            "none yet" if step is None else f"step {step}"
+        )
     return (
         f"error: storage {path} did not answer within {seconds:g} s"
         + (f" ({cause})" if cause else "")
-        + "; the last complete checkpoint is "
-        + ("none yet" if step is None else f"step {step}")
+        + checkpoint
         + "; rerun to continue"
     )
 
@@ -263,6 +272,20 @@ def storage(path: str, doing: str, seconds: float | None = None):
         with _lock:
             _active.pop(token, None)
             _rearm_native()
+
+
+def bounded(items: Iterable, path: str, doing: str) -> Iterator:
+    """``items`` (a stream read from ``path``: evaluation or prototype batches), each
+    ``next`` bounded as :func:`storage` bounds a block, however long the whole stream
+    takes."""
+    iterator = iter(items)
+    while True:
+        with storage(path, doing):
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+        yield item
 
 
 def is_command_line() -> bool:
