@@ -224,6 +224,26 @@ def test_frozen_and_classifier_parameters_are_the_references():
     assert repeats["layer3.0.downsample.0.weight"] == 4
     # Stem bn1, then bn1..3 and downsample.1 of each of the four blocks: weight and bias.
     assert all("bn" in k or "downsample.1" in k for k in frozen) and len(frozen) == 2 * 17
+    # The optimiser of configs/advent_gta2cs.py groups the parameters by name keys: the same
+    # groups, and ADVENT's listing counts for the 1x group.
+    from configs import advent_gta2cs, default
+    from ddb_jax.methods import optim
+    from ddb_jax.models.advent_deeplabv2 import listed_times
+
+    config = default.get_config()
+    advent_gta2cs.advent_model(config)
+    cfg = config.optim
+    labels = optim.param_groups(shapes["params"], (), cfg.head_keys, cfg.frozen_keys)
+    by_label = {"frozen": set(), "head": set(), "backbone": set()}
+    for path, label in jax.tree_util.tree_leaves_with_path(labels):
+        by_label[label].add(convert.torch_name(("params", *path_to_str(path).split("/"))).key)
+    assert by_label == {"frozen": frozen, "head": classifier, "backbone": backbone}
+    listing = optim.listing(cfg.listed_times)
+    assert listing is listed_times
+    for path, _ in jax.tree_util.tree_leaves_with_path(shapes["params"]):
+        key = convert.torch_name(("params", *path_to_str(path).split("/"))).key
+        if key in backbone:
+            assert listing(path) == repeats[key], key
 
 
 def test_random_init_is_the_references():

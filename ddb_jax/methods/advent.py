@@ -89,7 +89,7 @@ class Advent:
     segmentor_optim: ml_collections.ConfigDict  # config.optim (its frozen keys)
 
     name: ClassVar[str] = "advent"
-    key_names: ClassVar[tuple[str, ...]] = ("discriminators",)
+    key_names: ClassVar[tuple[str, ...]] = ()  # ADVENT draws nothing at random in a step
     terms: ClassVar[tuple] = ()
     preview_tag: ClassVar[str] = "advent"
     preview_panels: ClassVar[tuple[str, ...]] = (
@@ -152,8 +152,15 @@ class Advent:
                     out[f"loss_ent_{level}"] = term
                     total = total + cfg[f"lambda_ent_{level}"] * term
                 else:
-                    maps = adversarial.self_information(target_probs)
-                    fooled = self.discriminate(disc_params[f"d_{level}"], maps)
+                    # Both domains' maps: this term's, and the discriminators' inputs below.
+                    maps = {
+                        "target": adversarial.self_information(target_probs),
+                        "source": adversarial.self_information(
+                            jax.nn.softmax(source[level], axis=-1)
+                        ),
+                    }
+                    out[f"maps_{level}"] = maps
+                    fooled = self.discriminate(disc_params[f"d_{level}"], maps["target"])
                     term = adversarial.bce_to_label(fooled, adversarial.SOURCE_LABEL)
                     out[f"loss_adv_{level}"] = term
                     total = total + cfg[f"lambda_adv_{level}"] * term
@@ -166,12 +173,7 @@ class Advent:
         if not self.minent:
 
             def discriminator_loss(params, level):
-                maps = {
-                    domain: jax.lax.stop_gradient(
-                        adversarial.self_information(jax.nn.softmax(out[domain][level], axis=-1))
-                    )
-                    for domain in ("source", "target")
-                }
+                maps = jax.lax.stop_gradient(out[f"maps_{level}"])  # D on detached maps
                 as_source = adversarial.bce_to_label(
                     self.discriminate(params, maps["source"]), adversarial.SOURCE_LABEL
                 )

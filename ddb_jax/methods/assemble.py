@@ -29,20 +29,16 @@ class Assembled:
     model: Any  # the segmentor (flax module)
     method: base.Method
     txs: dict[str, optax.GradientTransformation]  # tree name -> its optimiser
-    lr_schedule: optax.Schedule  # the segmentor's 1x learning rate (for logging)
     state: TrainState  # at step 0, on the host's default device
 
 
 def optimizers(
     config: ml_collections.ConfigDict, method: base.Method
-) -> tuple[dict[str, optax.GradientTransformation], optax.Schedule]:
+) -> dict[str, optax.GradientTransformation]:
     """``{tree: optimiser}``: ``config.optim`` for the segmentor, the method's own optimiser
-    config for each of its other trees; and the segmentor's 1x schedule."""
-    tx, schedule = optim.make_optimizer(config.optim, config.num_steps)
-    txs = {MODEL: tx}
-    for name, tree_optim in method.other_trees.items():
-        txs[name] = optim.make_optimizer(tree_optim, config.num_steps)[0]
-    return txs, schedule
+    config for each of its other trees."""
+    trees = {MODEL: config.optim, **method.other_trees}
+    return {name: optim.make_optimizer(cfg, config.num_steps)[0] for name, cfg in trees.items()}
 
 
 def initial_state(method: base.Method, txs: dict, variables: dict, key: jax.Array) -> TrainState:
@@ -63,9 +59,9 @@ def assemble(
 
     model = models.build_model(config.model)
     method = methods.create(config, model.apply)
-    txs, schedule = optimizers(config, method)
+    txs = optimizers(config, method)
     state = initial_state(method, txs, variables, key)
-    return Assembled(model, method, txs, schedule, state)
+    return Assembled(model, method, txs, state)
 
 
 def train_step(

@@ -106,10 +106,3 @@ def apply_updates(
         opt_state=opt_state,
         others=others,
     )
-
-
-def apply_gradients(
-    state: TrainState, grads: Any, batch_stats: Any, tx: optax.GradientTransformation
-) -> TrainState:
-    """One optimiser update of the segmentor alone (a one-tree method's step)."""
-    return apply_updates(state, {MODEL: grads}, batch_stats, tx)
