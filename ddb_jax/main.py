@@ -16,7 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ddb_jax import config_checks, errors, models
-from ddb_jax.runtime import distributed, platforms
+from ddb_jax.runtime import distributed, peers, platforms
 from ddb_jax.stages import resolve_stage
 
 FLAGS = flags.FLAGS
@@ -70,7 +70,11 @@ def main(argv: list[str]) -> None:
     logging.info("stage %s, workdir %s", config.stage, FLAGS.workdir)
     logging.info("%s", platforms.describe())
     platforms.check_backend(config.get("allow_cpu", False))
-    run(config, FLAGS.workdir)
+    try:
+        run(config, FLAGS.workdir)
+    except Exception as err:  # a peer of a multi-process job gone: one line, no hang
+        peers.end_if_lost(err, FLAGS.workdir, FLAGS.traceback)
+        raise
 
 
 def _flag_message(err: BaseException) -> str:

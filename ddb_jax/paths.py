@@ -105,6 +105,20 @@ def listdir(path: str) -> list[str]:
     return sorted(child.name for child in p.iterdir()) if p.exists() else []
 
 
+def find_files(folder: str) -> list[str]:
+    """Every file below ``folder`` (recursively), sorted: on a bucket one prefix listing
+    (epath refuses a recursive glob there)."""
+    if not is_remote(folder):
+        found = []
+        for base, dirs, files in os.walk(folder):
+            dirs.sort()
+            found += [os.path.join(base, f) for f in sorted(files)]
+        return found
+    fs, root = fsspec.core.url_to_fs(str(folder).rstrip("/"))
+    scheme = str(folder).split("://", 1)[0]
+    return sorted(f"{scheme}://{name}" for name in fs.find(root))
+
+
 def glob(pattern: str) -> list[str]:
     """Sorted matches of ``pattern`` (``*`` and ``?`` within a path component; no ``**``)."""
     if not is_remote(pattern):

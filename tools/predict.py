@@ -22,7 +22,8 @@ errors (a missing input, a bad flag, names --format cityscapes cannot hold, an O
 INPUT reaches: a folder holding it, a pattern matching it, whose next run would read the
 predictions as images) exit 2 before any work. An OUT that cannot be created and written
 and a gs:// bucket that does not exist are found before any work too, and exit 1. Every
-error is one line that names its path.
+error is one line that names its path. A bucket that stops answering ends the run within
+DDB_JAX_STORAGE_TIMEOUT_S seconds (default 180), in one line, exit 1.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import argparse
 import sys
 
 from ddb_jax import errors
+from ddb_jax.runtime import deadline
 
 
 def pair(text: str) -> tuple[int, int]:
@@ -138,7 +140,8 @@ def check_buckets(args: argparse.Namespace) -> None:
     for path, what in [(args.model, "model"), *((p, "input") for p in args.inputs)]:
         if paths.bucket_of(path) not in checked:
             checked.add(paths.bucket_of(path))
-            paths.check_bucket(path, what)
+            with deadline.storage(path, "checking the bucket"):
+                paths.check_bucket(path, what)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,15 +157,19 @@ def run(args: argparse.Namespace) -> int:
 
     check_buckets(args)
     scale = image_input.scale_of(args.scale)
-    files = image_files.list_images(args.inputs)
+    with deadline.storage(args.inputs[0], "listing the input images"):
+        files = image_files.list_images(args.inputs)
     layout = OutputLayout(args.out, args.format == "cityscapes", args.alpha)
     layout.check_names(files)
-    if not (paths.isdir(args.model) or paths.isfile(args.model)):
-        raise InputError(f"{args.model}: no such model directory or .pth file")
-    layout.check_location(args.inputs)
-    variables, model_cfg, description = load_model(
-        args.model, pth_model_config(args), args.which, args.allow_pickle, args.dtype
-    )
+    with deadline.storage(args.model, "looking for the model"):
+        if not (paths.isdir(args.model) or paths.isfile(args.model)):
+            raise InputError(f"{args.model}: no such model directory or .pth file")
+    with deadline.storage(args.out, "checking --out"):
+        layout.check_location(args.inputs)
+    with deadline.storage(args.model, "reading the model"):
+        variables, model_cfg, description = load_model(
+            args.model, pth_model_config(args), args.which, args.allow_pickle, args.dtype
+        )
     if args.format == "cityscapes" and model_cfg.num_classes != 19:
         raise InputError(
             f"--format cityscapes needs a 19-class model; {args.model} has {model_cfg.num_classes}"

@@ -102,13 +102,15 @@ def on_one_device(variables, device=None):
 def prediction_writer(out_dir: str):
     """``on_prediction`` for :func:`evaluate.evaluate`: each prediction as a Cityscapes-palette
     PNG ``out_dir/<image name>`` (every process writes the files of its own slice)."""
-    paths.makedirs(out_dir)
+    with deadline.storage(out_dir, "creating the predictions' folder"):
+        paths.makedirs(out_dir)
 
     def write(batch, prediction: np.ndarray) -> None:
         for name, train_ids in zip(batch["name"], prediction, strict=True):
             base = os.path.splitext(name.decode() if isinstance(name, bytes) else str(name))[0]
             path = paths.join(out_dir, f"{base}.png")
-            label_images.write_png(path, label_images.colorize(train_ids))
+            with deadline.storage(out_dir, f"writing {base}.png"):
+                label_images.write_png(path, label_images.colorize(train_ids))
 
     return write
 
@@ -195,7 +197,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
             "stage 'evaluate' needs a model: --config.checkpoint=MODEL_DIR (a stage's export/ "
             "or a .pth converted with tools/convert_checkpoint.py)"
         )
-    apply_fn, variables = load_ensemble(config)
+    with deadline.storage(config.checkpoint, "reading the model"):
+        apply_fn, variables = load_ensemble(config)
     predictions_dir = paths.join(workdir, "predictions") if config.eval.save_predictions else None
     mesh = Mesh(np.asarray(devices if devices else jax.devices()), ("data",))
     stage_hosts = hosts.Hosts.of(mesh)

@@ -39,17 +39,6 @@ def _strip_extension(name: str) -> str:
     return os.path.splitext(name)[0]
 
 
-def _walk(folder: str) -> list[str]:
-    """Every file below ``folder`` (recursively), sorted."""
-    if paths.is_remote(folder):
-        return sorted(str(p) for p in paths.as_epath(folder).rglob("*") if p.is_file())
-    found = []
-    for base, dirs, files in os.walk(folder):
-        dirs.sort()
-        found += [os.path.join(base, f) for f in sorted(files)]
-    return found
-
-
 def _relative(path: str, folder: str) -> str:
     return str(path)[len(str(folder).rstrip("/")) + 1 :]
 
@@ -57,7 +46,7 @@ def _relative(path: str, folder: str) -> str:
 def _from_folder(folder: str) -> list[ImageFile]:
     return [
         ImageFile(p, _strip_extension(_relative(p, folder)).replace(os.sep, "/"))
-        for p in _walk(folder)
+        for p in paths.find_files(folder)
         if _is_image_name(p)
     ]
 

@@ -8,6 +8,8 @@ The run that ties the inference modules together: files listed by
 :class:`~ddb_jax.inference.outputs.OutputLayout`. Kept apart so that the pieces stay
 usable alone (the demo's pictures predict images already in memory) and the threading lives
 in one place. A prediction is the evaluate stage's, pixel for pixel, at each image's size.
+Each wait on a read or a write of a bucket is bounded by the storage deadline
+(:mod:`ddb_jax.runtime.deadline`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ddb_jax.inference.image_files import ImageFile
 from ddb_jax.inference.image_input import prepare, read_image
 from ddb_jax.inference.outputs import OutputLayout
 from ddb_jax.inference.predictor import Predictor
+from ddb_jax.runtime import deadline
 
 
 @dataclasses.dataclass
@@ -33,14 +36,21 @@ class Counts:
     skipped: list[str] = dataclasses.field(default_factory=list)  # one message per image
 
 
-def _bounded(pool, fn, args: Iterable, depth: int) -> Iterator[concurrent.futures.Future]:
-    """``pool.submit(fn, a)`` for each ``a``, at most ``depth`` ahead of the consumer."""
+def _ahead(pool, fn, args: Iterable, depth: int) -> Iterator[tuple]:
+    """``(a, pool.submit(fn, a))`` for each ``a``, at most ``depth`` ahead of the consumer."""
     pending: collections.deque = collections.deque()
     for arg in args:
-        pending.append(pool.submit(fn, arg))
+        pending.append((arg, pool.submit(fn, arg)))
         if len(pending) >= depth:
             yield pending.popleft()
     yield from pending
+
+
+def _written(future: concurrent.futures.Future, out: str) -> None:
+    """Waits for a write (a failed one raises here, naming its file), under the storage
+    deadline when ``out`` is a bucket."""
+    with deadline.storage(out, "writing the predictions"):
+        future.result()
 
 
 def predict_files(
@@ -76,8 +86,9 @@ def predict_files(
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
 
         def loaded() -> Iterator[Item]:
-            for future in _bounded(pool, load, files, depth=2 * batch_size + workers):
-                image_file, image, prepared = future.result()
+            for image_file, future in _ahead(pool, load, files, depth=2 * batch_size + workers):
+                with deadline.storage(image_file.path, "reading the image"):
+                    image_file, image, prepared = future.result()
                 if isinstance(image, ImageError):
                     if strict:
                         raise image
@@ -92,11 +103,11 @@ def predict_files(
         for result in predict_stream(predictor, loaded(), batch_size):
             writes.append(pool.submit(save, result))
             while writes and (writes[0].done() or len(writes) > 2 * workers):
-                writes.popleft().result()  # a failed write raises here, naming its file
+                _written(writes.popleft(), layout.out)
                 counts.written += 1
                 progress(1)
         for future in writes:
-            future.result()
+            _written(future, layout.out)
             counts.written += 1
             progress(1)
     return counts

@@ -175,15 +175,17 @@ def compute_prototypes(
     ``devices``: the stage's devices when the pipeline runs it beside others.
     """
     mesh = make_mesh(config, devices)
-    check_model_dir(config.checkpoint, config)
-    num_images = target_image_count(config)
+    with deadline.storage(str(config.data.root), "listing the target images"):
+        check_model_dir(config.checkpoint, config)
+        num_images = target_image_count(config)
     if num_images == 0:
         raise datasets.DatasetError(
             f"target {tuple(config.data.target)} under {config.data.root} has no training images"
         )
     stage_hosts = hosts.Hosts.of(mesh)
     dataset = make_batches(config, stage_hosts)
-    apply_fn, variables = load_model(config.checkpoint, config)
+    with deadline.storage(config.checkpoint, "reading the model"):
+        apply_fn, variables = load_model(config.checkpoint, config)
 
     replicated = NamedSharding(mesh, PartitionSpec())
     variables = jax.device_put(variables, replicated)
@@ -267,9 +269,11 @@ def describe(config: ml_collections.ConfigDict) -> str:
 def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> str:
     """Stage entry point: writes ``workdir/prototypes.npz`` (+ summary); returns its path."""
     check_config(config)
-    check_model_dir(config.checkpoint, config)
-    datasets.check_available(config.data, eval_split=None, sources=False)
-    workdir_lib.record_config(workdir, config)  # after the inputs are checked
+    with deadline.storage(str(config.data.root), "checking the model and the datasets"):
+        check_model_dir(config.checkpoint, config)
+        datasets.check_available(config.data, eval_split=None, sources=False)
+    with deadline.storage(workdir, "recording the config"):
+        workdir_lib.record_config(workdir, config)  # after the inputs are checked
     table, counts = compute_prototypes(config, devices)
     path = paths.join(workdir, prototype_io.PROTOTYPES_FILE)
     if hosts.Hosts.of(make_mesh(config, devices)).is_primary:

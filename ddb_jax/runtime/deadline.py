@@ -177,21 +177,24 @@ def message(path: str, seconds: float, doing: str = "") -> str:
     """The one line; it names the last complete checkpoint when this process trains (has a
     checkpoint directory), and says nothing of checkpoints otherwise (evaluation,
     prototypes)."""
-    step = last_checkpoint(path)
-    with _lock:
-        trains = bool(_last_step or _probes)
     cause = _last_error or f"no answer while {doing}" if doing else _last_error
-    checkpoint = ""
-    if trains:
-        checkpoint = "; the last complete checkpoint is " + (
-            "none yet" if step is None else f"step {step}"
-        )
     return (
         f"error: storage {path} did not answer within {seconds:g} s"
         + (f" ({cause})" if cause else "")
-        + checkpoint
+        + checkpoint_clause(path)
         + "; rerun to continue"
     )
+
+
+def checkpoint_clause(path: str) -> str:
+    """``"; the last complete checkpoint is step K"`` (or ``none yet``) when this process
+    trains (has a checkpoint directory); empty otherwise (evaluation, prototypes, tools)."""
+    step = last_checkpoint(path)
+    with _lock:
+        trains = bool(_last_step or _probes)
+    if not trains:
+        return ""
+    return "; the last complete checkpoint is " + ("none yet" if step is None else f"step {step}")
 
 
 def _dump_file():
@@ -225,9 +228,15 @@ def _rearm_native() -> None:
         faulthandler.cancel_dump_traceback_later()
 
 
+def _fresh_line() -> str:
+    """A newline when a progress bar (tqdm) is open on the console: the line starts clean."""
+    tqdm = sys.modules.get("tqdm")
+    return "\n" if getattr(getattr(tqdm, "tqdm", None), "_instances", None) else ""
+
+
 def _expire(path: str, seconds: float, doing: str) -> None:
     try:
-        sys.stderr.write(message(path, seconds, doing) + "\n")
+        sys.stderr.write(_fresh_line() + message(path, seconds, doing) + "\n")
         sys.stderr.flush()
     finally:
         os._exit(1)

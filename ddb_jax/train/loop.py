@@ -146,24 +146,32 @@ def train_and_evaluate(
     """
     # Every input is checked (method settings, datasets, teachers, init weights, mesh) before the
     # config is recorded in the workdir or any data is read.
-    paths.check_bucket(workdir, "--workdir")
+    # Each read or write of the set-up is bounded by the storage deadline, as the loop's are.
+    data_root = str(config.data.root)
+    with deadline.storage(workdir, "checking the workdir's bucket"):
+        paths.check_bucket(workdir, "--workdir")
     methods.check_config(config)
-    datasets.check_available(config.data, config.eval.split if config.eval_every > 0 else None)
-    frozen = methods.load_frozen(config)
+    with deadline.storage(data_root, "listing the datasets"):
+        datasets.check_available(config.data, config.eval.split if config.eval_every > 0 else None)
+    with deadline.storage(data_root, "reading the frozen models"):
+        frozen = methods.load_frozen(config)
     mesh = setup.make_mesh(config, devices=devices)
     stage_hosts = hosts.Hosts.of(mesh)
     model = models.build_model(config.model)
     init_key, state_key = jax.random.split(jax.random.PRNGKey(config.seed))
     variables = setup.initial_variables(config, model, init_key)
-    workdir_lib.record_config(workdir, config)
+    with deadline.storage(workdir, "recording the config"):
+        workdir_lib.record_config(workdir, config)
 
     stage = assemble.assemble(config, variables, state_key)
     method = stage.method
     replicated = NamedSharding(mesh, PartitionSpec())
     state = jax.device_put(stage.state, replicated)
     frozen = None if frozen is None else jax.device_put(frozen, replicated)
-    ckpt = checkpointing.Checkpoints(workdir, config.keep_checkpoints, stage_hosts)
-    state, restored = ckpt.restore_latest(state)
+    with deadline.storage(workdir, "opening the checkpoints"):
+        ckpt = checkpointing.Checkpoints(workdir, config.keep_checkpoints, stage_hosts)
+    with deadline.storage(workdir, "restoring the latest checkpoint"):
+        state, restored = ckpt.restore_latest(state)
     if restored is not None:
         logging.info("resumed %s at step %d", workdir, restored)
     start = int(jax.device_get(state.step))
@@ -177,9 +185,9 @@ def train_and_evaluate(
         num_train_steps=config.num_steps, writer=writer, every_steps=config.log_every
     )
     export = exporter(stage_hosts)
-    best = workdir_lib.read_best_score(workdir)
+    with deadline.storage(workdir, "reading the best score"):
+        best = workdir_lib.read_best_score(workdir)
     batches = setup.batch_stream(config, mesh)(start)
-    data_root = str(config.data.root)
     history: list[tuple[int, dict]] = []
     result: dict[str, Any] = {}
     try:

@@ -11,7 +11,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from ddb_jax import checkpoints, errors, models, paths
-from ddb_jax.runtime import hosts
+from ddb_jax.runtime import deadline, hosts
 
 
 class MeshError(errors.UsageError, ValueError):
@@ -68,6 +68,17 @@ def make_mesh(
     return Mesh(devices, ("data",))
 
 
+def _read_init_from(init_from: str) -> tuple[dict, ml_collections.ConfigDict]:
+    if not paths.exists(init_from):
+        # Checked first (and named by its key): load_model_dir would only say that the
+        # path is not a model directory, as if it existed.
+        raise checkpoints.CheckpointError(
+            f"config.init_from={init_from} does not exist (a model directory: "
+            "tools/convert_checkpoint.py's output or a stage's export/)"
+        )
+    return checkpoints.load_model_dir(init_from)
+
+
 def merge_variables(base: dict, loaded: dict) -> dict:
     """``base`` with every leaf present in ``loaded`` replaced (an ImageNet backbone, say)."""
     if not isinstance(loaded, dict):
@@ -87,17 +98,12 @@ def initial_variables(config: ml_collections.ConfigDict, model, key: jax.Array) 
     (ImageNet weights) every tensor of the backbone: missing, unexpected and mis-shaped
     tensors are listed with the directory, so weights are never silently left random.
     """
-    if config.init_from and not paths.exists(config.init_from):
-        # Checked first (and named by its key): load_model_dir would only say that the
-        # path is not a model directory, as if it existed.
-        raise checkpoints.CheckpointError(
-            f"config.init_from={config.init_from} does not exist (a model directory: "
-            "tools/convert_checkpoint.py's output or a stage's export/)"
-        )
+    if config.init_from:
+        with deadline.storage(config.init_from, "reading config.init_from"):
+            loaded, stored_cfg = _read_init_from(config.init_from)
     variables = jax.device_get(models.init_variables(model, key))
     if not config.init_from:
         return variables
-    loaded, stored_cfg = checkpoints.load_model_dir(config.init_from)
     is_backbone = models.backbone_predicate(model)
     whole = any(not is_backbone(name) for name in loaded.get("params", {}))
     checked = checkpoints.ARCHITECTURE_KEYS if whole else ("backbone", "mit_layout")
