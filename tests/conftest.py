@@ -109,3 +109,18 @@ def bucket_toy_root(gcs, toy_root):
     root = f"{gcs.bucket}/data"
     upload_tree(str(toy_root), root)
     return root
+
+
+@pytest.fixture
+def emulator(tmp_path, toy_root):
+    """A GCS emulator of this test's own, to stop and restart (``gcs`` is shared by other
+    modules), holding the toy domains under gs://faults/data (the storage fault tests)."""
+    from tests.storage_support import BUCKET, put_tree
+    from tests.support import GcsEmulator
+
+    emulator = GcsEmulator(tmp_path / "gcs")
+    emulator.start()
+    emulator.create_bucket(BUCKET)
+    put_tree(emulator.url, str(toy_root), "data")
+    yield emulator
+    emulator.stop()
