@@ -22,6 +22,7 @@ from tests.storage_support import (
     MARGIN_S,
     RUN_TIMEOUT_S,
     STAGE,
+    api,
     complete_checkpoints,
     ended_bounded,
     fetch_tree,
@@ -236,3 +237,24 @@ def test_one_host_of_two_losing_its_storage_ends_the_job_in_bounded_time(emulato
     assert_same_leaves(
         exported(emulator.url, "job", tmp_path), exported(emulator.url, "reference", tmp_path)
     )
+
+
+@pytest.mark.faults
+@needs_emulator
+def test_the_converters_reading_a_bucket_that_stops_answering_end_in_one_line(
+    emulator, proxy, tmp_path
+):
+    """tools/convert_checkpoint.py and tools/calc_prototypes.py --from-pth: the download of
+    their input hangs; each ends within the deadline in one line naming the file."""
+    api(emulator.url, f"/upload/storage/v1/b/{BUCKET}/o?uploadType=media&name=in%2Fa.pth",
+        b"\0" * 64, "POST")  # fmt: skip
+    proxy.inject("hang", match="alt=media")
+    source = f"gs://{BUCKET}/in/a.pth"
+    for tool in (
+        ["tools/convert_checkpoint.py", source, f"gs://{BUCKET}/out/model"],
+        ["tools/calc_prototypes.py", "--from-pth", source, "--out", f"gs://{BUCKET}/out/p.npz"],
+    ):
+        log = str(tmp_path / f"{tool[0].split('/')[1]}.log")
+        proc = start([sys.executable, *tool], log, env=storage_env(proxy.url))
+        error = ended_bounded(proc, log, time.monotonic(), limit_from_start=True)
+        assert error.startswith(f"error: storage {source} did not answer"), error

@@ -21,6 +21,7 @@ import ml_collections
 from configs import default
 from ddb_jax import checkpoints, errors
 from ddb_jax.offline import prototype_io, prototype_stage
+from ddb_jax.runtime import deadline
 
 
 class UsageError(errors.UsageError, ValueError):
@@ -75,9 +76,11 @@ def default_out(model_dir: str) -> str:
 
 def convert_pth(args: argparse.Namespace) -> str:
     """Reference .pth -> npz; checked against --model's class count when given."""
-    table, counts = prototype_io.load_reference_pth(args.from_pth)
+    with deadline.storage(args.from_pth, "reading the prototypes"):
+        table, counts = prototype_io.load_reference_pth(args.from_pth)
     if args.model:
-        stored, _ = checkpoints.read_model_config(args.model)
+        with deadline.storage(args.model, "reading the model's config"):
+            stored, _ = checkpoints.read_model_config(args.model)
         if stored.num_classes != table.shape[0]:
             raise prototype_io.PrototypeError(
                 f"{args.from_pth} has {table.shape[0]} rows but {args.model} predicts "
@@ -89,7 +92,8 @@ def convert_pth(args: argparse.Namespace) -> str:
         else os.path.join(os.path.dirname(os.path.abspath(args.from_pth)), "prototypes.npz")
     )
     title = f"prototypes converted from {args.from_pth} (the reference stores no counts)"
-    return prototype_stage.write_prototypes(out, table, counts, args.model, title)
+    with deadline.storage(out, "writing the prototypes"):
+        return prototype_stage.write_prototypes(out, table, counts, args.model, title)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,10 +106,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError("--model MODEL_DIR is required (or --from-pth FILE)")
             config = build_config(args)
             out = args.out or default_out(args.model)
-            table, counts = prototype_stage.compute_prototypes(config)
-            prototype_stage.write_prototypes(
-                out, table, counts, args.model, prototype_stage.describe(config)
-            )
+            table, counts = prototype_stage.compute_prototypes(config)  # reads bounded there
+            with deadline.storage(out, "writing the prototypes"):
+                prototype_stage.write_prototypes(
+                    out, table, counts, args.model, prototype_stage.describe(config)
+                )
     except Exception as err:  # a bad file or flag: one line (exit 1 or 2); a bug: traceback
         return errors.report(err)
     print(f"wrote {out}")

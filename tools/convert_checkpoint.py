@@ -9,6 +9,10 @@
       --backbone=resnet101_caffe
   python tools/convert_checkpoint.py DeepLab_resnet_pretrained_imagenet.pth \
       pretrained/advent_imagenet --backbone=resnet101_caffe
+  python tools/convert_checkpoint.py from_gta5_to_cityscapes_on_deeplabv2_best_model.pkl \
+      runs/proda_stage3 --backbone=resnet101_proda --allow-pickle
+  python tools/convert_checkpoint.py resnet101-5d3b4d8f.pth pretrained/proda_imagenet \
+      --backbone=resnet101_proda
 
 MiT heads: ``segformer`` (DAFormer/NVlabs all-MLP head), ``daformer`` (default) and
 ``mmseg_segformer`` (mmseg 0.x's SegformerHead); a segmentor checkpoint holding another
@@ -29,6 +33,7 @@ from configs import default
 from ddb_jax import checkpoints, errors, models
 from ddb_jax.convert import convert_torch_checkpoint
 from ddb_jax.convert.torch_io import MODEL_PREFIXES
+from ddb_jax.runtime import deadline
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -39,10 +44,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--backbone",
         default="resnet101_v1c",
-        help="e.g. resnet101_v1c, mit_b5, resnet101_caffe (ADVENT's DeepLabV2)",
+        help="e.g. resnet101_v1c, mit_b5, resnet101_caffe (ADVENT's DeepLabV2), "
+        "resnet101_proda (ProDA's)",
     )
     parser.add_argument(
-        "--head", default=None, help="dlv2 | segformer | daformer | mmseg_segformer | advent_aspp"
+        "--head",
+        default=None,
+        help="dlv2 | segformer | daformer | mmseg_segformer | advent_aspp | proda_aspp",
     )
     parser.add_argument("--num-classes", type=int, default=19)
     parser.add_argument("--head-channels", type=int, default=None)
@@ -65,12 +73,14 @@ def main(argv: list[str]) -> int:
         model_cfg.head_channels = args.head_channels
     try:
         models.build_model(model_cfg)
-        variables, model_cfg, provenance = convert_torch_checkpoint(
-            args.checkpoint, model_cfg, which=args.which, allow_pickle=args.allow_pickle
-        )
-        checkpoints.save_model_dir(
-            args.out, variables, model_cfg, provenance, overwrite=args.overwrite
-        )
+        with deadline.storage(args.checkpoint, "reading the checkpoint"):
+            variables, model_cfg, provenance = convert_torch_checkpoint(
+                args.checkpoint, model_cfg, which=args.which, allow_pickle=args.allow_pickle
+            )
+        with deadline.storage(args.out, "writing the model directory"):
+            checkpoints.save_model_dir(
+                args.out, variables, model_cfg, provenance, overwrite=args.overwrite
+            )
     except Exception as err:  # a bad file or flag: one line (exit 1 or 2); a bug: traceback
         return errors.report(err)
     print(
