@@ -36,11 +36,14 @@ test: $(STAMP)
 test-multihost: $(STAMP)
 	$(BIN)/python -m pytest -q -m multihost tests/test_processes.py
 
-# A training stage whose bucket goes away (a real GCS emulator on 127.0.0.1, stopped and
-# restarted): one line and exit 1 within the storage deadline, then the rerun resumes to the
-# same model (about a minute): .ci/run runs it after `test-multihost`.
+# Storage faults under real runs (a GCS emulator on 127.0.0.1, stopped and restarted, and a
+# fault-injecting proxy in front of it: 429/503/stalls that recover, hangs during exports,
+# prototype reads, predict's writes, the converters' reads, one process of two losing its
+# bucket): one line and exit 1 within the storage deadline, then the rerun ends with the
+# undisturbed run's model (about 8 minutes on 2 cores): .ci/run runs it after `test-multihost`.
 test-faults: $(STAMP)
-	$(BIN)/python -m pytest -q -m faults tests/test_storage_faults.py
+	$(BIN)/python -m pytest -q -m faults tests/test_storage_faults.py \
+		tests/test_storage_fault_injection.py
 
 # The benchmark kit on this machine's CPU (minutes): the device check's smoke run, our step vs
 # the PyTorch reference step alternated (DLV2-R18, 128x128, batch 4), the DDB ops and the
