@@ -1,4 +1,4 @@
-"""PyTorch (mmseg / DDB / ADVENT / ImageNet) weights -> Flax variables of our models.
+"""PyTorch (mmseg / DDB / ADVENT / ProDA / ImageNet) weights -> Flax variables of our models.
 
 ``convert_model_state`` takes one model's numpy state dict (see ``torch_io``) and
 the model config, and returns Flax variables; strict: every tensor is used once
@@ -61,6 +61,8 @@ def convert_model_state(
     model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
     if model_cfg.backbone == models.ADVENT_BACKBONE:
         return _convert_advent(state, model_cfg, source)
+    if model_cfg.backbone == models.PRODA_BACKBONE:
+        return _convert_proda(state, model_cfg, source)
     family, _ = models.parse_backbone(model_cfg.backbone)
     arch = _architecture(family)
     kind = "segmentor" if is_segmentor_state(state) else "backbone"
@@ -106,16 +108,43 @@ def _convert_advent(state, model_cfg: ml_collections.ConfigDict, source: str):
     return advent.convert_advent_imagenet(plain, model, source=source), model_cfg, "backbone"
 
 
+def _convert_proda(state, model_cfg: ml_collections.ConfigDict, source: str):
+    """ProDA's DeepLabV2: a trained network (``layer5`` present; ``bn_pretrain`` fixes
+    ``proda_bn_clr``) or an ImageNet/SimCLR ResNet-101 (the backbone alone)."""
+    from ddb_jax.convert import proda
+
+    if proda.is_trained_network(state):
+        model_cfg.proda_bn_clr = proda.has_bn_clr(state)
+        model = models.build_model(model_cfg)
+        return proda.convert_proda(state, model, source=source), model_cfg, "segmentor"
+    model = models.build_model(model_cfg)
+    return proda.convert_proda_backbone(state, model, source=source), model_cfg, "backbone"
+
+
+def _read_proda(path: str, which: str | None, allow_pickle: bool):
+    """(where in the file, numpy state dict) of a ProDA file (``convert.proda`` layouts)."""
+    from ddb_jax.convert import proda, torch_io
+
+    if which:
+        raise torch_io.CheckpointFormatError(f"--which={which!r} does not apply to ProDA files")
+    checkpoint = torch_io.load_torch_file(path, allow_pickle=allow_pickle)
+    prefix, state = proda.proda_state_dict(checkpoint, source=path)
+    return prefix, torch_io.to_numpy_state_dict(state, path)
+
+
 def convert_torch_checkpoint(
     path: str,
     model_cfg: ml_collections.ConfigDict,
     which: str | None = None,
     allow_pickle: bool = False,
 ) -> tuple[dict[str, Any], ml_collections.ConfigDict, dict[str, str]]:
-    """Reads a ``.pth`` (DDB, mmseg or ImageNet) and converts the chosen model."""
+    """Reads a ``.pth`` (DDB, mmseg, ADVENT, ProDA or ImageNet) and converts the chosen model."""
     from ddb_jax.convert import torch_io
 
-    prefix, state = torch_io.read_model_state_dict(path, which=which, allow_pickle=allow_pickle)
+    if model_cfg.backbone == models.PRODA_BACKBONE:
+        prefix, state = _read_proda(path, which, allow_pickle)
+    else:
+        prefix, state = torch_io.read_model_state_dict(path, which=which, allow_pickle=allow_pickle)
     variables, model_cfg, kind = convert_model_state(state, model_cfg, source=path)
     provenance = {"source": str(path), "prefix": prefix, "kind": kind}
     return variables, model_cfg, provenance

@@ -26,9 +26,11 @@ RESNET_DEPTHS = (18, 34, 50, 101, 152)
 MIT_VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5")
 # 'segformer' is the DAFormer repo's (NVlabs) all-MLP head, 'mmseg_segformer' mmseg 0.x's
 # SegformerHead (ConvModule embeddings); their checkpoints differ in keys and in maths.
-HEADS = ("dlv2", "segformer", "daformer", "mmseg_segformer", "advent_aspp")
+HEADS = ("dlv2", "segformer", "daformer", "mmseg_segformer", "advent_aspp", "proda_aspp")
 # ADVENT's Caffe-style DeepLabV2 (models/advent_deeplabv2.py): its own backbone and head.
 ADVENT_BACKBONE = "resnet101_caffe"
+# ProDA's DeepLabV2 (models/proda_deeplabv2.py): the same ResNet, trained BN, its GN head.
+PRODA_BACKBONE = "resnet101_proda"
 MIT_LAYOUTS = ("nvlabs", "mmseg")
 
 
@@ -117,6 +119,15 @@ def _build(model_cfg: ml_collections.ConfigDict) -> nn.Module:
             )
         compute_dtype(model_cfg.dtype)
         return build_advent(model_cfg)
+    if model_cfg.head == "proda_aspp" or model_cfg.backbone == PRODA_BACKBONE:
+        from ddb_jax.models.proda_deeplabv2 import build_proda
+
+        if (model_cfg.backbone, model_cfg.head) != (PRODA_BACKBONE, "proda_aspp"):
+            raise ModelConfigError(
+                f"config.model.backbone={model_cfg.backbone!r} with head={model_cfg.head!r}: "
+                f"ProDA's DeepLabV2 is backbone {PRODA_BACKBONE!r} with head 'proda_aspp'"
+            )
+        return build_proda(model_cfg)
     family, size = parse_backbone(model_cfg.backbone)
     dtype = compute_dtype(model_cfg.dtype)
     from ddb_jax.models.layers import CONV_IMPLS
@@ -195,17 +206,21 @@ def default_head(backbone: str) -> str:
     """The head a converted checkpoint of ``backbone`` has unless told otherwise."""
     if backbone == ADVENT_BACKBONE:
         return "advent_aspp"
+    if backbone == PRODA_BACKBONE:
+        return "proda_aspp"
     return "dlv2" if backbone.startswith("resnet") else "daformer"
 
 
 def backbone_predicate(model: nn.Module):
     """``name -> bool``: whether a top-level module of ``model`` belongs to its backbone (what
     an ImageNet initialisation supplies): mmseg segmentors' ``backbone``, everything but the
-    classifiers of ADVENT's DeepLabV2."""
-    from ddb_jax.models.advent_deeplabv2 import CLASSIFIER_MODULES, AdventDeepLabV2
+    classifiers of ADVENT's DeepLabV2, everything but layer5 and bn_pretrain of ProDA's."""
+    from ddb_jax.models import advent_deeplabv2, proda_deeplabv2
 
-    if isinstance(model, AdventDeepLabV2):
-        return lambda name: name not in CLASSIFIER_MODULES
+    if isinstance(model, advent_deeplabv2.AdventDeepLabV2):
+        return lambda name: name not in advent_deeplabv2.CLASSIFIER_MODULES
+    if isinstance(model, proda_deeplabv2.ProdaDeepLabV2):
+        return lambda name: name not in proda_deeplabv2.CLASSIFIER_MODULES
     return lambda name: name == "backbone"
 
 
