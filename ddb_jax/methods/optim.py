@@ -103,7 +103,10 @@ def param_groups(
 
 
 # config.optim.listed_times: how often a reference's parameter groups list each parameter.
-LISTINGS = ("", "advent_1x")
+LISTINGS = ("", "advent_1x", "proda_1x")
+# The PyTorch whose SGD stepped each listing: 0.4.1 added weight decay to the gradient in
+# place (ADVENT), 1.x to a copy (ProDA's stages 2/3, --finetune).
+DECAY_IN_PLACE = {"advent_1x": True, "proda_1x": False}
 
 
 class ListedSGDState(NamedTuple):
@@ -112,13 +115,20 @@ class ListedSGDState(NamedTuple):
 
 
 def listed_sgd(
-    schedule: optax.Schedule, momentum: float, weight_decay: float, times
+    schedule: optax.Schedule,
+    momentum: float,
+    weight_decay: float,
+    times,
+    decay_in_place: bool = True,
 ) -> optax.GradientTransformation:
     """PyTorch 0.4.1's ``SGD.step`` when a parameter is listed ``times(path)`` times in its
     group (ADVENT's 1x group, :func:`ddb_jax.models.advent_deeplabv2.listed_times`): each
     listing steps it again, with the same learning rate, on a gradient to which weight decay
     is added in place each time, through the one momentum buffer. Listed once, this is
-    ``add_decayed_weights`` then ``sgd`` with momentum, as PyTorch's SGD."""
+    ``add_decayed_weights`` then ``sgd`` with momentum, as PyTorch's SGD.
+    ``decay_in_place=False``: PyTorch 1.x's, where each listing adds weight decay (of the
+    parameter as the earlier listings left it) to the gradient itself, not to the last
+    listing's sum (ProDA's 1x group, :func:`ddb_jax.models.proda_deeplabv2.listed_times`)."""
 
     def init(params):
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
@@ -128,10 +138,11 @@ def listed_sgd(
         lr = schedule(state.count)
 
         def step(path, grad, buf, param):
-            start = param
+            start, decayed = param, grad
             for _ in range(times(path)):
-                grad = grad + weight_decay * param  # 0.4.1: d_p.add_(weight_decay, p.data)
-                buf = momentum * buf + grad
+                # 0.4.1: d_p.add_(weight_decay, p.data); 1.x: d_p = d_p.add(p, alpha=wd)
+                decayed = (decayed if decay_in_place else grad) + weight_decay * param
+                buf = momentum * buf + decayed
                 param = param - lr * buf
             return param - start, buf
 
@@ -180,6 +191,10 @@ def listing(name: str):
         from ddb_jax.models.advent_deeplabv2 import listed_times
 
         return listed_times
+    if name == "proda_1x":
+        from ddb_jax.models.proda_deeplabv2 import listed_times
+
+        return listed_times
     raise ValueError(f"optim.listed_times={name!r}; known: {list(LISTINGS)}")
 
 
@@ -212,7 +227,9 @@ def base_transform(optim_cfg: ml_collections.ConfigDict, schedule, weight_decay:
     elif kind == "sgd":
         listed = optim_cfg.get("listed_times", "")
         if listed:
-            return listed_sgd(schedule, optim_cfg.momentum, weight_decay, listing(listed))
+            return listed_sgd(
+                schedule, optim_cfg.momentum, weight_decay, listing(listed), DECAY_IN_PLACE[listed]
+            )
         adam = optax.sgd(schedule, momentum=optim_cfg.momentum or None)
     else:
         raise ValueError(f"optim.kind={kind!r}; use one of {list(OPTIMIZERS)}")
