@@ -15,9 +15,10 @@ def get_model_config() -> ml_collections.ConfigDict:
     """DeepLabV2 (ResNetV1c-101, DLV2 adapter head) as in the reference configs."""
     return ml_collections.ConfigDict(
         dict(
-            # resnet{18,34,50,101,152}_v1c | mit_b{0..5} | resnet101_caffe (ADVENT's)
+            # resnet{18,34,50,101,152}_v1c | mit_b{0..5} | resnet101_caffe (ADVENT's) |
+            # resnet101_proda (ProDA's)
             backbone="resnet101_v1c",
-            head="dlv2",  # dlv2 | segformer | daformer | mmseg_segformer | advent_aspp
+            head="dlv2",  # dlv2 | segformer | daformer | mmseg_segformer | advent_aspp | proda_aspp
             num_classes=19,
             base_channels=64,  # ResNet width (mmseg base/stem channels); 64 in real models
             head_channels=256,  # DLV2: 2 ASPP branches x 128; SegFormer/DAFormer: embed dim
@@ -30,6 +31,10 @@ def get_model_config() -> ml_collections.ConfigDict:
             # ADVENT's DeepLabV2: the auxiliary layer-3 classifier; blocks per stage.
             advent_multi_level=True,
             advent_blocks=(3, 4, 23, 3),
+            # ProDA's DeepLabV2 (resnet101_proda): blocks per stage; the extra BN on the
+            # 2048-channel output of its stages 2/3 (SimCLRv2 students).
+            proda_blocks=(3, 4, 23, 3),
+            proda_bn_clr=False,
         )
     )
 
