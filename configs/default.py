@@ -83,6 +83,15 @@ def get_config() -> ml_collections.ConfigDict:
             # the per-dataset table of input_pipeline/datasets.py.
             resize_scales={},
             num_parallel_calls=-1,  # tf.data.AUTOTUNE: one call per core, at most 16
+            # ProDA's loaders (input_pipeline/proda.py): each image first resized to its
+            # loader's fixed (H, W) (the target's is also the EMA's input and the offline label
+            # stages' size), then to a width of proda_resize x U[0.5, 1.5], cropped to
+            # crop_size and flipped; stages 2/3 ignore pseudo-label pixels whose confidence is
+            # <= proda_threshold (the reference's --threshold).
+            proda_resize=2200,
+            proda_full_size=(1024, 2048),  # Cityscapes
+            proda_source_size=(1052, 1914),  # GTA5; SYNTHIA: (760, 1280)
+            proda_threshold=0.95,
         )
     )
     config.batch_size = 4  # global batch (the reference: 1 GPU x 4)
@@ -177,9 +186,10 @@ def get_config() -> ml_collections.ConfigDict:
     )
     # Prototypes (docs/method.md §1.4), stage 'prototypes': the model in config.checkpoint
     # over the target training set with its training augmentation; writes
-    # workdir/prototypes.npz.
+    # workdir/prototypes.npz. mode 'proda': ProDA's calc_prototype.py instead (whole images at
+    # data.proda_full_size, no augmentation, features and argmax at the network's resolution).
     config.prototypes = ml_collections.ConfigDict(
-        dict(num_passes=4, batch_size=4, min_pixels=10, count_cap=3000)
+        dict(num_passes=4, batch_size=4, min_pixels=10, count_cap=3000, mode="ddb")
     )
     # Each training method's own settings (ddb_jax/methods/registry.py), e.g. config.advent.
     for section, defaults in methods.registry.config_sections().items():

@@ -40,6 +40,7 @@ from ddb_jax.evaluation.evaluate import EVAL_MODES
 from ddb_jax.graph import stage_graph
 from ddb_jax.methods import optim, teachers
 from ddb_jax.models.layers import CONV_IMPLS
+from ddb_jax.offline.prototype_stage import PROTOTYPE_MODES
 from ddb_jax.uda.bridging import MASK_MODES
 from input_pipeline.datasets import DATASETS
 
@@ -84,6 +85,8 @@ RULES: dict[str, Rule] = {
     "data.resize_scales": Rule(scales, f"{{dataset: None or (long, short)}}, datasets of "
                                        f"{list(DATASETS)}", {"nope": None}),
     "data.num_parallel_calls": integer(1, "tf.data.AUTOTUNE", also=(-1,)),
+    "data.proda_resize": POSITIVE, "data.proda_full_size": PAIR,
+    "data.proda_source_size": PAIR, "data.proda_threshold": RATIO,
     **{f"optim.{key}": rule for key, rule in optim.OPTIM_RULES.items()},
     "st.mask": one_of(MASK_MODES), "st.cut_area_ratio": RATIO, "st.ema_alpha": BELOW_ONE,
     "st.pseudo_threshold": RATIO, "st.pseudo_weight_ignore_top": integer(0),
@@ -96,6 +99,7 @@ RULES: dict[str, Rule] = {
     "ckd.teacher_dtype": one_of(teachers.TEACHER_DTYPES),
     "prototypes.num_passes": POSITIVE, "prototypes.batch_size": POSITIVE,
     "prototypes.min_pixels": POSITIVE, "prototypes.count_cap": POSITIVE,
+    "prototypes.mode": one_of(PROTOTYPE_MODES),
     "eval.mode": one_of(EVAL_MODES), "eval.crop_size": PAIR, "eval.stride": PAIR,
     "eval.batch_size": POSITIVE, "eval.miou_protocols": each_of(labels.MIOU_PROTOCOLS),
     "eval.ensemble_weights": Rule(lambda v: isinstance(v, tuple | list) and len(v) == 2

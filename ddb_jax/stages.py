@@ -17,6 +17,8 @@ TRAIN = "ddb_jax.train.loop:train_and_evaluate"
 STAGES = {
     "prototypes": "ddb_jax.offline.prototype_stage:run",
     "evaluate": "ddb_jax.evaluation.eval_stage:run",
+    "proda_soft_labels": "ddb_jax.offline.proda_labels:run",
+    "proda_pseudo_labels": "ddb_jax.offline.proda_labels:run",
     "pipeline": "ddb_jax.pipeline.runner:run",
 }
 

@@ -15,6 +15,15 @@ counts exactly once. With several processes, host p feeds stream positions k = p
 global batch s then holds exactly k in [s*B, (s+1)*B), and the jitted step sorts the
 batch's per-image vectors by k (XLA gathers the sharded batch axis) before the update, so
 the table is the sequential one whatever the number of hosts or devices.
+
+``prototypes.mode = 'proda'`` computes ProDA's initial prototypes as its
+``calc_prototype.py`` does instead: whole target images at ``data.proda_full_size`` without
+augmentation (the same images in every pass), logits and features at the network's
+resolution (no resize), so ``min_pixels`` counts pixels there; the rest is the same
+(inference mode, argmax, running mean capped at ``count_cap``, ``num_passes`` passes in file
+order). The reference's loader drops each pass's last partial batch (``n mod`` its batch
+size of 4 images, 3 on Cityscapes); here every image counts. Its file holds the table
+alone; here the counts too.
 """
 
 from __future__ import annotations
@@ -38,7 +47,8 @@ from ddb_jax.train import setup
 from ddb_jax.train import workdir as workdir_lib
 from ddb_jax.uda import prototypes
 from input_pipeline import datasets, sharding
-from input_pipeline import train as train_data
+
+PROTOTYPE_MODES = ("ddb", "proda")  # config.prototypes.mode
 
 
 class PrototypeStageError(errors.UsageError, ValueError):
@@ -51,6 +61,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for key in ("num_passes", "batch_size", "min_pixels", "count_cap"):
         if int(cfg[key]) < 1:
             raise PrototypeStageError(f"config.prototypes.{key}={cfg[key]} must be >= 1")
+    if cfg.get("mode", "ddb") not in PROTOTYPE_MODES:
+        raise PrototypeStageError(f"config.prototypes.mode={cfg.mode!r}; one of {PROTOTYPE_MODES}")
     if not config.checkpoint:
         raise PrototypeStageError(
             "stage 'prototypes' needs a model: --config.checkpoint=MODEL_DIR "
@@ -98,26 +110,34 @@ def load_model(model_dir: str, config: ml_collections.ConfigDict) -> tuple[Calla
     """(apply_fn, numpy variables) of a segmentor model directory, checked as above."""
     stored = check_model_dir(model_dir, config)
     variables, stored = checkpoints.load_model_dir(model_dir)
-    if "decode_head" not in variables.get("params", {}):
-        raise _backbone_only(model_dir)
     stored.dtype = config.model.dtype
-    return models.build_model(stored).apply, variables
+    model = models.build_model(stored)
+    is_backbone = models.backbone_predicate(model)
+    if all(is_backbone(name) for name in variables.get("params", {})):
+        raise _backbone_only(model_dir)
+    return model.apply, variables
 
 
 def image_outputs(
-    apply_fn: Callable, variables: Any, images: jax.Array
+    apply_fn: Callable, variables: Any, images: jax.Array, at_image_size: bool = True
 ) -> tuple[jax.Array, jax.Array]:
-    """(logits, feature), float32, both resized to the image size as the reference does."""
+    """(logits, feature), float32, both resized to the image size as the reference does
+    (``at_image_size=False``: at the network's resolution, as ProDA's tool takes them)."""
     outputs = apply_fn(variables, images, train=False)
     logits, feature = outputs["logits"], outputs["feature"]
     size = images.shape[1:3]
+    if not at_image_size:
+        return logits.astype(jnp.float32), feature.astype(jnp.float32)
     return (
         resize_bilinear(logits.astype(jnp.float32), size),
         resize_bilinear(feature.astype(jnp.float32), size),
     )
 
 
-def make_update_step(apply_fn: Callable, min_pixels: int, cap: int, mesh: Mesh | None = None):
+def make_update_step(
+    apply_fn: Callable, min_pixels: int, cap: int, mesh: Mesh | None = None,
+    at_image_size: bool = True,
+):  # fmt: skip
     """jit(step(variables, table, counts, batch) -> (table, counts)) for one global batch.
 
     ``batch``: 'image' (B, H, W, 3), 'valid' (B,) bool (False: padding, ignored) and
@@ -125,7 +145,7 @@ def make_update_step(apply_fn: Callable, min_pixels: int, cap: int, mesh: Mesh |
     """
 
     def step(variables, table, counts, batch):
-        logits, feature = image_outputs(apply_fn, variables, batch["image"])
+        logits, feature = image_outputs(apply_fn, variables, batch["image"], at_image_size)
         vectors, present = prototypes.class_mean_features(feature, logits, min_pixels)
         present = present & batch["valid"][:, None]
         order = jnp.argsort(batch["index"])
@@ -149,6 +169,19 @@ def make_batches(config: ml_collections.ConfigDict, stage_hosts: hosts.Hosts | N
     """This host's padded batches of all passes (file order, training augmentation), its
     slice among the stage's processes (default: all of the job's)."""
     stage_hosts = stage_hosts or hosts.Hosts.everyone()
+    if config.prototypes.get("mode", "ddb") == "proda":
+        from input_pipeline import proda as proda_data
+
+        return proda_data.make_full_image_dataset(
+            config.data,
+            proda_data.target_images(config.data),
+            config.prototypes.batch_size // stage_hosts.count,
+            stage_hosts.index,
+            stage_hosts.count,
+            num_passes=config.prototypes.num_passes,
+        )
+    from input_pipeline import train as train_data
+
     return train_data.make_target_train_dataset(
         config.data,
         config.prototypes.batch_size // stage_hosts.count,
@@ -197,8 +230,9 @@ def compute_prototypes(
     table = jax.device_put(jnp.zeros((num_classes, channels), jnp.float32), replicated)
     counts = jax.device_put(jnp.zeros((num_classes,), jnp.float32), replicated)
     step = make_update_step(
-        apply_fn, int(config.prototypes.min_pixels), int(config.prototypes.count_cap), mesh
-    )
+        apply_fn, int(config.prototypes.min_pixels), int(config.prototypes.count_cap), mesh,
+        at_image_size=config.prototypes.get("mode", "ddb") == "ddb",
+    )  # fmt: skip
     passes = config.prototypes.num_passes
     num_batches = -(-num_images * passes // config.prototypes.batch_size)
     logging.info(
@@ -258,9 +292,12 @@ def write_prototypes(
 
 def describe(config: ml_collections.ConfigDict) -> str:
     """One line saying what a table was computed from (the summary's title)."""
+    mode = config.prototypes.get("mode", "ddb")
+    images = (f"crop {tuple(config.data.crop_size)}" if mode == "ddb"
+              else f"ProDA's rule, whole images {tuple(config.data.proda_full_size)}")  # fmt: skip
     return (
         f"prototypes of {config.checkpoint}: target {', '.join(config.data.target)}, "
-        f"{config.prototypes.num_passes} passes, crop {tuple(config.data.crop_size)}, "
+        f"{config.prototypes.num_passes} passes, {images}, "
         f"seed {config.seed}, min_pixels {config.prototypes.min_pixels}, "
         f"count cap {config.prototypes.count_cap}"
     )

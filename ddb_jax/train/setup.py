@@ -135,6 +135,7 @@ def batch_stream(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable[[int
     the batches before it (element k is a function of (seed, k)). Each process of the mesh
     reads its own contiguous slice of every global batch.
     """
+    from input_pipeline import proda as proda_data
     from input_pipeline import sharding as data_sharding
     from input_pipeline import train as train_data
 
@@ -142,14 +143,16 @@ def batch_stream(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable[[int
     per_host_batch = config.batch_size // stage_hosts.count
 
     def make_batches(start_step: int) -> Iterator[dict]:
-        dataset = train_data.make_train_dataset(
-            config.data,
-            per_host_batch,
-            config.seed,
-            process_index=stage_hosts.index,
-            process_count=stage_hosts.count,
-            start_batch=start_step,
-        )
+        slicing = dict(process_index=stage_hosts.index, process_count=stage_hosts.count,
+                       start_batch=start_step)  # fmt: skip
+        if config.stage in proda_data.KINDS:  # ProDA's own loaders and its label files
+            dataset = proda_data.make_proda_dataset(
+                config.stage, config.data, config.proda, per_host_batch, config.seed, **slicing
+            )
+        else:
+            dataset = train_data.make_train_dataset(
+                config.data, per_host_batch, config.seed, **slicing
+            )
         for batch in dataset.as_numpy_iterator():
             yield data_sharding.to_global(batch, mesh)
 
