@@ -26,7 +26,9 @@ Batch (static shapes; the weak crop is H x W, the quarter maps H // 4 x W // 4):
     source_label       int32 [B, Hs, Ws]     255 = ignore
     target_image       float [B, H, W, 3]    weak view: the target resized to target_resized,
                                              cropped at target_crop, flipped where target_flip
-    target_strong      float [B, H, W, 3]    the strong view of the weak view (strong_params)
+    target_strong      float [B, H, W, 3]    the strong view of the weak view (strong_params);
+                                             without it (and strong_params) the step draws
+                                             one on the device (with_strong_view)
     target_full        float [B, Hf, Wf, 3]  the whole target image (the EMA's input)
     target_soft_label  float [B, H, W, K]    the warm-up model's softmax moved like the weak
                        or [B, H//4, W//4, K] view (at the crop's size the step takes its
@@ -53,11 +55,18 @@ from ddb_jax.labels import IGNORE_LABEL
 from ddb_jax.methods import base, previews, registry
 from ddb_jax.methods.state import TrainState
 from ddb_jax.offline import prototype_io
-from ddb_jax.ops import resize_bilinear_corners, resize_nearest, upcast
-from ddb_jax.uda import adversarial, proda_ops, proda_strong
+from ddb_jax.ops import (
+    denormalize_image,
+    normalize_image,
+    resize_bilinear_corners,
+    resize_nearest,
+    upcast,
+)
+from ddb_jax.uda import adversarial, proda_ops, proda_strong, randaugment
 
 DISTANCE_PADDING = 250.0  # the reference's padding of moved distance maps (a distance value)
 SCALE = 4  # the quarter maps: strong-view pixels per map pixel
+STRONG_VIEW_KEY = "strong_view"  # the step key the on-device strong view is drawn from
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -66,6 +75,13 @@ def default_config() -> ml_collections.ConfigDict:
         dict(
             prototypes="",  # stage 1: the initial table (.npz of stage 'prototypes', or .pth)
             teacher="",  # stages 2/3: the previous stage's model directory
+            soft_labels="",  # stage 1: the warm-up model's soft pseudo-labels (a folder)
+            pseudo_labels="",  # stages 2/3: the previous model's hard pseudo-labels (a folder)
+            # The pipeline: a converted warm-up model to start from instead of training one
+            # (the released warm-up checkpoints), and the student of stage 2 (ImageNet or
+            # SimCLRv2 weights; stage 3 starts from stage 2).
+            warmup_from="",
+            student_init="",
             proto_temperature=1.0,
             proto_momentum=1e-4,
             train_threshold=0.0,  # train_thred: rectified confidence below it is ignored
@@ -96,7 +112,8 @@ def section_rules() -> dict:
     """What each non-boolean value of ``config.proda`` may be (ddb_jax.config_checks)."""
     positive = config_rules.real(0.0, low_open=True)
     return {
-        "prototypes": PATH, "teacher": PATH, "proto_temperature": positive,
+        "prototypes": PATH, "teacher": PATH, "soft_labels": PATH, "pseudo_labels": PATH,
+        "warmup_from": PATH, "student_init": PATH, "proto_temperature": positive,
         "proto_momentum": config_rules.RATIO, "train_threshold": config_rules.RATIO,
         "consistency_weight": config_rules.NON_NEGATIVE, "rce_alpha": config_rules.NON_NEGATIVE,
         "rce_beta": config_rules.NON_NEGATIVE, "regular_weight": config_rules.NON_NEGATIVE,
@@ -139,6 +156,29 @@ def strong_like(maps, params, fill, cfg):
     return proda_strong.transform_like_strong(
         maps, params, fill, SCALE, cfg.strong_align_corners, cfg.translate_x_by_width
     )
+
+
+def with_strong_view(batch: dict, key: jax.Array) -> dict:
+    """``batch`` with ProDA's strong view of its weak target crop (``target_strong`` and
+    its geometry ``strong_params``): drawn here on the device, RandAugmentMC(2, 10) per
+    image (:mod:`ddb_jax.uda.randaugment`), unless the input delivered one (the step tests
+    feed the reference's)."""
+    if "target_strong" in batch:
+        return batch
+    images = batch["target_image"]
+    count, height, width = images.shape[:3]
+    draw = randaugment.draw_strong(key, count, height, width)
+    strong, params = randaugment.apply_strong(denormalize_image(upcast(images)), draw)
+    return {**batch, "target_strong": normalize_image(strong).astype(images.dtype),
+            "strong_params": params}  # fmt: skip
+
+
+def strong_view_update(method, txs, state, batch: dict, frozen):
+    """The one-tree iteration on the batch with its strong view; the view is kept in the
+    outputs (``target_strong``) for the preview."""
+    batch = with_strong_view(batch, base.StepKeys(state, method.key_names)[STRONG_VIEW_KEY])
+    new_state, outputs, metrics = base.single_tree_update(method, txs, state, batch, frozen)
+    return new_state, {**outputs, "target_strong": batch["target_strong"]}, metrics
 
 
 def label_panel(labels, size):
@@ -207,6 +247,9 @@ class ProDA(base.OneTree):
         "weak view", "soft pseudo-label", "denoised pseudo-label",
         "student prediction on the weak view", "strong view",
     )  # fmt: skip
+
+    def update(self, txs, state: TrainState, batch, frozen=None):
+        return strong_view_update(self, txs, state, batch, frozen)
 
     def initial_prototypes(self, state: TrainState) -> jax.Array:
         """The table of ``config.proda.prototypes``, else zeros (K, feature channels)."""
@@ -300,7 +343,7 @@ class ProDA(base.OneTree):
             label_panel(outputs["soft_labels"], size),
             label_panel(outputs["labels"], size),
             label_panel(outputs["target_prediction"], size),
-            previews.denormalize(batch["target_strong"]),
+            previews.denormalize(outputs["target_strong"]),
         ]
 
 

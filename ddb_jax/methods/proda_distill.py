@@ -21,7 +21,8 @@ Batch (static shapes; the strong view is H x W):
 
     source_image   float [B, Hs, Ws, 3]  normalised source images
     source_label   int32 [B, Hs, Ws]     255 = ignore
-    target_strong  float [B, H, W, 3]    the strong view of the weak crop (strong_params)
+    target_strong  float [B, H, W, 3]    the strong view of the weak crop (strong_params);
+                                         drawn on the device when absent (target_image)
     target_label   int32 [B, H, W]       the pseudo-label moved like the weak view (255 =
                    or [B, H//4, W//4]    ignore); at the crop's size the step takes every
                                          4th pixel, as the reference's nearest 0.25 resize
@@ -41,7 +42,13 @@ import ml_collections
 from ddb_jax import checkpoints, models, paths
 from ddb_jax.labels import IGNORE_LABEL
 from ddb_jax.methods import base, previews, registry
-from ddb_jax.methods.proda import label_panel, pseudo_label_loss, source_term, strong_like
+from ddb_jax.methods.proda import (
+    label_panel,
+    pseudo_label_loss,
+    source_term,
+    strong_like,
+    strong_view_update,
+)
 from ddb_jax.methods.self_training import no_dropout
 from ddb_jax.methods.state import TrainState
 from ddb_jax.ops import resize_bilinear_corners, upcast
@@ -92,6 +99,9 @@ class ProDADistill(base.OneTree):
         "student prediction",
     )  # fmt: skip
 
+    def update(self, txs, state: TrainState, batch, frozen=None):
+        return strong_view_update(self, txs, state, batch, frozen)
+
     def init_state(self, state: TrainState) -> TrainState:
         return state
 
@@ -115,10 +125,10 @@ class ProDADistill(base.OneTree):
         return state
 
     def preview(self, batch, outputs: base.Context) -> list[jax.Array]:
-        size = batch["target_strong"].shape[1:3]
+        size = outputs["target_strong"].shape[1:3]
         teacher = outputs.get("teacher_logits", outputs["strong_logits"])
         return [
-            previews.denormalize(batch["target_strong"]),
+            previews.denormalize(outputs["target_strong"]),
             label_panel(outputs["labels"], size),
             label_panel(jnp.argmax(teacher, axis=-1), size),
             label_panel(outputs["student_prediction"], size),
