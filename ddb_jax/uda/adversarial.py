@@ -1,9 +1,10 @@
 """The losses of ADVENT and the adversarial methods built on it (valeoai/ADVENT), as the
 reference computes them: pure functions of arrays.
 
-Discriminators see weighted self-information maps of the segmentor's softmax; they are
-trained with binary cross-entropy against a constant domain label (source 0, target 1),
-and the segmentor is trained to make target maps look like source ones.
+ADVENT's discriminators see weighted self-information maps of the segmentor's softmax
+(ProDA's warm-up: the softmax itself); they are trained with binary cross-entropy (ProDA:
+least squares) against a constant domain label (source 0, target 1), and the segmentor is
+trained to make target maps look like source ones.
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ def bce_to_label(logits: jax.Array, label: float) -> jax.Array:
     """``BCEWithLogitsLoss`` against a map filled with ``label``: mean over every element."""
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     return jnp.mean(jnp.maximum(logits, 0) - logits * label + jnp.log1p(jnp.exp(-jnp.abs(logits))))
+
+
+def mse_to_label(outputs: jax.Array, label: float) -> jax.Array:
+    """``MSELoss`` against a map filled with ``label``: the least-squares GAN loss (ProDA's
+    warm-up, its default ``--gan LS``), mean over every element."""
+    outputs = outputs.astype(jnp.promote_types(outputs.dtype, jnp.float32))
+    return jnp.mean(jnp.square(outputs - label))
 
 
 def valid_pixel_cross_entropy(
