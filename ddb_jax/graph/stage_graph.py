@@ -3,7 +3,8 @@
 A method's pipeline is a list of :class:`Stage` (name, the stage kind it runs, the config
 keys it sets, the inputs it reads from earlier stages' artifacts), producers first. The
 graph modules of this package register theirs by name (``config.graph``): DDB's rounds
-(:mod:`~ddb_jax.graph.rounds`), ADVENT's (:mod:`~ddb_jax.graph.advent`). The one-command
+(:mod:`~ddb_jax.graph.rounds`), ADVENT's (:mod:`~ddb_jax.graph.advent`), ProDA's
+(:mod:`~ddb_jax.graph.proda`). The one-command
 pipeline (:mod:`ddb_jax.pipeline`) and every per-stage config (``configs/<setting>_<stage>.py``)
 come from :func:`stage_config` and :func:`config_for`, so a stage's wiring lives in one place.
 """
@@ -31,7 +32,8 @@ BASELINES = ("source_only", "oracle")
 # Keys the graph sets per stage: at the top of a pipeline config they stay unset ('').
 PER_STAGE_KEYS = (
     "st.mask", "checkpoint", "ckd.teacher_cu", "ckd.teacher_ca", "ckd.prototypes_cu",
-    "ckd.prototypes_ca", "eval.ensemble_checkpoint",
+    "ckd.prototypes_ca", "eval.ensemble_checkpoint", "proda.soft_labels", "proda.prototypes",
+    "proda.teacher", "proda.pseudo_labels",
 )  # fmt: skip
 
 

@@ -82,6 +82,7 @@ def default_config() -> ml_collections.ConfigDict:
             # SimCLRv2 weights; stage 3 starts from stage 2).
             warmup_from="",
             student_init="",
+            distill_lr=6e-4,  # stages 2/3's learning rate (--lr 6e-4; the head at 10x)
             proto_temperature=1.0,
             proto_momentum=1e-4,
             train_threshold=0.0,  # train_thred: rectified confidence below it is ignored
@@ -113,7 +114,8 @@ def section_rules() -> dict:
     positive = config_rules.real(0.0, low_open=True)
     return {
         "prototypes": PATH, "teacher": PATH, "soft_labels": PATH, "pseudo_labels": PATH,
-        "warmup_from": PATH, "student_init": PATH, "proto_temperature": positive,
+        "warmup_from": PATH, "student_init": PATH, "distill_lr": positive,
+        "proto_temperature": positive,
         "proto_momentum": config_rules.RATIO, "train_threshold": config_rules.RATIO,
         "consistency_weight": config_rules.NON_NEGATIVE, "rce_alpha": config_rules.NON_NEGATIVE,
         "rce_beta": config_rules.NON_NEGATIVE, "regular_weight": config_rules.NON_NEGATIVE,
