@@ -20,7 +20,9 @@ resized to a long side of 2200 x U[0.5, 1.5], 896x512 crops, flip, batch 4; SGD 
 (62412 iterations) run: the warm-up and stages 2/3 with the head at 10x and the
 reference's listed 1x group, stages 2/3 at 6e-4. Stage 2's student starts from
 ``proda.student_init`` (ImageNet here; the reference: SimCLRv2 weights, convertible with
---backbone=resnet101_proda, then --config.model.proda_bn_clr=True for stages 2 and 3).
+--backbone=resnet101_proda, then --config.proda.student_init=<that directory>
+--config.pipeline.stage2.model.proda_bn_clr=True
+--config.pipeline.stage3.model.proda_bn_clr=True).
 Evaluation: whole 2048x1024 images every 1000 iterations; best/ keeps the best.
 """
 
