@@ -283,7 +283,7 @@ def test_without_a_strong_view_in_the_batch_the_step_draws_it_on_the_device():
     """The input delivers the weak crop only: the step draws RandAugmentMC from its own key
     ("strong_view") and trains exactly as if that view had come in the batch."""
     from ddb_jax.methods import base
-    from ddb_jax.methods.proda import STRONG_VIEW_KEY
+    from ddb_jax.methods.proda_shared import STRONG_VIEW_KEY
     from ddb_jax.ops import denormalize_image
     from ddb_jax.uda import randaugment
 

@@ -32,6 +32,16 @@ from ddb_jax.uda import adversarial
 LEVELS = {"main": "logits", "aux": "aux_logits"}  # output level -> the model's output name
 
 
+def discriminator_adam(kind: str, max_iters: int) -> ml_collections.ConfigDict:
+    """A discriminator's optimiser section: Adam at 1e-4, betas (0.9, 0.99), poly 0.9 over
+    ``max_iters`` (0: the segmentor's horizon), no decay (ADVENT's and ProDA's)."""
+    return ml_collections.ConfigDict(
+        dict(kind=kind, lr=1e-4, b1=0.9, b2=0.99, momentum=0.0, weight_decay=0.0,
+             head_lr_mult=1.0, warmup_iters=0, warmup_ratio=1e-6, poly_power=0.9, min_lr=0.0,
+             max_iters=max_iters)
+    )  # fmt: skip
+
+
 def default_config() -> ml_collections.ConfigDict:
     """ADVENT's defaults (advent/domain_adaptation/config.py)."""
     return ml_collections.ConfigDict(
@@ -45,22 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
             # The discriminators' Adam: LEARNING_RATE_D, betas (0.9, 0.99), poly 0.9 over
             # MAX_ITERS (250k) though training stops at EARLY_STOP (120k); PyTorch 0.4.1's
             # eps placement ('adam' for today's).
-            optim_d=ml_collections.ConfigDict(
-                dict(
-                    kind="adam041",
-                    lr=1e-4,
-                    b1=0.9,
-                    b2=0.99,
-                    momentum=0.0,
-                    weight_decay=0.0,
-                    head_lr_mult=1.0,
-                    warmup_iters=0,
-                    warmup_ratio=1e-6,
-                    poly_power=0.9,
-                    min_lr=0.0,
-                    max_iters=250_000,
-                )
-            ),  # fmt: skip
+            optim_d=discriminator_adam("adam041", 250_000),
         )
     )
 

@@ -42,7 +42,7 @@ import ml_collections
 from ddb_jax import checkpoints, models, paths
 from ddb_jax.labels import IGNORE_LABEL
 from ddb_jax.methods import base, previews, registry
-from ddb_jax.methods.proda import (
+from ddb_jax.methods.proda_shared import (
     label_panel,
     pseudo_label_loss,
     source_term,

@@ -35,7 +35,7 @@ import ml_collections
 import optax
 
 from ddb_jax import config_rules, models
-from ddb_jax.methods import base, optim, previews, registry
+from ddb_jax.methods import advent, base, optim, previews, registry
 from ddb_jax.methods.state import MODEL, Optimizers, TrainState, apply_updates
 from ddb_jax.models.discriminator import proda_discriminator
 from ddb_jax.ops import resize_bilinear_corners, upcast
@@ -55,22 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
             disc_channels=64,  # FCDiscriminator's planes
             # Adam(lr 1e-4, betas (0.9, 0.99)) with the segmentor's poly 0.9 law
             # (PolynomialLR over --train_iters); max_iters 0 = config.optim's horizon.
-            optim_d=ml_collections.ConfigDict(
-                dict(
-                    kind="adam",
-                    lr=1e-4,
-                    b1=0.9,
-                    b2=0.99,
-                    momentum=0.0,
-                    weight_decay=0.0,
-                    head_lr_mult=1.0,
-                    warmup_iters=0,
-                    warmup_ratio=1e-6,
-                    poly_power=0.9,
-                    min_lr=0.0,
-                    max_iters=0,
-                )
-            ),  # fmt: skip
+            optim_d=advent.discriminator_adam("adam", 0),
         )
     )
 

@@ -153,23 +153,33 @@ class AdventDeepLabV2(nn.Module):
         x = ceil_mode_max_pool(x)
         outputs = {}
         for stage, num_blocks in enumerate(self.blocks):
-            for index in range(num_blocks):
-                first = index == 0
-                x = CaffeBottleneck(
-                    planes=width * 2**stage,
-                    stride=STAGE_STRIDES[stage] if first else 1,
-                    dilation=STAGE_DILATIONS[stage],
-                    downsample=first,
-                    dtype=self.dtype,
-                    conv_impl=self.conv_impl,
-                    name=f"layer{stage + 1}_{index}",
-                )(x, train)
+            x = bottleneck_stage(x, stage, num_blocks, width, self.dtype, self.conv_impl, train)
             if stage == 2 and self.multi_level:
                 outputs["aux_logits"] = ClassifierModule(
                     self.num_classes, dtype=self.dtype, name="layer5"
                 )(x)
         outputs["logits"] = ClassifierModule(self.num_classes, dtype=self.dtype, name="layer6")(x)
         return outputs
+
+
+def bottleneck_stage(
+    x: jax.Array, stage: int, num_blocks: int, width: int, dtype, conv_impl: str, train: bool
+) -> jax.Array:
+    """ResNet stage ``stage`` (0-3) of ``num_blocks`` bottlenecks, ``layer{stage+1}_{i}``,
+    the first with the shortcut conv and the stage's stride; built in the calling module's
+    scope (ADVENT's and ProDA's networks)."""
+    for index in range(num_blocks):
+        first = index == 0
+        x = CaffeBottleneck(
+            planes=width * 2**stage,
+            stride=STAGE_STRIDES[stage] if first else 1,
+            dilation=STAGE_DILATIONS[stage],
+            downsample=first,
+            dtype=dtype,
+            conv_impl=conv_impl,
+            name=f"layer{stage + 1}_{index}",
+        )(x, train)
+    return x
 
 
 def ceil_mode_max_pool(x: jax.Array) -> jax.Array:

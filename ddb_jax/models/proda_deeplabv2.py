@@ -51,12 +51,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddb_jax.models.advent_deeplabv2 import (
-    STAGE_DILATIONS,
-    STAGE_STRIDES,
-    CaffeBottleneck,
-    ceil_mode_max_pool,
-)
+from ddb_jax.models.advent_deeplabv2 import bottleneck_stage, ceil_mode_max_pool
 from ddb_jax.models.deeplabv2 import TORCH_CONV_KERNEL_INIT, torch_conv_bias_init
 from ddb_jax.models.layers import CONV_IMPLS, make_conv, make_norm
 from ddb_jax.ops import IMAGE_MEAN, IMAGE_STD, upcast
@@ -211,17 +206,7 @@ class ProdaDeepLabV2(nn.Module):
         x = nn.relu(make_norm(train, self.dtype, "bn1")(x))
         x = ceil_mode_max_pool(x)
         for stage, num_blocks in enumerate(self.blocks):
-            for index in range(num_blocks):
-                first = index == 0
-                x = CaffeBottleneck(
-                    planes=width * 2**stage,
-                    stride=STAGE_STRIDES[stage] if first else 1,
-                    dilation=STAGE_DILATIONS[stage],
-                    downsample=first,
-                    dtype=self.dtype,
-                    conv_impl=self.conv_impl,
-                    name=f"layer{stage + 1}_{index}",
-                )(x, train)
+            x = bottleneck_stage(x, stage, num_blocks, width, self.dtype, self.conv_impl, train)
         if self.bn_clr:
             x = make_norm(train, self.dtype, "bn_pretrain")(x)
         logits, feature = ProdaClassifier(
