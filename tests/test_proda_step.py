@@ -26,7 +26,7 @@ import torch
 
 from ddb_jax import checkpoints, methods, models
 from ddb_jax.methods import optim, previews, registry
-from ddb_jax.methods.state import as_optimizers
+from ddb_jax.methods.state import TrainState, as_optimizers
 from ddb_jax.offline import prototype_io
 from tests.parity_support import (
     EPS64,
@@ -279,32 +279,28 @@ def test_settings_are_checked_and_the_initial_table_is_read(tmp_path):
         methods.check_config(config)
 
 
-def test_without_a_strong_view_in_the_batch_the_step_draws_it_on_the_device():
-    """The input delivers the weak crop only: the step draws RandAugmentMC from its own key
-    ("strong_view") and trains exactly as if that view had come in the batch."""
+def test_without_a_strong_view_in_the_batch_the_step_draws_it_from_its_own_key():
+    """The input delivers the weak crop only: the update draws RandAugmentMC from the step
+    key "strong_view" (tests/test_proda_pipeline.py trains with it); a batch that has a
+    strong view (the reference's, above) keeps it."""
     from ddb_jax.methods import base
-    from ddb_jax.methods.proda_shared import STRONG_VIEW_KEY
+    from ddb_jax.methods.proda import ProDA
+    from ddb_jax.methods.proda_shared import STRONG_VIEW_KEY, with_strong_view
     from ddb_jax.ops import denormalize_image
     from ddb_jax.uda import randaugment
 
-    config = proda_config("proda")
-    weak = {k: v for k, v in stage1_batch().items() if k not in ("target_strong", "strong_params")}
-    weak = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32)
-                                  if np.asarray(x).dtype == np.float64 else x, weak)  # fmt: skip
-    table = np.random.default_rng(3).normal(0.5, 0.5, (NUM_CLASSES, 32))
-    student_t = torch_model(seed=5)
-    before, state, out, _ = jax_step(config, student_t, weak, prototypes=table)
-
-    method = methods.create(config, models.build_model(config.model).apply)
-    key = base.StepKeys(before, method.key_names)[STRONG_VIEW_KEY]
+    batch = jax.tree_util.tree_map(np.float32, stage1_batch())
+    assert with_strong_view(batch, jax.random.PRNGKey(1)) is batch
+    weak = {k: v for k, v in batch.items() if k not in ("target_strong", "strong_params")}
+    state = TrainState(step=jnp.int32(3), params={}, batch_stats={}, opt_state=(),
+                       key=jax.random.PRNGKey(0), others={})  # fmt: skip
+    key = base.StepKeys(state, ProDA.key_names)[STRONG_VIEW_KEY]
+    drawn = jax.jit(with_strong_view)(weak, key)
     draw = randaugment.draw_strong(key, 2, *WEAK)
     strong, params = randaugment.apply_strong(denormalize_image(weak["target_image"]), draw)
     # The same view (compiled apart, a float32 resampling may land one level off a tie).
-    levels = np.abs(denormalize_image(out["target_strong"]) - strong)
+    levels = np.abs(denormalize_image(drawn["target_strong"]) - strong)
     assert levels.max() <= 1.0 + 1e-3 and np.mean(levels > 1e-3) < 1e-3
-    given = {**weak, "target_strong": np.asarray(out["target_strong"]),
-             "strong_params": jax.device_get(params)}  # fmt: skip
-    _, state_given, _, _ = jax_step(config, student_t, given, prototypes=table)
-    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(state_given),
-                    strict=True):  # fmt: skip
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # float32, two programs
+    for name, value in params.items():
+        np.testing.assert_array_equal(drawn["strong_params"][name], value)
+    assert drawn["target_strong"].dtype == weak["target_image"].dtype
