@@ -160,9 +160,11 @@ def get_config() -> ml_collections.ConfigDict:
     )
     # MIC's masked image consistency (ddb_jax/methods/mic.py), an option of every
     # self-training stage: the colour-augmented target with blocks hidden, trained on the
-    # EMA teacher's pseudo-labels and quality weight.
+    # EMA teacher's pseudo-labels and quality weight. Blocks of 32 pixels for crops of
+    # half-resolution images, as MIC's experiments.py sets them ("half the patch size when
+    # training with half resolution"); its 64 is for HRDA's full-resolution crops.
     config.mic = ml_collections.ConfigDict(
-        dict(enabled=False, block_size=64, mask_ratio=0.7, weight=1.0, color_augment=True)
+        dict(enabled=False, block_size=32, mask_ratio=0.7, weight=1.0, color_augment=True)
     )
 
     # Cross-path knowledge distillation (docs/method.md §1.5), stage 'ckd'. Teachers are

@@ -207,12 +207,13 @@ def test_mic_draws_share_coins_order_and_sigma():
 def test_mic_settings():
     config = default.get_config()
     assert not config.mic.enabled
-    assert (config.mic.block_size, config.mic.mask_ratio, config.mic.weight) == (64, 0.7, 1.0)
+    # MIC's experiments.py for 512x512 crops of half-resolution images (DAFormer's setting).
+    assert (config.mic.block_size, config.mic.mask_ratio, config.mic.weight) == (32, 0.7, 1.0)
     assert config.mic.color_augment
     config.mic.enabled = True
-    methods.check_config(config)  # 512 x 512 crops: an 8 x 8 grid
-    config.data.crop_size = (16, 16)
-    with pytest.raises(mic_method.MicConfigError, match="block_size=64"):
+    methods.check_config(config)  # 512 x 512 crops: a 16 x 16 grid
+    config.data.crop_size = (8, 8)
+    with pytest.raises(mic_method.MicConfigError, match="block_size=32"):
         methods.check_config(config)
     config.data.crop_size = (512, 512)
     config.mic.mask_ratio = 1.0
