@@ -19,6 +19,7 @@ from ddb_jax.offline import proda_labels, prototype_io, prototype_stage
 from ddb_jax.train import setup
 from input_pipeline import proda as proda_data
 from tests.support import run_cli
+from torch_ref.prototypes import sequential_table
 
 FULL = (64, 128)  # the toy's 128 x 256 images, resized: a quarter of the work
 NUM_CLASSES = 19
@@ -153,24 +154,6 @@ def test_a_missing_model_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def sequential_prototypes(outputs, cap, min_pixels=10):
-    """calc_prototype.py's Class_Features + update_objective_SingleVector('mean'): image by
-    image, at the network's resolution."""
-    table, counts = torch.zeros(NUM_CLASSES, 32), torch.zeros(NUM_CLASSES)
-    for logits, feature in outputs:
-        pred = F.softmax(logits, 0).argmax(0)
-        for k in range(NUM_CLASSES):
-            mask = pred == k
-            if mask.sum() < min_pixels:
-                continue
-            vector = feature[:, mask].mean(1)
-            if vector.sum() == 0:
-                continue
-            table[k] = (table[k] * counts[k] + vector) / (counts[k] + 1)
-            counts[k] = min(counts[k] + 1, cap)
-    return table.numpy(), counts.numpy()
-
-
 def test_prototypes_in_proda_mode_follow_calc_prototype(toy_root, model_dir, tmp_path):
     config = stage_config(toy_root, model_dir, "prototypes")
     config.prototypes.mode, config.prototypes.num_passes = "proda", 2
@@ -188,7 +171,7 @@ def test_prototypes_in_proda_mode_follow_calc_prototype(toy_root, model_dir, tmp
             outputs.append(tuple(torch.from_numpy(np.array(out[k][i])).permute(2, 0, 1)
                                  for k in ("logits", "feature")))  # fmt: skip
     assert len(outputs) == 2 * len(images)
-    ref_table, ref_counts = sequential_prototypes(outputs, cap=3, min_pixels=4)
+    ref_table, ref_counts = sequential_table(outputs, NUM_CLASSES, 32, cap=3, min_pixels=4)
     assert (ref_counts == 3).any() and (ref_counts > 0).sum() >= 2  # the EMA branch is taken
     np.testing.assert_array_equal(counts, ref_counts)
     np.testing.assert_allclose(table, ref_table, rtol=1e-4, atol=1e-5)

@@ -18,6 +18,7 @@ from input_pipeline import toy
 from input_pipeline import train as train_data
 from tests.support import data_config, identities, write_identity_gta
 from tools import calc_prototypes
+from torch_ref.prototypes import sequential_table
 
 NUM_IMAGES, PASSES, CROP, NUM_CLASSES, CHANNELS = 6, 2, (64, 64), 19, 16
 
@@ -104,19 +105,7 @@ def reference_outputs(toy6_root, model_dir):
 
 def sequential_reference(outputs, cap, min_pixels=10):
     """The reference's ClassFeatures: image by image, class by class, running mean + cap."""
-    table, counts = torch.zeros(NUM_CLASSES, CHANNELS), torch.zeros(NUM_CLASSES)
-    for logits, feature in outputs:
-        pred = F.softmax(logits, 0).argmax(0)
-        for k in range(NUM_CLASSES):
-            mask = pred == k
-            if mask.sum() < min_pixels:
-                continue
-            vector = feature[:, mask].mean(1)
-            if vector.sum() == 0:
-                continue
-            table[k] = (table[k] * counts[k] + vector) / (counts[k] + 1)
-            counts[k] = min(counts[k] + 1, cap)
-    return table.numpy(), counts.numpy()
+    return sequential_table(outputs, NUM_CLASSES, CHANNELS, cap, min_pixels)
 
 
 def test_reference_stream_counts_every_image_once_in_order(reference_outputs):

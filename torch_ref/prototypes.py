@@ -29,6 +29,25 @@ def update_table(table, counts, idx: int, vector, cap: int) -> None:
     counts[idx] = min(counts[idx] + 1, cap)
 
 
+def sequential_table(outputs, num_classes: int, channels: int, cap: int, min_pixels: int = 10):
+    """The reference's class features image by image (DDB's ClassFeatures, ProDA's
+    calc_prototype.py): per (logits CHW, feature CHW), each class predicted on at least
+    ``min_pixels`` pixels adds its mean feature to a running mean capped at ``cap``."""
+    table, counts = torch.zeros(num_classes, channels), torch.zeros(num_classes)
+    for logits, feature in outputs:
+        pred = F.softmax(logits, 0).argmax(0)
+        for k in range(num_classes):
+            mask = pred == k
+            if mask.sum() < min_pixels:
+                continue
+            vector = feature[:, mask].mean(1)
+            if vector.sum() == 0:
+                continue
+            table[k] = (table[k] * counts[k] + vector) / (counts[k] + 1)
+            counts[k] = min(counts[k] + 1, cap)
+    return table.numpy(), counts.numpy()
+
+
 def prototype_weight(feature: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """CKD.get_prototype_weight: softmax over classes of -(d - min d), d an L2 distance."""
     n, _, h, w = feature.shape

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from ddb_jax import models
-from ddb_jax.convert.common import ConversionError, convert_state_dict
+from ddb_jax.convert.common import ConversionError, convert_state_dict, strip_data_parallel
 
 SEGMENTOR_PREFIXES = ("backbone.", "decode_head.")
 
@@ -100,7 +100,7 @@ def _convert_advent(state, model_cfg: ml_collections.ConfigDict, source: str):
     from ddb_jax.convert import advent
 
     model = models.build_model(model_cfg)
-    plain = advent.strip_data_parallel(state)
+    plain = strip_data_parallel(state)
     if any(key.startswith("layer6.") for key in plain):
         model_cfg.advent_multi_level = any(key.startswith("layer5.") for key in plain)
         model = models.build_model(model_cfg)

@@ -36,13 +36,12 @@ from ddb_jax.convert.common import (
     ConversionError,
     TorchSource,
     conv_kernel,
-    convert_state_dict,
+    convert_to_shapes,
     identity,
+    strip_data_parallel,
 )
 from ddb_jax.models.advent_deeplabv2 import CLASSIFIER_MODULES, AdventDeepLabV2
 from ddb_jax.models.discriminator import LAYER_NAMES, FCDiscriminator
-
-DATA_PARALLEL_PREFIX = "module."
 
 # (collection, flax leaf) -> (torch leaf, transform).
 LEAVES = {
@@ -83,21 +82,6 @@ def discriminator_torch_name(path: tuple[str, ...], layout: str = "sequential") 
     return TorchSource(f"{module}.{torch_leaf}", transform)
 
 
-def strip_data_parallel(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Drops the ``module.`` prefix when every key has it (a DataParallel state dict)."""
-    if state_dict and all(k.startswith(DATA_PARALLEL_PREFIX) for k in state_dict):
-        return {k[len(DATA_PARALLEL_PREFIX) :]: v for k, v in state_dict.items()}
-    return dict(state_dict)
-
-
-def _shapes_as(shapes, dtype):
-    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
-
-
-def _as_numpy(tree) -> dict[str, Any]:
-    return jax.tree_util.tree_map(np.asarray, tree)
-
-
 def convert_advent(
     state_dict: Mapping[str, np.ndarray],
     model: AdventDeepLabV2 | None = None,
@@ -118,9 +102,8 @@ def convert_advent(
       ConversionError: naming every missing and unexpected key and every shape conflict.
     """
     model = AdventDeepLabV2(num_classes=19) if model is None else model
-    shapes = _shapes_as(models.variable_shapes(model), dtype)
-    state = strip_data_parallel(state_dict)
-    return _as_numpy(convert_state_dict(state, shapes, torch_name, source=source))
+    return convert_to_shapes(state_dict, models.variable_shapes(model), torch_name,
+                             dtype=dtype, source=source)  # fmt: skip
 
 
 def convert_advent_imagenet(
@@ -141,12 +124,8 @@ def convert_advent_imagenet(
             raise ConversionError(f"{source}: key {key!r} has no prefix component to drop")
         if parts[1] != "layer5":
             state[".".join(parts[1:])] = value
-    shapes = _shapes_as(models.variable_shapes(model), dtype)
-    backbone_shapes = {
-        collection: {k: v for k, v in tree.items() if k not in CLASSIFIER_MODULES}
-        for collection, tree in shapes.items()
-    }
-    return _as_numpy(convert_state_dict(state, backbone_shapes, torch_name, source=source))
+    return convert_to_shapes(state, models.variable_shapes(model), torch_name, dtype=dtype,
+                             without=CLASSIFIER_MODULES, source=source)  # fmt: skip
 
 
 def convert_discriminator(
@@ -167,11 +146,5 @@ def convert_discriminator(
     layout = "named" if any(k.startswith(f"{LAYER_NAMES[0]}.") for k in state) else "sequential"
     inputs = jax.ShapeDtypeStruct((1, 64, 64, num_classes), np.float32)
     shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), inputs)
-    return _as_numpy(
-        convert_state_dict(
-            state,
-            _shapes_as(shapes, dtype),
-            lambda path: discriminator_torch_name(path, layout),
-            source=source,
-        )
-    )
+    return convert_to_shapes(state, shapes, lambda path: discriminator_torch_name(path, layout),
+                             dtype=dtype, source=source)  # fmt: skip

@@ -128,3 +128,34 @@ def convert_state_dict(
                     lines.append(f"    ... and {len(items) - 50} more")
         raise ConversionError("\n".join(lines))
     return converted
+
+
+DATA_PARALLEL_PREFIX = "module."
+
+
+def strip_data_parallel(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drops the ``module.`` prefix when every key has it (a DataParallel state dict)."""
+    if state_dict and all(k.startswith(DATA_PARALLEL_PREFIX) for k in state_dict):
+        return {k[len(DATA_PARALLEL_PREFIX) :]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def convert_to_shapes(
+    state_dict: Mapping[str, np.ndarray],
+    shapes,
+    torch_name: Callable[[tuple[str, ...]], TorchSource],
+    *,
+    dtype=np.float32,
+    without: Iterable[str] = (),
+    ignore_keys: Iterable[str] = (),
+    source: str = "checkpoint",
+):
+    """A (DataParallel or plain) state dict -> numpy variables of ``shapes`` (a tree of
+    shapes, e.g. ``models.variable_shapes``), every leaf ``dtype``; the top-level modules
+    in ``without`` are left out (a backbone file fills the backbone alone)."""
+    without = set(without)
+    kept = {c: {k: v for k, v in tree.items() if k not in without} for c, tree in shapes.items()}
+    target = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), kept)
+    converted = convert_state_dict(strip_data_parallel(state_dict), target, torch_name,
+                                   ignore_keys=ignore_keys, source=source)  # fmt: skip
+    return jax.tree_util.tree_map(np.asarray, converted)

@@ -31,18 +31,17 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import numpy as np
 
 from ddb_jax import models
-from ddb_jax.convert.advent import strip_data_parallel
 from ddb_jax.convert.common import (
     ConversionError,
     TorchSource,
     conv_kernel,
-    convert_state_dict,
+    convert_to_shapes,
     identity,
     linear_kernel,
+    strip_data_parallel,
 )
 from ddb_jax.models.proda_deeplabv2 import CLASSIFIER_MODULES, ProdaDeepLabV2
 
@@ -95,14 +94,6 @@ def proda_state_dict(checkpoint: Mapping, source: str = "checkpoint") -> tuple[s
     return "", checkpoint
 
 
-def _shapes_as(shapes, dtype):
-    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
-
-
-def _as_numpy(tree) -> dict[str, Any]:
-    return jax.tree_util.tree_map(np.asarray, tree)
-
-
 def convert_proda(
     state_dict: Mapping[str, np.ndarray],
     model: ProdaDeepLabV2 | None = None,
@@ -123,9 +114,8 @@ def convert_proda(
       ConversionError: naming every missing and unexpected key and every shape conflict.
     """
     model = ProdaDeepLabV2(num_classes=19) if model is None else model
-    shapes = _shapes_as(models.variable_shapes(model), dtype)
-    state = strip_data_parallel(state_dict)
-    return _as_numpy(convert_state_dict(state, shapes, torch_name, source=source))
+    return convert_to_shapes(state_dict, models.variable_shapes(model), torch_name,
+                             dtype=dtype, source=source)  # fmt: skip
 
 
 def convert_proda_backbone(
@@ -139,17 +129,10 @@ def convert_proda_backbone(
     (conv1, bn1, layer1..4): layer5 and bn_pretrain stay randomly initialised, as in the
     reference; the file's ``fc`` is ignored."""
     model = ProdaDeepLabV2(num_classes=19) if model is None else model
-    shapes = _shapes_as(models.variable_shapes(model), dtype)
-    backbone_shapes = {
-        collection: {k: v for k, v in tree.items() if k not in CLASSIFIER_MODULES}
-        for collection, tree in shapes.items()
-    }
-    state = strip_data_parallel(state_dict)
-    return _as_numpy(
-        convert_state_dict(
-            state, backbone_shapes, torch_name, ignore_keys=IMAGENET_CLASSIFIER, source=source
-        )
-    )
+    return convert_to_shapes(
+        state_dict, models.variable_shapes(model), torch_name, dtype=dtype,
+        without=CLASSIFIER_MODULES, ignore_keys=IMAGENET_CLASSIFIER, source=source,
+    )  # fmt: skip
 
 
 def is_trained_network(state_dict: Mapping[str, np.ndarray]) -> bool:

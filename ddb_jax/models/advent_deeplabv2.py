@@ -198,8 +198,9 @@ def ceil_mode_max_pool(x: jax.Array) -> jax.Array:
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=tuple(pads))
 
 
-def _path_names(path: tuple) -> list[str]:
-    """A jax key path (DictKey / GetAttrKey / SequenceKey entries) as plain names."""
+def path_names(path: tuple) -> list[str]:
+    """A jax key path (DictKey / GetAttrKey / SequenceKey entries) or a tuple of strings as
+    plain names, without the 'params' collection."""
     names = []
     for entry in path:
         for attr in ("key", "name", "idx"):
@@ -208,19 +209,19 @@ def _path_names(path: tuple) -> list[str]:
                 break
         else:
             names.append(str(entry))
-    return names
+    return [name for name in names if name != "params"]
 
 
 def frozen_param(path: tuple) -> bool:
     """A BN scale or bias: ``requires_grad=False`` in the reference, never updated (and not
     weight-decayed). ``path``: a key path of the params tree (with or without 'params')."""
-    names = _path_names(path)
+    names = path_names(path)
     return len(names) >= 2 and names[-2] in BN_MODULES and names[-1] in ("scale", "bias")
 
 
 def is_classifier_param(path: tuple) -> bool:
     """A parameter of layer5/layer6: the reference's 10x learning-rate group."""
-    return any(name in CLASSIFIER_MODULES for name in _path_names(path))
+    return any(name in CLASSIFIER_MODULES for name in path_names(path))
 
 
 def listed_times(path: tuple) -> int:
@@ -229,7 +230,7 @@ def listed_times(path: tuple) -> int:
     conv1, bn1 and layer1..4): the stem conv once, a bottleneck conv 3 times (the layer, the
     block, the conv), a shortcut conv 4 times (the layer, the block, the shortcut, the conv);
     1 elsewhere (the classifiers are listed once, BN parameters not at all)."""
-    names = [n for n in _path_names(path) if n != "params"]
+    names = path_names(path)
     if not names or frozen_param(path) or not re.fullmatch(r"layer[1-4]_\d+", names[0]):
         return 1
     return 4 if len(names) > 1 and names[1].startswith("downsample_") else 3

@@ -51,7 +51,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddb_jax.models.advent_deeplabv2 import bottleneck_stage, ceil_mode_max_pool
+from ddb_jax.models.advent_deeplabv2 import bottleneck_stage, ceil_mode_max_pool, path_names
 from ddb_jax.models.deeplabv2 import TORCH_CONV_KERNEL_INIT, torch_conv_bias_init
 from ddb_jax.models.layers import CONV_IMPLS, make_conv, make_norm
 from ddb_jax.ops import IMAGE_MEAN, IMAGE_STD, upcast
@@ -220,23 +220,10 @@ class ProdaDeepLabV2(nn.Module):
         return {"logits": logits, "feature": feature}
 
 
-def _path_names(path: tuple) -> list[str]:
-    """A jax key path (DictKey / GetAttrKey entries) or a tuple of strings as plain names."""
-    names = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                names.append(str(getattr(entry, attr)))
-                break
-        else:
-            names.append(str(entry))
-    return [name for name in names if name != "params"]
-
-
 def is_classifier_param(path: tuple) -> bool:
     """A parameter of the reference's 10x group (warm-up and ``--finetune`` stages): layer5
     and, with ``bn_clr``, bn_pretrain. ``path``: a key path of the params tree."""
-    return any(name in CLASSIFIER_MODULES for name in _path_names(path))
+    return any(name in CLASSIFIER_MODULES for name in path_names(path))
 
 
 def listed_times(path: tuple) -> int:
@@ -247,7 +234,7 @@ def listed_times(path: tuple) -> int:
     parameters train here (no ``requires_grad=False``), unlike ADVENT's. How a repeated
     listing steps depends on the torch version ProDA ran, which it does not pin; stage 1
     (no ``--finetune``) lists every parameter once, in one group."""
-    names = _path_names(path)
+    names = path_names(path)
     if not names or not re.fullmatch(r"layer[1-4]_\d+", names[0]):
         return 1
     return 4 if len(names) > 1 and names[1].startswith("downsample_") else 3
