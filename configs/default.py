@@ -18,7 +18,8 @@ def get_model_config() -> ml_collections.ConfigDict:
             # resnet{18,34,50,101,152}_v1c | mit_b{0..5} | resnet101_caffe (ADVENT's) |
             # resnet101_proda (ProDA's)
             backbone="resnet101_v1c",
-            head="dlv2",  # dlv2 | segformer | daformer | mmseg_segformer | advent_aspp | proda_aspp
+            # dlv2 | dlv2_sum | segformer | daformer | mmseg_segformer | advent_aspp | proda_aspp
+            head="dlv2",
             num_classes=19,
             base_channels=64,  # ResNet width (mmseg base/stem channels); 64 in real models
             head_channels=256,  # DLV2: 2 ASPP branches x 128; SegFormer/DAFormer: embed dim
@@ -35,6 +36,24 @@ def get_model_config() -> ml_collections.ConfigDict:
             # 2048-channel output of its stages 2/3 (SimCLRv2 students).
             proda_blocks=(3, 4, 23, 3),
             proda_bn_clr=False,
+            # HRDA's multi-resolution segmentor (ddb_jax/models/hrda.py) around head 'daformer'
+            # (MiT), 'dlv2_sum' or 'dlv2' (resnet*_v1c): the image at half resolution (context)
+            # and a full-resolution detail crop, fused by a learnt scale attention
+            # (attention_channels: its DAFormer head's width). crop_divisible (the detail
+            # box's alignment) and detail_loss_weight are read by the training step. slide_detail:
+            # inference runs the detail view in overlapping windows of the crop size.
+            hrda=ml_collections.ConfigDict(
+                dict(
+                    enabled=False,
+                    context_scale=0.5,
+                    detail_crop=(512, 512),
+                    crop_divisible=8,
+                    detail_loss_weight=0.1,
+                    attention_classwise=True,
+                    attention_channels=256,
+                    slide_detail=True,
+                )
+            ),
         )
     )
 
@@ -53,8 +72,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint = ""
 
     # Data (docs/method.md §1.6). Dataset names: gta, synscapes, synthia, cityscapes,
-    # mapillary, toy_source, toy_target. Several names = multi-source / multi-target
-    # concatenation.
+    # mapillary, toy_source, toy_target, toy_hr_source, toy_hr_target. Several names =
+    # multi-source / multi-target concatenation.
     config.data = ml_collections.ConfigDict(
         dict(
             root="data",
@@ -78,7 +97,11 @@ def get_config() -> ml_collections.ConfigDict:
             rare_class_sampling=False,
             rcs_temperature=0.01,
             rcs_min_pixels=3000,
-            rcs_min_crop_ratio=0.5,
+            rcs_min_crop_ratio=0.5,  # HRDA: 2.0 (full-resolution crops hold 4x the pixels)
+            # HRDA's pseudo-label margins (top, bottom, left, right) of the target images as
+            # read: batches then hold 'target_valid', 0 where a crop pixel lies in them, and
+            # the pseudo-labels there count nothing (HRDA on Cityscapes: (30, 240, 30, 30)).
+            target_pseudo_margins=(0, 0, 0, 0),
             # dataset name -> (long, short) resize scale, or None to keep the size; overrides
             # the per-dataset table of input_pipeline/datasets.py.
             resize_scales={},

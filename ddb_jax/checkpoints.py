@@ -196,7 +196,16 @@ def load_model_dir(model_dir: str) -> tuple[dict[str, Any], ml_collections.Confi
 # Keys of config.model that fix the architecture (dtype, remat and dropout do not).
 ARCHITECTURE_KEYS = (
     "backbone", "head", "num_classes", "base_channels", "head_channels", "mit_layout",
+    "hrda.enabled",
 )  # fmt: skip
+
+
+def model_setting(model_cfg: ml_collections.ConfigDict, key: str):
+    """``model_cfg``'s value of an architecture key; 'hrda.enabled' is False in model
+    directories written before HRDA existed."""
+    if key == "hrda.enabled":
+        return bool((model_cfg.get("hrda") or {}).get("enabled", False))
+    return model_cfg.get(key)
 
 
 def check_compatible(
@@ -204,9 +213,10 @@ def check_compatible(
 ) -> None:
     """Refuses a model directory whose architecture differs from the config's."""
     diffs = [
-        f"config.model.{k}: checkpoint {stored.get(k)!r} vs config {wanted.get(k)!r}"
+        f"config.model.{k}: checkpoint {model_setting(stored, k)!r} vs config "
+        f"{model_setting(wanted, k)!r}"
         for k in ARCHITECTURE_KEYS
-        if k in stored and stored.get(k) != wanted.get(k)
+        if (k in stored or "." in k) and model_setting(stored, k) != model_setting(wanted, k)
     ]
     if diffs:
         raise CheckpointError(f"{what} does not match the config:\n  " + "\n  ".join(diffs))

@@ -13,12 +13,22 @@
       runs/proda_stage3 --backbone=resnet101_proda --allow-pickle
   python tools/convert_checkpoint.py resnet101-5d3b4d8f.pth pretrained/proda_imagenet \
       --backbone=resnet101_proda
+  python tools/convert_checkpoint.py gtaHR2csHR_mic_hrda.pth runs/mic_hrda --backbone=mit_b5
+  python tools/convert_checkpoint.py gtaHR2csHR_hrda_r101.pth runs/hrda_dlv2 \
+      --backbone=resnet101_v1c --head=dlv2_sum
 
 MiT heads: ``segformer`` (DAFormer/NVlabs all-MLP head), ``daformer`` (default) and
 ``mmseg_segformer`` (mmseg 0.x's SegformerHead); a segmentor checkpoint holding another
 head than ``--head`` fails with the value it needs.
 
-A DDB checkpoint holds several models; ``--which`` picks one (default: the deployable
+HRDA (and MIC(HRDA)) checkpoints are told by their scale-attention head
+(``decode_head.scale_attention.*``): the model directory gets ``hrda.enabled=True`` (with the
+attention's width and class-wise output from the file); their single-scale head is
+``daformer`` (MiT) or ``dlv2_sum`` (DAFormer's DLV2Head, ResNetV1c), which ``--head`` must
+name.
+
+A DDB checkpoint (or a DAFormer/HRDA/MIC one: ``model``, ``ema_model``, ``imnet_model``)
+holds several models; ``--which`` picks one (default: the deployable
 student, ``stu_model`` for CKD and ``model`` for self-training). Every tensor must be
 used exactly once; on any mismatch the error lists missing/unexpected keys and shape
 conflicts and nothing is written.
@@ -50,7 +60,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--head",
         default=None,
-        help="dlv2 | segformer | daformer | mmseg_segformer | advent_aspp | proda_aspp",
+        help="dlv2 | dlv2_sum | segformer | daformer | mmseg_segformer | advent_aspp | proda_aspp",
     )
     parser.add_argument("--num-classes", type=int, default=19)
     parser.add_argument("--head-channels", type=int, default=None)
@@ -83,8 +93,10 @@ def main(argv: list[str]) -> int:
             )
     except Exception as err:  # a bad file or flag: one line (exit 1 or 2); a bug: traceback
         return errors.report(err)
+    hrda = model_cfg.get("hrda")
+    wrapper = "HRDA " if hrda is not None and hrda.get("enabled", False) else ""
     print(
-        f"wrote {args.out}: {provenance['kind']} {model_cfg.backbone}+{model_cfg.head} "
+        f"wrote {args.out}: {provenance['kind']} {wrapper}{model_cfg.backbone}+{model_cfg.head} "
         f"from {args.checkpoint} (prefix {provenance['prefix'] or 'none'})"
     )
     return 0

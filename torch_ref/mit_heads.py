@@ -296,14 +296,21 @@ class ASPPWrapper(nn.Module):
 
 
 class DAFormerHead(nn.Module):
-    def __init__(self, in_channels, channels=256, num_classes=19):
+    """DAFormer's head; ``fusion='conv'``: a 1x1 ConvModule instead of the separable ASPP
+    (HRDA's scale-attention head, fusion_cfg type 'conv')."""
+
+    def __init__(self, in_channels, channels=256, num_classes=19, dropout=0.1, fusion="aspp"):
         super().__init__()
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
-        self.dropout = nn.Dropout2d(0.1)
+        self.dropout = nn.Dropout2d(dropout)
         self.embed_layers = nn.ModuleDict(
             {str(i): MLP(c, channels) for i, c in enumerate(in_channels)}
         )
-        self.fuse_layer = ASPPWrapper(channels * len(in_channels), channels)
+        fused_in = channels * len(in_channels)
+        if fusion == "conv":
+            self.fuse_layer = ConvModule(fused_in, channels, 1)
+        else:
+            self.fuse_layer = ASPPWrapper(fused_in, channels)
 
     def forward(self, features):
         feature = self.fuse_layer(embed_upsample(self.embed_layers, features))

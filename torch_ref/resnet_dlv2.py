@@ -1,4 +1,5 @@
-"""PyTorch reference: mmseg ResNetV1c + DDB's DLV2AdapterHead, written from their semantics.
+"""PyTorch reference: mmseg ResNetV1c + DDB's DLV2AdapterHead (and DAFormer's DLV2Head, the
+sum of ASPP branches HRDA uses), written from their semantics.
 
 Module names reproduce the mmseg state-dict keys (``backbone.stem.0.weight``,
 ``backbone.layer3.0.downsample.1.running_var``, ``decode_head.aspp_modules.1.conv.weight``,
@@ -147,6 +148,37 @@ class DLV2AdapterHead(nn.Module):
         x = torch.cat([m(x) for m in self.aspp_modules], dim=1)
         feature = self.bottleneck(x)
         return self.conv_seg(self.dropout(feature)), feature
+
+
+class ASPPBranch(nn.Module):
+    """mmcv ConvModule without norm or activation: a conv with bias, child ``conv``."""
+
+    def __init__(self, cin, cout, dilation):
+        super().__init__()
+        kernel, pad = (1, 0) if dilation == 1 else (3, dilation)
+        self.conv = nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class DLV2SumHead(nn.Module):
+    """DAFormer's DLV2Head (HRDA's DeepLabV2 head): dilated convs of the last map straight
+    to the classes, summed in order; returns (logits, that map) as it has no feature layer."""
+
+    def __init__(self, in_channels, dilations=(6, 12), num_classes=19):
+        super().__init__()
+        self.aspp_modules = nn.ModuleList(
+            ASPPBranch(in_channels, num_classes, d) for d in dilations
+        )
+
+    def forward(self, inputs):
+        x = inputs[-1]
+        outs = [m(x) for m in self.aspp_modules]
+        logits = outs[0]
+        for out in outs[1:]:
+            logits = logits + out
+        return logits, x
 
 
 class Segmentor(nn.Module):

@@ -1,4 +1,4 @@
-"""PyTorch (mmseg / DDB / ADVENT / ProDA / ImageNet) weights -> Flax variables of our models.
+"""PyTorch (mmseg / DDB / DAFormer / HRDA / ADVENT / ProDA / ImageNet) weights -> Flax variables.
 
 ``convert_model_state`` takes one model's numpy state dict (see ``torch_io``) and
 the model config, and returns Flax variables; strict: every tensor is used once
@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from ddb_jax import models
+from ddb_jax.convert import hrda
 from ddb_jax.convert.common import ConversionError, convert_state_dict, strip_data_parallel
 
 SEGMENTOR_PREFIXES = ("backbone.", "decode_head.")
@@ -32,6 +33,11 @@ def _architecture(family: str):
     else:
         from ddb_jax.convert import mit as arch
     return arch
+
+
+def _hrda_enabled(model_cfg: ml_collections.ConfigDict) -> bool:
+    """Whether the config builds HRDA's segmentor (configs without the section do not)."""
+    return bool(model_cfg.get("hrda") is not None and model_cfg.hrda.get("enabled", False))
 
 
 def _prune_none(tree):
@@ -68,10 +74,12 @@ def convert_model_state(
     kind = "segmentor" if is_segmentor_state(state) else "backbone"
     if kind == "backbone":
         state = {f"backbone.{k}": v for k, v in state.items()}
+    else:
+        hrda.configure(state, model_cfg, source)  # HRDA's layout fixes config.model.hrda
     if family == "mit":
         # The key layout fixes the LayerNorm eps the model must use (docs/method.md §1.7).
         model_cfg.mit_layout = arch.detect_mit_layout(state)
-        if kind == "segmentor":
+        if kind == "segmentor" and not hrda.is_hrda_state(state):
             arch.check_head(state, model_cfg.head, source)
         if model_cfg.mit_layout == "mmseg":
             state = arch.mmseg_to_nvlabs(state)
@@ -87,8 +95,9 @@ def convert_model_state(
             )
     shapes = models.variable_shapes(models.build_model(model_cfg))
     skip = (lambda path: path[1] != "backbone") if kind == "backbone" else (lambda path: False)
+    names = hrda.torch_name(arch.torch_name) if _hrda_enabled(model_cfg) else arch.torch_name
     variables = convert_state_dict(
-        state, shapes, arch.torch_name, skip=skip, ignore_keys=ignore, source=source
+        state, shapes, names, skip=skip, ignore_keys=ignore, source=source
     )
     variables = jax.tree_util.tree_map(np.asarray, _prune_none(variables))
     return variables, model_cfg, kind

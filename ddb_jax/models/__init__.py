@@ -6,6 +6,8 @@ for DeepLabV2, 1/4 for SegFormer heads); DDB's segmentors also ``feature``, the
 decode-head feature that feeds the final 1x1 classifier (the prototype feature of DDB,
 docs/method.md §1.4), and on request ``backbone``, the backbone's maps of the same forward.
 Evaluation, prediction, previews and the methods read outputs by name, never by position.
+With ``config.model.hrda.enabled`` the segmentor is HRDA's multi-resolution one
+(models/hrda.py; :func:`is_multi_resolution`), whose training forward takes a detail box.
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ RESNET_DEPTHS = (18, 34, 50, 101, 152)
 MIT_VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5")
 # 'segformer' is the DAFormer repo's (NVlabs) all-MLP head, 'mmseg_segformer' mmseg 0.x's
 # SegformerHead (ConvModule embeddings); their checkpoints differ in keys and in maths.
-HEADS = ("dlv2", "segformer", "daformer", "mmseg_segformer", "advent_aspp", "proda_aspp")
+# 'dlv2_sum' is DAFormer/HRDA's DLV2Head (dilated convs to the classes, summed).
+HEADS = (
+    "dlv2", "dlv2_sum", "segformer", "daformer", "mmseg_segformer", "advent_aspp", "proda_aspp",
+)  # fmt: skip
+# The single-scale heads HRDA (config.model.hrda) wraps: their backbone family, output stride.
+# DDB's own DeepLabV2 head ('dlv2') is wrapped the same way (DDB on HRDA).
+HRDA_HEADS = {"daformer": ("mit", 4), "dlv2_sum": ("resnet", 8), "dlv2": ("resnet", 8)}
+# HRDA's DeepLabV2 head (the reference's 'dlv2red'): ASPP dilations 6 and 12.
+DLV2_SUM_DILATIONS = (6, 12)
 # ADVENT's Caffe-style DeepLabV2 (models/advent_deeplabv2.py): its own backbone and head.
 ADVENT_BACKBONE = "resnet101_caffe"
 # ProDA's DeepLabV2 (models/proda_deeplabv2.py): the same ResNet, trained BN, its GN head.
@@ -151,7 +161,6 @@ def _build(model_cfg: ml_collections.ConfigDict) -> nn.Module:
             conv_impl=model_cfg.conv_impl,
             base_channels=base,
         )
-        in_channels = base * 8 * (4 if size >= 50 else 1)
     else:
         from ddb_jax.models.mit import MixVisionTransformer
 
@@ -166,40 +175,96 @@ def _build(model_cfg: ml_collections.ConfigDict) -> nn.Module:
             dtype=dtype,
             remat=model_cfg.remat,
         )
-        in_channels = None
-    if model_cfg.head == "dlv2":
-        from ddb_jax.models.deeplabv2 import DLV2Head
+    hrda_cfg = model_cfg.get("hrda")
+    if hrda_cfg is not None and hrda_cfg.get("enabled", False):
+        return _build_hrda(model_cfg, backbone, family, dtype)
+    head = _single_scale_head(model_cfg, family, dtype)
+    return EncoderDecoder(backbone=backbone, decode_head=head)
 
-        if in_channels is None:
-            raise ModelConfigError("config.model.head='dlv2' needs a ResNet backbone")
-        head = DLV2Head(
-            num_classes=model_cfg.num_classes,
+
+def _single_scale_head(
+    model_cfg: ml_collections.ConfigDict,
+    family: str,
+    dtype: jnp.dtype,
+    num_classes: int | None = None,
+    **head_kwargs,
+) -> nn.Module:
+    """config.model.head for a ``family`` backbone (``num_classes``: another output width,
+    e.g. HRDA's single-channel attention; ``head_kwargs``: the head's other settings)."""
+    num_classes = model_cfg.num_classes if num_classes is None else num_classes
+    if model_cfg.head in ("dlv2", "dlv2_sum"):
+        from ddb_jax.models.deeplabv2 import DLV2Head, DLV2SumHead
+
+        if family != "resnet":
+            raise ModelConfigError(f"config.model.head={model_cfg.head!r} needs a ResNet backbone")
+        if model_cfg.head == "dlv2_sum":
+            return DLV2SumHead(
+                num_classes=num_classes,
+                dilations=DLV2_SUM_DILATIONS,
+                dtype=dtype,
+                conv_impl=model_cfg.conv_impl,
+            )
+        return DLV2Head(
+            num_classes=num_classes,
             channels=model_cfg.head_channels,
             dropout_ratio=model_cfg.dropout_ratio,
             dtype=dtype,
             conv_impl=model_cfg.conv_impl,
         )
-    else:
-        from ddb_jax.models.segformer_heads import (
-            DAFormerHead,
-            MMSegSegformerHead,
-            SegFormerHead,
-        )
+    from ddb_jax.models.segformer_heads import DAFormerHead, MMSegSegformerHead, SegFormerHead
 
-        if family != "mit":
-            raise ModelConfigError(f"config.model.head={model_cfg.head!r} needs a MiT backbone")
-        head_cls = {
-            "segformer": SegFormerHead,
-            "daformer": DAFormerHead,
-            "mmseg_segformer": MMSegSegformerHead,
-        }[model_cfg.head]
-        head = head_cls(
-            num_classes=model_cfg.num_classes,
-            channels=model_cfg.head_channels,
-            dropout_ratio=model_cfg.dropout_ratio,
-            dtype=dtype,
+    if family != "mit":
+        raise ModelConfigError(f"config.model.head={model_cfg.head!r} needs a MiT backbone")
+    head_cls = {
+        "segformer": SegFormerHead,
+        "daformer": DAFormerHead,
+        "mmseg_segformer": MMSegSegformerHead,
+    }[model_cfg.head]
+    settings = dict(channels=model_cfg.head_channels, dropout_ratio=model_cfg.dropout_ratio)
+    settings.update(head_kwargs)
+    return head_cls(num_classes=num_classes, dtype=dtype, **settings)
+
+
+def _build_hrda(
+    model_cfg: ml_collections.ConfigDict, backbone: nn.Module, family: str, dtype: jnp.dtype
+) -> nn.Module:
+    """HRDA around the backbone and head (config.model.hrda): DAFormer's head on MiT, or
+    DAFormer's DLV2Head ('dlv2_sum') or DDB's ('dlv2') on ResNetV1c; its scale attention is
+    the same kind of head (DAFormer's with a 1x1 conv fusion at ``attention_channels``)."""
+    from ddb_jax.models.hrda import HRDAEncoderDecoder, HRDAHead
+
+    hrda_cfg = model_cfg.hrda
+    wanted_family, output_stride = HRDA_HEADS.get(model_cfg.head, (None, None))
+    if wanted_family != family:
+        raise ModelConfigError(
+            f"config.model.hrda.enabled=True with head={model_cfg.head!r} and backbone="
+            f"{model_cfg.backbone!r}: HRDA wraps head 'daformer' (MiT), 'dlv2_sum' or 'dlv2' "
+            "(resnet*_v1c)"
         )
-    return EncoderDecoder(backbone=backbone, decode_head=head)
+    head = _single_scale_head(model_cfg, family, dtype)
+    attention_classes = model_cfg.num_classes if hrda_cfg.attention_classwise else 1
+    extra = {}
+    if family == "mit":
+        width = int(hrda_cfg.attention_channels)
+        extra = dict(channels=width, embed_dim=width, fusion="conv")
+    attention = _single_scale_head(model_cfg, family, dtype, attention_classes, **extra)
+    return HRDAEncoderDecoder(
+        backbone=backbone,
+        decode_head=HRDAHead(head=head, scale_attention=attention),
+        output_stride=output_stride,
+        context_scale=float(hrda_cfg.context_scale),
+        detail_crop=tuple(int(v) for v in hrda_cfg.detail_crop),
+        slide_detail=bool(hrda_cfg.slide_detail),
+        crop_divisible=int(hrda_cfg.crop_divisible),
+        detail_loss_weight=float(hrda_cfg.detail_loss_weight),
+    )
+
+
+def is_multi_resolution(apply_fn_or_model: Any) -> bool:
+    """Whether a model (or its bound ``model.apply``) is HRDA's multi-resolution segmentor,
+    whose training forward takes a detail box (``forward_train``)."""
+    model = getattr(apply_fn_or_model, "__self__", apply_fn_or_model)
+    return bool(getattr(model, "multi_resolution", False))
 
 
 def default_head(backbone: str) -> str:

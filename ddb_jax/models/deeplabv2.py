@@ -1,4 +1,5 @@
-"""DDB's DeepLabV2 "adapter" decode head (DLV2AdapterHead, docs/method.md §1.7).
+"""DeepLabV2 decode heads: DDB's "adapter" head (DLV2AdapterHead, docs/method.md §1.7) and
+DAFormer/HRDA's ``DLV2Head`` (:class:`DLV2SumHead`, config.model.head 'dlv2_sum').
 
 Two ASPP branches on the last backbone stage, concatenated, a 3x3 bottleneck whose
 output is the prototype feature, channel dropout, and a 1x1 classifier. Names
@@ -10,6 +11,10 @@ Random initialisation follows the reference's mmcv init: the head's
 N(0, 0.01) for every weight of the ASPP branches, BN scales included (BN biases 0);
 the bottleneck keeps ConvModule.init_weights (kaiming-normal fan_out conv, BN scale 1);
 ``conv_seg``, outside both, keeps PyTorch's Conv2d default.
+
+DAFormer's ``DLV2Head`` is the original DeepLabV2 classifier: each ASPP branch a dilated
+3x3 conv with bias straight to the classes, the branches summed; no norm, dropout or
+bottleneck. ``aspp_modules_{b}/conv`` is ``aspp_modules.{b}.conv`` of its state dict.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddb_jax.models.layers import conv_init, make_conv, make_norm
+from ddb_jax.models.layers import conv_init, lax_conv, make_conv, make_norm, matmul_grad_conv
 from ddb_jax.ops import upcast
 
 # mmcv normal_init(std=0.01) on the ASPP branches.
@@ -121,3 +126,71 @@ class DLV2Head(nn.Module):
             name="conv_seg",
         )(x)
         return logits, feature
+
+
+class BiasedConv(nn.Module):
+    """A stride-1 conv with bias (mmcv ConvModule without norm: ``bias='auto'``), torch
+    padding ``dilation*(kernel//2)``; ``conv_impl`` 'lax' is XLA's conv, the CPU paths
+    ('im2col', 'matmul') take the matmul-gradient conv (same values)."""
+
+    features: int
+    kernel: int
+    dilation: int = 1
+    dtype: jnp.dtype = jnp.float32
+    conv_impl: str = "lax"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (self.kernel, self.kernel, x.shape[-1], self.features)
+        kernel = self.param("kernel", ASPP_INIT, shape, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        conv = lax_conv if self.conv_impl == "lax" else matmul_grad_conv
+        y = conv(x.astype(self.dtype), kernel.astype(self.dtype), 1, self.dilation)
+        return upcast(y) + upcast(bias)
+
+
+class DLV2SumHead(nn.Module):
+    """DAFormer's ``DLV2Head`` (HRDA's DeepLabV2 head and scale attention): the sum of
+    dilated 3x3 convs (dilation 1: 1x1) of the last backbone map, each to the classes.
+
+    Returns ``(logits, feature)``: float32 logits at 1/8 and, as it has no layer before its
+    classifier, the last backbone map itself as the feature. Init: mmcv normal(0.01) on
+    the branches (``init_cfg`` override 'aspp_modules'), zero biases.
+    """
+
+    num_classes: int = 19
+    dilations: tuple = (6, 12)
+    dtype: jnp.dtype = jnp.float32
+    conv_impl: str = "lax"
+
+    @nn.compact
+    def __call__(self, features: list, train: bool) -> tuple[jax.Array, jax.Array]:
+        del train  # no BN, no dropout
+        x = features[-1]
+        logits = None
+        for b, dilation in enumerate(self.dilations):
+            kernel = 1 if dilation == 1 else 3
+            branch = _ASPPBranch(
+                self.num_classes, kernel, dilation, self.dtype, self.conv_impl,
+                name=f"aspp_modules_{b}",
+            )  # fmt: skip
+            out = branch(x)
+            logits = out if logits is None else logits + out  # the reference's order
+        return logits, upcast(x)
+
+
+class _ASPPBranch(nn.Module):
+    """One branch (mmcv ConvModule ``aspp_modules.{b}``): its conv is the child ``conv``."""
+
+    features: int
+    kernel: int
+    dilation: int
+    dtype: jnp.dtype
+    conv_impl: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        conv = BiasedConv(
+            self.features, self.kernel, self.dilation, self.dtype, self.conv_impl, name="conv"
+        )
+        return conv(x)

@@ -149,9 +149,15 @@ class SegFormerHead(nn.Module):
         return logits, feature
 
 
+# DAFormerHead.fusion: the separable ASPP of the daformer_sepaspp config, or HRDA's scale
+# attention's 1x1 ConvModule (hrda_head.py swaps the ASPP fusion for fusion_cfg type 'conv').
+DAFORMER_FUSIONS = ("sep_aspp", "conv")
+
+
 class DAFormerHead(nn.Module):
     """DAFormer head (daformer_sepaspp config): MLP embeddings to ``embed_dim`` each,
-    fused by a depthwise-separable ASPP (dilations 1, 6, 12, 18, no pooling branch)."""
+    fused by a depthwise-separable ASPP (dilations 1, 6, 12, 18, no pooling branch), or
+    with ``fusion='conv'`` by a 1x1 ConvModule (HRDA's scale-attention head)."""
 
     num_classes: int = 19
     channels: int = 256
@@ -159,12 +165,19 @@ class DAFormerHead(nn.Module):
     dtype: Dtype = jnp.float32
     embed_dim: int | None = None  # decoder_params.embed_dims; None = channels (as configured)
     dilations: tuple[int, ...] = (1, 6, 12, 18)
+    fusion: str = "sep_aspp"
 
     @nn.compact
     def __call__(self, features: list, train: bool) -> tuple[jax.Array, jax.Array]:
+        if self.fusion not in DAFORMER_FUSIONS:
+            raise ValueError(f"DAFormerHead fusion={self.fusion!r}; known: {DAFORMER_FUSIONS}")
         embed_dim = self.channels if self.embed_dim is None else self.embed_dim
         x = embed_and_upsample(features, embed_dim, "embed_layers", self.dtype)
-        feature = SepASPP(self.channels, self.dilations, self.dtype, name="fuse_layer")(x, train)
+        if self.fusion == "conv":
+            fuse = ConvModule(self.channels, 1, dtype=self.dtype, name="fuse_layer")
+        else:
+            fuse = SepASPP(self.channels, self.dilations, self.dtype, name="fuse_layer")
+        feature = fuse(x, train)
         logits = classify(feature, self.num_classes, self.dropout_ratio, train, "conv_seg")
         return logits, feature
 

@@ -107,12 +107,14 @@ def initial_variables(config: ml_collections.ConfigDict, model, key: jax.Array) 
     is_backbone = models.backbone_predicate(model)
     whole = any(not is_backbone(name) for name in loaded.get("params", {}))
     checked = checkpoints.ARCHITECTURE_KEYS if whole else ("backbone", "mit_layout")
-    diffs = [k for k in checked if stored_cfg.get(k) != config.model.get(k)]
+    setting = checkpoints.model_setting
+    diffs = [k for k in checked if setting(stored_cfg, k) != setting(config.model, k)]
     if diffs:
         raise checkpoints.CheckpointError(
             f"config.init_from={config.init_from} was built for another model: "
             + ", ".join(
-                f"model.{k} {stored_cfg.get(k)!r} vs {config.model.get(k)!r}" for k in diffs
+                f"model.{k} {setting(stored_cfg, k)!r} vs {setting(config.model, k)!r}"
+                for k in diffs
             )
         )
     wanted = variables
