@@ -68,6 +68,9 @@ DATASETS: Mapping[str, DatasetSpec] = {
     # --extra-sources synthia,synscapes: SYNTHIA- and Synscapes-like sources.
     "toy_synthia": DatasetSpec("synthia", "toy/synthia", None, None),
     "toy_synscapes": DatasetSpec("synscapes", "toy/synscapes", None, None),
+    # --hr: 512x256 scenes needing detail and context (input_pipeline/toy_hr.py).
+    "toy_hr_source": DatasetSpec("gta", "toy/gta_hr", None, None),
+    "toy_hr_target": DatasetSpec("cityscapes", "toy/cityscapes_hr", None, None),
 }
 
 

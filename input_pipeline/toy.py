@@ -1,7 +1,7 @@
 """Toy domains: procedurally generated street scenes for the end-to-end demo and tests.
 
     python -m input_pipeline.toy --out data/toy [--seed 0] [--num-train 200] [--num-val 50]
-        [--extra-sources synthia,synscapes]
+        [--extra-sources synthia,synscapes] [--hr [--hr-num-train N] [--hr-num-val M]]
 
 Both domains draw scenes from the same layout distribution (sky, buildings, trees,
 road with sidewalks, terrain, fences, poles with signs and lights, cars, people), so the
@@ -23,6 +23,9 @@ toy source but from their own random streams (toy/gta and toy/cityscapes stay th
 Their train ids are written by the real converters, run as a user runs them
 (``python tools/convert_datasets/synthia.py``, ``synscapes.py``; a subprocess, since the input
 pipeline imports nothing of tools/), so the toy chain goes through the converters' path.
+
+``--hr`` also writes 512x256 domains whose labels need full-resolution detail and distant
+context ("toy_hr_source", "toy_hr_target"; input_pipeline/toy_hr.py explains them).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import colorsys
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -65,10 +68,10 @@ SOURCE_PALETTE = {
 }
 
 
-def _target_palette(shift: float) -> dict[int, tuple[int, int, int]]:
+def _target_palette(shift: float, colours: Mapping = SOURCE_PALETTE) -> dict:
     """Source colours hue-rotated, desaturated and compressed towards grey."""
     palette = {}
-    for c, rgb in SOURCE_PALETTE.items():
+    for c, rgb in colours.items():
         h, s, v = colorsys.rgb_to_hsv(*(x / 255 for x in rgb))
         h = (h + 0.12 * shift) % 1.0
         s *= 1 - 0.45 * shift
@@ -157,10 +160,16 @@ def _texture(rng: np.random.Generator, label: np.ndarray) -> np.ndarray:
 
 
 def render(
-    rng: np.random.Generator, label: np.ndarray, domain: str, shift: float = 1.0
+    rng: np.random.Generator,
+    label: np.ndarray,
+    domain: str,
+    shift: float = 1.0,
+    extra_colours: Mapping[int, tuple[int, int, int]] | None = None,
 ) -> np.ndarray:
-    """RGB uint8 image of a label map in the ``source`` or ``target`` appearance."""
-    palette = SOURCE_PALETTE if domain == "source" else _target_palette(shift)
+    """RGB uint8 image of a label map in the ``source`` or ``target`` appearance;
+    ``extra_colours``: source colours of ids beyond the palette's (a look of no class)."""
+    colours = {**SOURCE_PALETTE, **(extra_colours or {})}  # the palette's draws come first
+    palette = colours if domain == "source" else _target_palette(shift, colours)
     lut = np.zeros((256, 3), np.float32)
     for c, rgb in palette.items():
         # Per-image colour jitter per class, so colour alone is not a perfect cue.
@@ -194,11 +203,16 @@ def _save_rgb(image: np.ndarray, path: str) -> None:
     Image.fromarray(image).save(path, compress_level=1)
 
 
-def _write_pair(rng, out_image, out_raw, out_train, domain, shift) -> dict[int, int]:
+def plain_scene(rng: np.random.Generator, domain: str, shift: float):
+    """(train ids, image) of one scene of :func:`draw_scene`'s size."""
     train_ids = draw_scene(rng)
-    image = render(rng, train_ids, domain, shift)
-    if domain == "target":
-        train_ids[HEIGHT - HEIGHT // 16 :] = IGNORE
+    return train_ids, render(rng, train_ids, domain, shift)
+
+
+def _write_pair(rng, out_image, out_raw, out_train, domain, shift, scene) -> dict[int, int]:
+    train_ids, image = scene(rng, domain, shift)
+    if domain == "target":  # the ego-vehicle hood (render's last sixteenth of the rows)
+        train_ids[len(train_ids) - len(train_ids) // 16 :] = IGNORE
     _save_rgb(image, out_image)
     conversion.save_label_png(to_raw_ids(train_ids), out_raw)
     conversion.save_label_png(train_ids, out_train)
@@ -218,8 +232,28 @@ def generate(
     unknown = [name for name in extra_sources if name not in EXTRA_SOURCES]
     if unknown:
         raise ValueError(f"unknown toy sources {unknown}; the extra sources: {EXTRA_SOURCES}")
-    rng = np.random.default_rng(seed)
-    gta = os.path.join(out, "gta")
+    write_domains(np.random.default_rng(seed), out, num_train, num_val, shift)
+    for name in extra_sources:
+        # A stream of its own per source: no file depends on which other sources are written.
+        rng = np.random.default_rng([seed, 1 + EXTRA_SOURCES.index(name)])
+        write = _write_synthia if name == "synthia" else _write_synscapes
+        write(rng, os.path.join(out, name), num_train, shift)
+        run_converter(name, os.path.join(out, name))
+
+
+def write_domains(
+    rng: np.random.Generator,
+    out: str,
+    num_train: int,
+    num_val: int,
+    shift: float,
+    scene: Callable = plain_scene,
+    names: tuple[str, str] = ("gta", "cityscapes"),
+) -> None:
+    """Writes out/<names[0]> (source, GTA layout, num_train) and out/<names[1]> (target,
+    Cityscapes layout, train + val) with their class statistics; ``scene(rng, domain,
+    shift)`` draws and renders one (train ids, image) pair."""
+    gta = os.path.join(out, names[0])
     os.makedirs(os.path.join(gta, "labels"), exist_ok=True)
     stats = []
     for i in range(num_train):
@@ -231,11 +265,12 @@ def generate(
             os.path.join(gta, "labels", name + "_labelTrainIds.png"),
             "source",
             shift,
+            scene,
         )
         stats.append((os.path.join("labels", name + "_labelTrainIds.png"), counts))
     rcs.write_class_stats(gta, stats)
 
-    city = os.path.join(out, "cityscapes")
+    city = os.path.join(out, names[1])
     for split, count in (("train", num_train), ("val", num_val)):
         stats = []
         label_dir = os.path.join(city, "gtFine", split, "toycity")
@@ -249,17 +284,12 @@ def generate(
                 os.path.join(label_dir, stem + "_gtFine_labelTrainIds.png"),
                 "target",
                 shift,
+                scene,
             )
             rel = os.path.relpath(os.path.join(label_dir, stem + "_gtFine_labelTrainIds.png"), city)
             stats.append((rel, counts))
         if split == "train":
             rcs.write_class_stats(city, stats)
-    for name in extra_sources:
-        # A stream of its own per source: no file depends on which other sources are written.
-        rng = np.random.default_rng([seed, 1 + EXTRA_SOURCES.index(name)])
-        write = _write_synthia if name == "synthia" else _write_synscapes
-        write(rng, os.path.join(out, name), num_train, shift)
-        run_converter(name, os.path.join(out, name))
 
 
 def to_synthia_label(train_ids: np.ndarray) -> np.ndarray:
@@ -331,11 +361,25 @@ def main(argv=None) -> None:
         default="",
         help=f"comma-separated, of {','.join(EXTRA_SOURCES)}: SYNTHIA- / Synscapes-like sources",
     )
+    parser.add_argument("--hr", action="store_true", help="also the 512x256 domains (toy_hr.py)")
+    parser.add_argument("--hr-num-train", type=int, help="default: --num-train")
+    parser.add_argument("--hr-num-val", type=int, help="default: --num-val")
     args = parser.parse_args(argv)
     extra = [name for name in args.extra_sources.split(",") if name]
     generate(args.out, args.seed, args.num_train, args.num_val, args.shift, extra)
-    written = ", ".join(f"{args.out}/{name}" for name in ["gta", "cityscapes", *extra])
-    print(f"wrote toy domains to {written}")
+    written = [f"{args.out}/{name}" for name in ["gta", "cityscapes", *extra]]
+    if args.hr:
+        from input_pipeline import toy_hr  # noqa: PLC0415  (it imports this module)
+
+        num_train, num_val = args.hr_num_train, args.hr_num_val
+        written += toy_hr.generate(
+            args.out,
+            args.seed,
+            args.num_train if num_train is None else num_train,
+            args.num_val if num_val is None else num_val,
+            args.shift,
+        )
+    print(f"wrote toy domains to {', '.join(written)}")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,15 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from ddb_jax import errors
 from input_pipeline import datasets, rcs, transforms
 
 SOURCE_STREAM, TARGET_STREAM, RCS_STREAM = 1, 2, 3
 RCS_RECROPS = 10
+
+
+class StreamConfigError(errors.UsageError, ValueError):
+    """Data settings that do not fit together (a setting to change: exit status 2)."""
 
 
 def _concat(files: Sequence[datasets.FileList], with_labels: bool) -> dict[str, np.ndarray]:
@@ -150,9 +155,18 @@ def _source_fn(data_cfg, table, sampler: _RareClassSampler | None, seed: tf.Tens
 TARGET_ORDERS = ("uniform", "shuffled", "sequential")
 
 
-def _target_fn(data_cfg, table, seed: tf.Tensor, order: str):
-    """Element k: a target image picked by ``order`` (an independent uniform draw per
-    element, a per-epoch permutation, or file order), cropped and flipped by (seed, k)."""
+def pseudo_margins(data_cfg) -> tuple[int, int, int, int] | None:
+    """``data.target_pseudo_margins`` (top, bottom, left, right), or None when all are 0."""
+    margins = tuple(int(m) for m in data_cfg.get("target_pseudo_margins", None) or (0,) * 4)
+    return margins if any(margins) else None
+
+
+def _target_fn(data_cfg, table, seed: tf.Tensor, order: str, margins=None):
+    """Element k: {'image'} of a target image picked by ``order`` (an independent uniform
+    draw per element, a per-epoch permutation, or file order), cropped and flipped by
+    (seed, k). With ``margins`` also {'valid'}: :func:`transforms.margin_mask` of the image
+    as read, resized, cropped, flipped and padded as its label would be (same offsets, same
+    seeds: the image is the one drawn without margins)."""
     if order not in TARGET_ORDERS:
         raise ValueError(f"target order {order!r}; known: {TARGET_ORDERS}")
     crop_size = tuple(data_cfg.get("target_crop_size") or data_cfg.crop_size)
@@ -160,7 +174,7 @@ def _target_fn(data_cfg, table, seed: tf.Tensor, order: str):
     keep_ratio = bool(data_cfg.get("keep_ratio", True))
     n = len(table["image"])
 
-    def fn(k: tf.Tensor) -> tf.Tensor:
+    def fn(k: tf.Tensor) -> dict[str, tf.Tensor]:
         if order == "shuffled":
             index = _shuffled_index(k, n, transforms.fold_seed(seed, TARGET_STREAM))
         elif order == "sequential":
@@ -169,12 +183,20 @@ def _target_fn(data_cfg, table, seed: tf.Tensor, order: str):
             index = tf.random.stateless_uniform(
                 [], transforms.fold_seed(seed, TARGET_STREAM, k), maxval=n, dtype=tf.int64
             )
-        image, _ = _load(_gather(table, index), False, keep_ratio)
-        elem_seed = transforms.fold_seed(seed, TARGET_STREAM + 100, k)
-        image, _ = transforms.crop_flip_pad(
-            image, None, crop_size, 1.0, elem_seed, flip_prob=flip_prob
+        entry = _gather(table, index)
+        image = transforms.read_image(entry["image"], entry["is_jpeg"])
+        mask = None if margins is None else transforms.margin_mask(tf.shape(image), margins)
+        image, mask = transforms.resize_pair(
+            image, mask, entry["scale"], entry["min_size"], keep_ratio
         )
-        return image
+        elem_seed = transforms.fold_seed(seed, TARGET_STREAM + 100, k)
+        # cat_max_ratio 1: no rejection, so the mask as label moves the crop by nothing.
+        image, mask = transforms.crop_flip_pad(
+            image, mask, crop_size, 1.0, elem_seed, flip_prob=flip_prob
+        )
+        if mask is None:
+            return {"image": image}
+        return {"image": image, "valid": tf.cast(mask, tf.float32)}
 
     return fn
 
@@ -199,21 +221,32 @@ def target_stream_keys(data_cfg) -> tuple[str, ...]:
     return ("target_image",)
 
 
-def _target_streams(data_cfg, target_files, seed: int) -> dict:
-    """Batch key -> element function of each target stream (:func:`target_stream_keys`).
-    The concatenated stream draws from seed (seed, 0), as it always has; per-target stream i
-    from (seed, i + 1), so each target's draws are its own."""
+def _renamed(fn, names: dict[str, str]):
+    """``fn``'s element with its keys renamed to batch keys."""
+    return lambda k: {names[key]: value for key, value in fn(k).items()}
+
+
+def _target_streams(data_cfg, target_files, seed: int) -> list:
+    """Element functions k -> {batch key: tensor} of the target streams
+    (:func:`target_stream_keys`). The concatenated stream draws from seed (seed, 0), as it
+    always has; per-target stream i from (seed, i + 1), so each target's draws are its own.
+    With pseudo-label margins the concatenated stream also gives 'target_valid'."""
     keys = target_stream_keys(data_cfg)
+    margins = pseudo_margins(data_cfg)
     if keys == ("target_image",):
-        table = _concat(target_files, False)
-        base = tf.constant([seed, 0], tf.int64)
-        return {"target_image": _target_fn(data_cfg, table, base, order="uniform")}
-    return {
-        key: _target_fn(
-            data_cfg, _concat([files], False), tf.constant([seed, i + 1], tf.int64), "uniform"
+        table, base = _concat(target_files, False), tf.constant([seed, 0], tf.int64)
+        fn = _target_fn(data_cfg, table, base, "uniform", margins)
+        return [_renamed(fn, {"image": "target_image", "valid": "target_valid"})]
+    if margins is not None:
+        raise StreamConfigError(
+            "config.data.target_pseudo_margins needs one target stream; "
+            "unset config.data.per_target_streams or the margins"
         )
-        for i, (key, files) in enumerate(zip(keys, target_files, strict=True))
-    }
+    fns = []
+    for i, (key, files) in enumerate(zip(keys, target_files, strict=True)):
+        table, base = _concat([files], False), tf.constant([seed, i + 1], tf.int64)
+        fns.append(_renamed(_target_fn(data_cfg, table, base, "uniform"), {"image": key}))
+    return fns
 
 
 def make_train_dataset(
@@ -227,6 +260,12 @@ def make_train_dataset(
     """Endless batches {'source_image' (B,H,W,3) f32, 'source_label' (B,H,W) i32,
     'target_image' (B,H,W,3) f32} of this host's slice of the global stream; with
     ``data.per_target_streams`` 'target_image_<name>' per target instead of 'target_image'.
+
+    With ``data.target_pseudo_margins`` (any > 0) also 'target_valid' (B,H,W) f32, HRDA's
+    valid pseudo-label mask: 0.0 where a pixel of the target crop lies within the margins of
+    the image as read, 1.0 elsewhere, and 255.0 where the crop is padded, as in the
+    reference (mmseg pads every seg field with 255 and the pseudo-label weight is multiplied
+    by the mask as it is; HRDA's Cityscapes crops are never padded).
 
     ``start_batch`` is the index of the first *global* batch (the training step a resumed
     run continues from): the stream starts at element ``start_batch * per_host_batch *
@@ -242,8 +281,10 @@ def make_train_dataset(
 
     def element(k):
         image, label = source_fn(k)
-        targets = {key: target_fn(k) for key, target_fn in target_fns.items()}
-        return {"source_image": image, "source_label": label, **targets}
+        out = {"source_image": image, "source_label": label}
+        for target_fn in target_fns:
+            out.update(target_fn(k))
+        return out
 
     if start_batch < 0:
         raise ValueError(f"make_train_dataset: start_batch={start_batch} must be >= 0")
@@ -298,7 +339,7 @@ def make_target_train_dataset(
             count = -(-total // global_batch) * per_host_batch
 
     def element(k: tf.Tensor) -> dict[str, tf.Tensor]:
-        out = {"image": target_fn(k)}
+        out = {"image": target_fn(k)["image"]}
         if pad_last:
             out["index"] = k
             out["valid"] = k < total

@@ -237,6 +237,19 @@ def resize_pair(
     return image, label
 
 
+def margin_mask(size: tf.Tensor, margins: tuple[int, int, int, int]) -> tf.Tensor:
+    """uint8 (H, W) of an image of ``size``: 0 within ``margins`` (top, bottom, left, right)
+    pixels of its borders, 1 elsewhere. Built before any transform and carried as a label,
+    so it marks the borders of the image as read, wherever a later crop falls (HRDA's
+    pseudo-label margins; a margin wider than the image covers all of it)."""
+    top, bottom, left, right = (int(m) for m in margins)
+    rows = tf.range(size[0])
+    cols = tf.range(size[1])
+    valid_rows = tf.logical_and(rows >= top, rows < size[0] - bottom)
+    valid_cols = tf.logical_and(cols >= left, cols < size[1] - right)
+    return tf.cast(tf.logical_and(valid_rows[:, None], valid_cols[None, :]), tf.uint8)
+
+
 def crop_offset(shape: tf.Tensor, crop_size: tuple[int, int], seed: tf.Tensor) -> tf.Tensor:
     """mmseg ``get_crop_bbox``: uniform top-left in [0, max(dim - crop, 0)]."""
     margins = tf.maximum(shape[:2] - tf.constant(crop_size, tf.int32), 0)

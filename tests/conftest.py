@@ -69,12 +69,15 @@ def compilation_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def toy_root(tmp_path_factory):
-    """The toy domains (input_pipeline/toy.py), generated once: 12 training and 5 validation
-    images per domain. Tests must not modify it."""
+    """The toy domains (input_pipeline/toy.py), generated once: toy/gta and toy/cityscapes
+    (toy_source, toy_target: 12 training and 5 validation images per domain), and the 512x256
+    toy/gta_hr and toy/cityscapes_hr (toy_hr_source, toy_hr_target: 8 training and 4
+    validation images; input_pipeline/toy_hr.py). Tests must not modify it."""
     from input_pipeline import toy
 
     root = tmp_path_factory.mktemp("data")
-    toy.main(["--out", str(root / "toy"), "--num-train", "12", "--num-val", "5"])
+    toy.main(["--out", str(root / "toy"), "--num-train", "12", "--num-val", "5",
+              "--hr", "--hr-num-train", "8", "--hr-num-val", "4"])  # fmt: skip
     return root
 
 
@@ -122,6 +125,7 @@ def emulator(tmp_path, toy_root):
     emulator = GcsEmulator(tmp_path / "gcs")
     emulator.start()
     emulator.create_bucket(BUCKET)
-    put_tree(emulator.url, str(toy_root), "data")
+    # The fault tests train on the toy domains; the high-resolution ones stay out (time).
+    put_tree(emulator.url, str(toy_root), "data", skip_dirs=("gta_hr", "cityscapes_hr"))
     yield emulator
     emulator.stop()

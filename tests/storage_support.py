@@ -41,8 +41,10 @@ def api(url: str, path: str, data: bytes | None = None, method: str = "GET") -> 
         return response.read()
 
 
-def put_tree(url: str, local: str, prefix: str) -> None:
-    for base, _, files in os.walk(local):
+def put_tree(url: str, local: str, prefix: str, skip_dirs: tuple[str, ...] = ()) -> None:
+    """Uploads ``local`` under ``prefix``, leaving out folders named in ``skip_dirs``."""
+    for base, dirs, files in os.walk(local):
+        dirs[:] = [d for d in dirs if d not in skip_dirs]
         for name in files:
             path = os.path.join(base, name)
             key = urllib.parse.quote(f"{prefix}/{os.path.relpath(path, local)}", safe="")

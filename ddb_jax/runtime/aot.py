@@ -134,11 +134,14 @@ def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeS
     b = config.batch_size
     source = tuple(config.data.crop_size)
     target = tuple(config.data.get("target_crop_size") or source)
-    return {
+    shapes = {
         "source_image": jax.ShapeDtypeStruct((b, *source, 3), jnp.float32),
         "source_label": jax.ShapeDtypeStruct((b, *source), jnp.int32),
         "target_image": jax.ShapeDtypeStruct((b, *target, 3), jnp.float32),
     }
+    if any(config.data.get("target_pseudo_margins", None) or ()):  # HRDA's valid mask
+        shapes["target_valid"] = jax.ShapeDtypeStruct((b, *target), jnp.float32)
+    return shapes
 
 
 @dataclasses.dataclass
