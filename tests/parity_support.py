@@ -93,13 +93,14 @@ def initial_state(method, tx, variables, key):
     return jax.jit(lambda v, k: assemble.initial_state(method, txs, v, k))(variables, key)
 
 
-def to_flax(torch_model: torch.nn.Module, model, dtype=jnp.float64):
+def to_flax(torch_model: torch.nn.Module, model, dtype=jnp.float64, names=None):
     """The torch model's state dict as Flax variables of ``model``, every leaf in ``dtype``
     (``models.variable_shapes`` says float32 for the parameters: the variables decide)."""
     shapes = jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct(s.shape, dtype), models.variable_shapes(model)
     )
-    variables = convert_state_dict(numpy_state_dict(torch_model), shapes, resnet_names.torch_name)
+    names = names or resnet_names.torch_name
+    variables = convert_state_dict(numpy_state_dict(torch_model), shapes, names)
     return jax.tree_util.tree_map(jnp.asarray, variables)
 
 
@@ -109,26 +110,27 @@ def flat_with_names(tree, collection: str) -> list[tuple[tuple[str, ...], np.nda
     return [((collection, *path_to_str(p).split("/")), np.asarray(v)) for p, v in leaves]
 
 
-def torch_value(state_dict: dict[str, np.ndarray], path: tuple[str, ...]) -> np.ndarray:
-    """The torch entry of a Flax leaf path, in the Flax layout."""
-    src = resnet_names.torch_name(path)
+def torch_value(state_dict: dict[str, np.ndarray], path: tuple[str, ...], names=None) -> np.ndarray:
+    """The torch entry of a Flax leaf path, in the Flax layout (``names``: the Flax path ->
+    torch key map; the single-scale ResNet segmentor's by default)."""
+    src = (names or resnet_names.torch_name)(path)
     return src.transform(np.asarray(state_dict[src.key]))
 
 
-def paired(tree, collection: str, torch_dict: dict[str, np.ndarray]):
+def paired(tree, collection: str, torch_dict: dict[str, np.ndarray], names=None):
     """[(name, ours, reference)] for every leaf of ``tree`` (``torch_dict``: by torch name)."""
     return [
-        ("/".join(path), ours, torch_value(torch_dict, path))
+        ("/".join(path), ours, torch_value(torch_dict, path, names))
         for path, ours in flat_with_names(tree, collection)
     ]
 
 
 @torch.no_grad()
-def load_into_torch(model: torch.nn.Module, params) -> None:
+def load_into_torch(model: torch.nn.Module, params, names=None) -> None:
     """Copies Flax ``params`` into the torch model (same dtype as the model)."""
     named = dict(model.named_parameters())
     for path, value in flat_with_names(params, "params"):
-        key = resnet_names.torch_name(path).key
+        key = (names or resnet_names.torch_name)(path).key
         value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value
         named[key].copy_(torch.from_numpy(np.array(value)))
 
@@ -154,14 +156,16 @@ def per_image_draws(aug: dict) -> list[dict]:
     return [{k: v[i] for k, v in aug.items()} for i in range(len(aug["jitter"]))]
 
 
-def assert_bn_statistics(state, ref_student: dict, ref_teacher: dict, rel: float, label: str):
+def assert_bn_statistics(
+    state, ref_student: dict, ref_teacher: dict, rel: float, label: str, names=None
+):
     """Student and EMA-teacher running BN statistics within ``rel`` of the largest reference
     value of each (a relative bound on the collection, not per element)."""
     for tree, ref_dict, what in (
         (state.batch_stats, ref_student, "student BN statistics"),
         (state.ema_batch_stats, ref_teacher, "teacher BN statistics"),
     ):
-        stats = paired(tree, "batch_stats", ref_dict)
+        stats = paired(tree, "batch_stats", ref_dict, names)
         scale = max(np.abs(r).max() for _, _, r in stats)
         assert_within(stats, rel * scale, f"{label}: {what}")
 
@@ -218,15 +222,17 @@ REL64 = 2.0**-33
 
 
 def assert_self_training_update(config, it, state, grads, ref_grads, ref_student, ref_teacher,
-                                before=None):  # fmt: skip
+                                before=None, names=None):  # fmt: skip
     """Iteration ``it`` of a float64 self-training step against the reference: gradients
     (within REL64 of their scale), parameters after AdamW elementwise (adam_param_bound:
     from equal parameters, sqrt(v) from the reference's gradients and the gradient bounds
     of both iterations; at the second, v holds both gradients, bias-corrected), BN
     statistics of the student and of the EMA teacher, and the EMA parameters (a copy at
     iteration 0, then one rounding per mix). ``before``: what this returned for the previous
-    iteration (None at the first). Returns (reference gradients by name, gradient bound)."""
-    pairs = paired(grads, "params", ref_grads)
+    iteration (None at the first); ``names``: the Flax path -> torch key map (the
+    single-scale ResNet segmentor's by default). Returns (reference gradients by name,
+    gradient bound)."""
+    pairs = paired(grads, "params", ref_grads, names)
     grad_bound = REL64 * max(np.abs(r).max() for _, _, r in pairs)
     assert_within(pairs, grad_bound, f"gradients {it}")
     this_bound = grad_bound
@@ -241,14 +247,14 @@ def assert_self_training_update(config, it, state, grads, ref_grads, ref_student
         }
         grad_bound = max(grad_bound, bound_before)
     worst, ratio = 0.0, 0.0
-    for name, ours, r in paired(state.params, "params", ref_student):
+    for name, ours, r in paired(state.params, "params", ref_student, names):
         lr = group_lr(name, config.optim, it, config.num_steps)
         bound = adam_param_bound(lr, grad_bound, sqrt_v[name], r)
         assert np.all(np.abs(ours - r) <= bound), (it, name)
         worst = max(worst, float(np.max(np.abs(ours - r))))
         ratio = max(ratio, float(np.max(np.abs(ours - r) / bound)))
     print(f"parameters {it}: max error {worst:.3g}, max error / bound {ratio:.3g}")
-    assert_bn_statistics(state, ref_student, ref_teacher, REL64, str(it))
-    for name, ours, r in paired(state.ema_params, "params", ref_teacher):
+    assert_bn_statistics(state, ref_student, ref_teacher, REL64, str(it), names)
+    for name, ours, r in paired(state.ema_params, "params", ref_teacher, names):
         assert np.all(np.abs(ours - r) <= 4 * EPS64 * np.abs(r).max()), (it, name)
     return {name: r for name, _, r in pairs}, this_bound

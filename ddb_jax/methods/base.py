@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ddb_jax.methods import previews
+from ddb_jax.methods import multires, previews
 from ddb_jax.methods.state import MODEL, Optimizers, TrainState, apply_updates, as_optimizers
 from ddb_jax.ops import resize_bilinear, upcast
 from ddb_jax.uda import losses
@@ -113,11 +113,19 @@ def student_forward(
     """The student in training mode: its named outputs, and its updated BN statistics.
 
     ``with_backbone``: with the backbone maps of the same forward, ``outputs['backbone']``
-    (``EncoderDecoder.forward_with_features``).
+    (``EncoderDecoder.forward_with_features``). An HRDA student runs its training forward
+    on a detail box drawn from ``dropout_key`` (:mod:`ddb_jax.methods.multires`); its
+    outputs add 'detail_logits' and 'detail_box', and 'backbone' is the context's.
     """
+    variables = {"params": params, "batch_stats": batch_stats}
+    if multires.segmentor(apply_fn) is not None:
+        # HRDA: the context and a drawn detail crop (its training forward always returns
+        # the context's backbone maps).
+        outputs, updates = multires.training_forward(apply_fn, variables, images, dropout_key)
+        return outputs, updates["batch_stats"]
     method = {"method": "forward_with_features"} if with_backbone else {}
     outputs, updates = apply_fn(
-        {"params": params, "batch_stats": batch_stats},
+        variables,
         images,
         train=True,
         mutable=["batch_stats"],
@@ -141,11 +149,15 @@ def labelled_term(
     dropout_key: jax.Array,
     weight: jax.Array | None = None,
     backbone_key: str | None = None,
+    fused_scale: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
-    """mmseg CE of the student (training mode) on ``images``; updates ``ctx['batch_stats']``.
+    """``fused_scale`` x mmseg CE of the student (training mode) on ``images``; updates
+    ``ctx['batch_stats']``.
 
     Returns (loss, logits at the head's stride). With ``backbone_key`` the backbone's maps
-    of this forward are kept in ``ctx[backbone_key]``.
+    of this forward are kept in ``ctx[backbone_key]``. An HRDA student's loss is HRDA's
+    (fused and detail CE), and each forward's detail box is appended to
+    ``ctx['detail_boxes']``; ``fused_scale`` then scales its fused term only.
     """
     outputs, ctx["batch_stats"] = student_forward(
         method.student_apply, params, ctx["batch_stats"], images, dropout_key,
@@ -154,7 +166,13 @@ def labelled_term(
     if backbone_key is not None:
         ctx[backbone_key] = outputs["backbone"]
     logits = outputs["logits"]
-    return losses.cross_entropy(logits, labels, weight), logits
+    if "detail_box" in outputs:  # HRDA: fused and detail CE; the boxes are step outputs
+        ctx["detail_boxes"] = (*ctx.get("detail_boxes", ()), outputs["detail_box"])
+        loss = multires.segmentation_loss(
+            method.student_apply, outputs, labels, weight, fused_scale
+        )
+        return loss, logits
+    return fused_scale * losses.cross_entropy(logits, labels, weight), logits
 
 
 def source_term(method: Method, params, ctx: Context) -> tuple[jax.Array, Context]:

@@ -120,7 +120,9 @@ class CKD(base.OneTree):
         draws, student_image = bridging.bridged_input(keys, batch, self.st)
         return {
             **targets,
-            "pseudo_pixel_weight": targets["pseudo_weight"],
+            "pseudo_pixel_weight": self_training.valid_pseudo_region(
+                targets["pseudo_weight"], batch
+            ),
             "pseudo_weight": targets["pseudo_weight"].mean(),
             "teacher_labels": tuple(jax.numpy.argmax(x, -1) for x in logits),
             "draws": draws,

@@ -130,12 +130,13 @@ def masked_target(
 
 @self_training.register_term("mic", order=2, check=check_config)
 def mic_term(method, params, ctx: base.Context):
-    """``weight`` x the teacher-weighted CE of the student on the masked target."""
+    """``weight`` x the teacher-weighted CE of the student on the masked target (with HRDA,
+    ``weight`` scales the fused term only, as MIC's ``mask_lambda``)."""
     cfg = method.options["mic"]
     images, draws = masked_target(ctx["keys"]["mic"], ctx["batch"]["target_image"], method.st, cfg)
     loss, _ = base.labelled_term(
         method, params, ctx, images, ctx["pseudo_labels"], ctx["keys"]["dropout_mic"],
-        ctx["pseudo_pixel_weight"],
+        ctx["pseudo_pixel_weight"], fused_scale=cfg.weight,
     )  # fmt: skip
     ctx["mic_image"], ctx["mic_draws"] = images, draws
-    return cfg.weight * loss, ctx
+    return loss, ctx

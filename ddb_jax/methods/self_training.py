@@ -87,6 +87,14 @@ def check_bridging(config: ml_collections.ConfigDict) -> None:
 def check_config(config: ml_collections.ConfigDict) -> None:
     """The bridging mask and the enabled terms' own checks."""
     check_bridging(config)
+    margins = tuple(config.data.get("target_pseudo_margins", ()) or ())
+    rows = config.st.pseudo_weight_ignore_top, config.st.pseudo_weight_ignore_bottom
+    if any(margins) and any(rows):
+        raise registry.MethodConfigError(
+            f"config.data.target_pseudo_margins={margins} with config.st.pseudo_weight_ignore_"
+            "top/bottom: HRDA's margins replace DAFormer's crop of the pseudo-label weight; "
+            "set the ignore rows to 0"
+        )
     for item in enabled_terms(config).values():
         if item.check is not None:
             item.check(config)
@@ -129,6 +137,15 @@ def no_dropout(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     cfg.dropout_ratio = 0.0
     cfg.drop_path_rate = 0.0
     return cfg
+
+
+def valid_pseudo_region(pixel_weight: jax.Array, batch) -> jax.Array:
+    """HRDA's pseudo-label margins: the weight times the batch's 'target_valid' (0 where
+    the crop holds a margin of the original image), when the input pipeline made it
+    (``config.data.target_pseudo_margins``)."""
+    if "target_valid" not in batch:
+        return pixel_weight
+    return pixel_weight * batch["target_valid"].astype(pixel_weight.dtype)
 
 
 def mixed_term(method: SelfTraining, params, ctx: base.Context):
@@ -188,6 +205,7 @@ class SelfTraining(base.OneTree):
             self.st.pseudo_weight_ignore_top,
             self.st.pseudo_weight_ignore_bottom,
         )
+        pseudo_weight = valid_pseudo_region(pseudo_weight, batch)
         draws, mixed_image = bridging.bridged_input(keys, batch, self.st)
         masks = draws["masks"]
         return {
