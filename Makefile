@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-multihost test-faults bench lint clean
+.PHONY: venv demo test test-multihost test-pipelines test-faults bench lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || test -n "$(PY)" || { echo "error: no python3.11, python3.12 \
@@ -29,12 +29,19 @@ demo: $(STAMP)
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
-		-m "not multihost and not faults" tests
+		-m "not multihost and not faults and not pipelines" tests
 
 # Four processes of a multi-host job running a round's paths on two processes each (about
 # 3 minutes on 2 cores, the machine's both cores for itself): .ci/run runs it after `test`.
 test-multihost: $(STAMP)
 	$(BIN)/python -m pytest -q -m multihost tests/test_processes.py
+
+# Whole pipelines of the methods on the toy domains, a few steps per stage at tiny sizes
+# (HRDA's comparison and DDB's first round on an HRDA student: about 3 minutes on 2 cores):
+# .ci/run runs it after `test`.
+test-pipelines: $(STAMP)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+		-m pipelines tests
 
 # Storage faults under real runs (a GCS emulator on 127.0.0.1, stopped and restarted, and a
 # fault-injecting proxy in front of it: 429/503/stalls that recover, hangs during exports,
