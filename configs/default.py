@@ -32,6 +32,8 @@ def get_model_config() -> ml_collections.ConfigDict:
             # ADVENT's DeepLabV2: the auxiliary layer-3 classifier; blocks per stage.
             advent_multi_level=True,
             advent_blocks=(3, 4, 23, 3),
+            # Classifier pairs on it (MTAF's MTKT: 1 + the targets; head 0 is evaluated).
+            advent_heads=1,
             # ProDA's DeepLabV2 (resnet101_proda): blocks per stage; the extra BN on the
             # 2048-channel output of its stages 2/3 (SimCLRv2 students).
             proda_blocks=(3, 4, 23, 3),

@@ -196,15 +196,17 @@ def load_model_dir(model_dir: str) -> tuple[dict[str, Any], ml_collections.Confi
 # Keys of config.model that fix the architecture (dtype, remat and dropout do not).
 ARCHITECTURE_KEYS = (
     "backbone", "head", "num_classes", "base_channels", "head_channels", "mit_layout",
-    "hrda.enabled",
+    "hrda.enabled", "advent_heads",
 )  # fmt: skip
 
 
 def model_setting(model_cfg: ml_collections.ConfigDict, key: str):
-    """``model_cfg``'s value of an architecture key; 'hrda.enabled' is False in model
-    directories written before HRDA existed."""
+    """``model_cfg``'s value of an architecture key; 'hrda.enabled' is False and
+    'advent_heads' 1 in model directories written before they existed."""
     if key == "hrda.enabled":
         return bool((model_cfg.get("hrda") or {}).get("enabled", False))
+    if key == "advent_heads":
+        return int(model_cfg.get("advent_heads", 1))
     return model_cfg.get(key)
 
 

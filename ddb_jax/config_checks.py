@@ -74,7 +74,7 @@ RULES: dict[str, Rule] = {
     "model.num_classes": POSITIVE, "model.base_channels": POSITIVE,
     "model.head_channels": POSITIVE, "model.dropout_ratio": BELOW_ONE,
     "model.drop_path_rate": BELOW_ONE, "model.advent_blocks": ints(4),
-    "model.proda_blocks": ints(4),
+    "model.proda_blocks": ints(4), "model.advent_heads": POSITIVE,
     "model.head": one_of(models.HEADS), "model.mit_layout": one_of(models.MIT_LAYOUTS),
     "model.dtype": one_of(models.COMPUTE_DTYPES), "model.conv_impl": one_of(CONV_IMPLS),
     "model.hrda.context_scale": Rule(lambda v: is_real(v) and v == 0.5,

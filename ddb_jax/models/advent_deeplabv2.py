@@ -24,6 +24,13 @@ IMG_MEAN (no std), before the first conv.
 Submodule names follow the torch state dict (``conv1``, ``bn1``, ``layer3_0`` with
 ``conv1..3``, ``bn1..3``, ``downsample_0/1``, ``layer6`` with ``conv2d_list_{i}``), so
 ``ddb_jax.convert.advent`` is a rename.
+
+MTAF's MTKT network (valeoai/MTAF mtaf/model/deeplabv2.py ``ResNetMultiMTKT``) is the same
+backbone with ``num_heads`` classifier pairs: ``layer5/head_{i}`` (torch
+``aux_classifier_list.{i}``) and ``layer6/head_{i}`` (``main_classifier_list.{i}``), head 0
+the target-agnostic one the reference evaluates. Nested under layer5/layer6, every head
+stays in the classifiers' groups (10x rate, no ImageNet weights), and a one-head model keeps
+ADVENT's names exactly.
 """
 
 from __future__ import annotations
@@ -122,6 +129,24 @@ class ClassifierModule(nn.Module):
         return out
 
 
+class ClassifierHeads(nn.Module):
+    """``num_heads`` classifiers on the same map (MTKT's ``*_classifier_list``), stacked:
+    (num_heads, N, h, w, num_classes)."""
+
+    num_classes: int
+    num_heads: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.stack(
+            [
+                ClassifierModule(self.num_classes, dtype=self.dtype, name=f"head_{i}")(x)
+                for i in range(self.num_heads)
+            ]
+        )
+
+
 class AdventDeepLabV2(nn.Module):
     """ADVENT's DeepLabV2; ``__call__`` -> ``{"logits": main, "aux_logits": layer-3 head}``.
 
@@ -129,6 +154,10 @@ class AdventDeepLabV2(nn.Module):
     (7x7/2 conv, ceil-mode 3x3/2 pool, 1x1/2 conv); ``aux_logits`` only with
     ``multi_level``. ``blocks`` and ``base_channels`` are (3, 4, 23, 3) and 64 in the
     reference; smaller ones make the tests' tiny models.
+
+    ``num_heads`` > 1 (MTAF's MTKT): also ``head_logits`` and ``head_aux_logits``, every
+    head's outputs stacked on a leading axis; ``logits``/``aux_logits`` are head 0's, the
+    one evaluation reads.
     """
 
     num_classes: int
@@ -137,8 +166,10 @@ class AdventDeepLabV2(nn.Module):
     base_channels: int = 64
     dtype: jnp.dtype = jnp.float32
     conv_impl: str = "lax"
+    num_heads: int = 1
 
     output_names = ("logits", "aux_logits")
+    head_output_names = ("head_logits", "head_aux_logits")  # only with num_heads > 1
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -146,6 +177,8 @@ class AdventDeepLabV2(nn.Module):
             raise ValueError(f"AdventDeepLabV2 blocks={self.blocks}: four layers expected")
         if self.conv_impl not in CONV_IMPLS:
             raise ValueError(f"conv_impl={self.conv_impl!r}; known: {list(CONV_IMPLS)}")
+        if self.num_heads < 1:
+            raise ValueError(f"AdventDeepLabV2 num_heads={self.num_heads}: at least one")
         width = self.base_channels
         x = to_advent_input(images).astype(self.dtype)
         x = make_conv(width, 7, 2, 1, self.dtype, "conv1", self.conv_impl, ADVENT_CONV_INIT)(x)
@@ -155,11 +188,19 @@ class AdventDeepLabV2(nn.Module):
         for stage, num_blocks in enumerate(self.blocks):
             x = bottleneck_stage(x, stage, num_blocks, width, self.dtype, self.conv_impl, train)
             if stage == 2 and self.multi_level:
-                outputs["aux_logits"] = ClassifierModule(
-                    self.num_classes, dtype=self.dtype, name="layer5"
-                )(x)
-        outputs["logits"] = ClassifierModule(self.num_classes, dtype=self.dtype, name="layer6")(x)
+                outputs["aux_logits"] = self._classifier("layer5")(x)
+        outputs["logits"] = self._classifier("layer6")(x)
+        if self.num_heads > 1:
+            for name in ("logits", "aux_logits"):
+                if name in outputs:
+                    outputs[f"head_{name}"] = outputs[name]
+                    outputs[name] = outputs[name][0]
         return outputs
+
+    def _classifier(self, name: str) -> nn.Module:
+        if self.num_heads == 1:
+            return ClassifierModule(self.num_classes, dtype=self.dtype, name=name)
+        return ClassifierHeads(self.num_classes, self.num_heads, dtype=self.dtype, name=name)
 
 
 def bottleneck_stage(
@@ -239,7 +280,7 @@ def listed_times(path: tuple) -> int:
 def build_advent(model_cfg) -> AdventDeepLabV2:
     """ADVENT's DeepLabV2 from ``config.model``: ``num_classes``, ``dtype`` and the optional
     ``advent_multi_level`` (True), ``advent_blocks`` ((3, 4, 23, 3)), ``base_channels``
-    (64) and ``conv_impl`` ('lax')."""
+    (64), ``conv_impl`` ('lax') and ``advent_heads`` (1; MTAF's MTKT: 1 + the targets)."""
     from ddb_jax.models import compute_dtype
 
     return AdventDeepLabV2(
@@ -249,4 +290,5 @@ def build_advent(model_cfg) -> AdventDeepLabV2:
         base_channels=model_cfg.get("base_channels", 64),
         dtype=compute_dtype(model_cfg.dtype),
         conv_impl=model_cfg.get("conv_impl", "lax"),
+        num_heads=int(model_cfg.get("advent_heads", 1)),
     )

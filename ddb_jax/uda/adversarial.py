@@ -59,3 +59,13 @@ def valid_pixel_cross_entropy(
     count = jnp.sum(valid)
     total = jnp.sum(jnp.where(valid, nll, 0.0))
     return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
+
+
+def kl_to_teacher(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
+    """MTAF's distillation loss (``kl_divergence``, utils/loss.py): ``F.kl_div(
+    log_softmax(student), softmax(teacher), size_average=True)``, i.e. ``p_t (log p_t -
+    log p_s)`` averaged over every element, classes included (1/C of the per-pixel KL),
+    temperature 1; NHWC logits. The caller detaches the teacher."""
+    log_student = jax.nn.log_softmax(student_logits, axis=-1)
+    log_teacher = jax.nn.log_softmax(teacher_logits, axis=-1)
+    return jnp.mean(jnp.exp(log_teacher) * (log_teacher - log_student))
