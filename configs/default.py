@@ -81,6 +81,10 @@ def get_config() -> ml_collections.ConfigDict:
             root="data",
             source=("gta",),
             target=("cityscapes",),
+            # A label set of ddb_jax/label_sets.py ('mtaf7', 'dada7': the papers' 7 classes,
+            # files from the converters' --label-set); '' = the 19 Cityscapes train ids.
+            # model.num_classes must match it.
+            label_set="",
             crop_size=(512, 512),
             # The target's crop when it differs from the source's (ADVENT: whole images of
             # each domain's size, 720x1280 and 512x1024); () = crop_size.
@@ -96,6 +100,9 @@ def get_config() -> ml_collections.ConfigDict:
             # mmseg's PhotoMetricDistortion on the source images (the reference's CKD
             # stages; DDB's self-training stages do not use it).
             photometric_distortion=False,
+            # Source batches also hold 'source_depth', SYNTHIA's inverse depth 65536/(d+1) with
+            # the label's resize, crop and flip (DAF; convert with synthia.py --depth).
+            source_depth=False,
             rare_class_sampling=False,
             rcs_temperature=0.01,
             rcs_min_pixels=3000,
@@ -255,7 +262,9 @@ def get_config() -> ml_collections.ConfigDict:
             split="val",
             save_predictions=False,  # write colourised predictions (stage 'evaluate')
             # Extra mIoUs from the same confusion matrix (ddb_jax/labels.py MIOU_PROTOCOLS):
-            # 'synthia16', 'synthia13' (SYNTHIA's 16 / 13 classes), 'categories7'.
+            # 'synthia16', 'synthia13' (SYNTHIA's 16 / 13 classes), 'categories7_merged' (the
+            # 19 classes merged into 7 categories; not the papers' 7-class protocols, which
+            # are data.label_set). 'categories7' is its former name, an alias.
             miou_protocols=(),
             # Stage 'evaluate': a second model whose logits are added to config.checkpoint's,
             # weighted (ADVENT's AdvEnt + MinEnt: 0.5 each).

@@ -21,7 +21,7 @@ import jax
 import ml_collections
 
 import ddb_jax.graph  # noqa: F401  (its modules register the pipelines of GRAPHS)
-from ddb_jax import errors, labels, methods, models, paths
+from ddb_jax import errors, label_sets, labels, methods, models, paths
 from ddb_jax.config_rules import (
     BELOW_ONE,
     NON_NEGATIVE,
@@ -91,6 +91,7 @@ RULES: dict[str, Rule] = {
     "data.num_parallel_calls": integer(1, "tf.data.AUTOTUNE", also=(-1,)),
     "data.proda_resize": POSITIVE, "data.proda_full_size": PAIR,
     "data.proda_source_size": PAIR, "data.proda_threshold": RATIO,
+    "data.label_set": one_of(("", *label_sets.LABEL_SETS)),
     **{f"optim.{key}": rule for key, rule in optim.OPTIM_RULES.items()},
     "st.mask": one_of(MASK_MODES), "st.cut_area_ratio": RATIO, "st.ema_alpha": BELOW_ONE,
     "st.pseudo_threshold": RATIO, "st.pseudo_weight_ignore_top": integer(0),
@@ -155,6 +156,33 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 check_value(key.split(".", 2)[2], value, key)
         elif not (is_pipeline and key in stage_graph.PER_STAGE_KEYS and value == ""):
             check_value(key, value)
+    check_source_depth(config)
+    check_label_set(config)
+
+
+def check_label_set(config: ml_collections.ConfigDict) -> None:
+    """``data.label_set``'s labels hold its classes: the model must output that many."""
+    name = (config.get("data") or {}).get("label_set", "")
+    model = config.get("model") or {}
+    if name and "num_classes" in model and model.num_classes != len(label_sets.class_names(name)):
+        raise ConfigValueError(
+            f"config.data.label_set={name!r} has {len(label_sets.class_names(name))} classes: "
+            f"config.model.num_classes={model.num_classes} must equal it"
+        )
+
+
+def check_source_depth(config: ml_collections.ConfigDict) -> None:
+    """``data.source_depth`` reads SYNTHIA's converted depth: every source must have the
+    SYNTHIA layout (the one dataset shipping depth that the input pipeline reads)."""
+    data = config.get("data") or {}
+    if not data.get("source_depth", False):
+        return
+    others = [n for n in data.source if n in DATASETS and DATASETS[n].layout != "synthia"]
+    if others:
+        raise ConfigValueError(
+            f"config.data.source_depth=True with config.data.source={tuple(data.source)!r}: "
+            f"must be SYNTHIA-layout sources (synthia, toy_synthia), not {others}"
+        )
 
 
 def check_workdir(workdir: str) -> None:

@@ -102,6 +102,16 @@ SYNTHIA_VALID_IDS = tuple(range(23))
 # above; DAFormer's and DDB's converters mark them "not present in synthia").
 SYNTHIA_ABSENT_CLASSES = (9, 14, 16)
 
+# IDD (India Driving Dataset) fine ids (the 'id' column of its anue_labels.py, 0..39, as
+# *_gtFine_labelids.png hold them) -> train ids: its 'csTrainId' column. Non-drivable
+# fallback is terrain; drivable fallback, autorickshaw, curb, billboard and the other
+# IDD-only classes have none (255).
+IDD_ID_TO_TRAIN_ID: Mapping[int, int] = {
+    0: 0, 3: 1, 5: 9, 6: 11, 8: 12, 9: 17, 10: 18, 12: 13, 13: 14, 14: 15, 17: 16, 20: 3,
+    21: 4, 24: 7, 25: 6, 26: 5, 29: 2, 32: 8, 33: 10,
+}  # fmt: skip
+IDD_VALID_IDS = tuple(range(40)) + (255,)
+
 TRAIN_ID_TO_CITYSCAPES_ID: Mapping[int, int] = {v: k for k, v in CITYSCAPES_ID_TO_TRAIN_ID.items()}
 TRAIN_ID_TO_SYNTHIA_ID: Mapping[int, int] = {v: k for k, v in SYNTHIA_ID_TO_TRAIN_ID.items()}
 
@@ -116,10 +126,11 @@ TRAIN_ID_TO_SYNTHIA_ID: Mapping[int, int] = {v: k for k, v in SYNTHIA_ID_TO_TRAI
 SYNTHIA_16_CLASSES = tuple(c for c in range(NUM_CLASSES) if c not in SYNTHIA_ABSENT_CLASSES)
 SYNTHIA_13_CLASSES = tuple(c for c in SYNTHIA_16_CLASSES if c not in (3, 4, 5))
 
-# The 7-class protocol (SYNTHIA->Cityscapes/Mapillary in 7 classes, e.g. valeoai/DADA): the
-# categories of cityscapesScripts' labels.py ('category' column; 'void' has no train id). IoU
-# per category is computed from the 19-class confusion matrix with its rows and columns summed
-# by category, i.e. a pixel counts as correct when prediction and label share a category.
+# 'categories7_merged': a 19-class model's confusion matrix merged into the categories of
+# cityscapesScripts' labels.py ('category' column; 'void' has no train id), i.e. a pixel counts
+# as correct when prediction and label share a category. Not the 7-class numbers of DADA or
+# MTAF: those come from 7-class models trained on each paper's own tables, which differ from
+# these categories (ddb_jax/label_sets.py, config.data.label_set).
 CITYSCAPES_CATEGORIES = ("flat", "construction", "object", "nature", "sky", "human", "vehicle")
 TRAIN_ID_TO_CATEGORY = (
     0, 0,              # road, sidewalk: flat
@@ -145,16 +156,16 @@ class MiouProtocol:
 
 
 _CLASSES_AS_GROUPS = tuple(range(NUM_CLASSES))
-# config.eval.miou_protocols names these.
+_MERGED7 = MiouProtocol(
+    "mIoU7", CITYSCAPES_CATEGORIES, TRAIN_ID_TO_CATEGORY, tuple(range(len(CITYSCAPES_CATEGORIES)))
+)
+# config.eval.miou_protocols names these. 'categories7' is the former name of
+# 'categories7_merged', kept as an alias (results are keyed by the name the config uses).
 MIOU_PROTOCOLS: Mapping[str, MiouProtocol] = {
     "synthia16": MiouProtocol("mIoU16", CITYSCAPES_CLASSES, _CLASSES_AS_GROUPS, SYNTHIA_16_CLASSES),
     "synthia13": MiouProtocol("mIoU13", CITYSCAPES_CLASSES, _CLASSES_AS_GROUPS, SYNTHIA_13_CLASSES),
-    "categories7": MiouProtocol(
-        "mIoU7",
-        CITYSCAPES_CATEGORIES,
-        TRAIN_ID_TO_CATEGORY,
-        tuple(range(len(CITYSCAPES_CATEGORIES))),
-    ),
+    "categories7_merged": _MERGED7,
+    "categories7": _MERGED7,
 }
 
 

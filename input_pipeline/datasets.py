@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-from ddb_jax import errors, paths
+from ddb_jax import errors, label_sets, paths
 
 README = "data/README.md"
 
@@ -31,7 +31,7 @@ class LayoutSpec:
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    layout: str  # gta | synscapes | synthia | cityscapes | mapillary
+    layout: str  # gta | synscapes | synthia | cityscapes | mapillary | idd
     subdir: str
     # mmcv keep-ratio resize target (long edge, short edge), or None to keep the image size.
     train_scale: tuple[int, int] | None
@@ -54,7 +54,15 @@ LAYOUTS: Mapping[str, LayoutSpec] = {
         "training/images/*.jpg with cityscapes_trainIdLabel/train/label/*.png, and "
         "half/val_img/*.jpg with half/val_label/*.png",
     ),
+    "idd": LayoutSpec(
+        "IDD",
+        "leftImg8bit/{split}/{sequence}/*_leftImg8bit.png and "
+        "gtFine/{split}/{sequence}/*_gtFine_labelTrainIds.png",
+    ),
 }
+# A label set's files (config.data.label_set, ddb_jax/label_sets.py): the 19-class names plus
+# _<set> (gtFine/.../*_gtFine_labelTrainIds_mtaf7.png), Mapillary's in <set>_label/ and
+# half/val_label_<set>/. Written by the layout's converter with --label-set.
 
 DATASETS: Mapping[str, DatasetSpec] = {
     "gta": DatasetSpec("gta", "gta", (1280, 720), (1280, 720)),
@@ -62,6 +70,7 @@ DATASETS: Mapping[str, DatasetSpec] = {
     "synthia": DatasetSpec("synthia", "synthia", (1280, 760), (1280, 760)),
     "cityscapes": DatasetSpec("cityscapes", "cityscapes", (1024, 512), (1024, 512)),
     "mapillary": DatasetSpec("mapillary", "mapillary", (1024, 512), (1024, 512), 512),
+    "idd": DatasetSpec("idd", "idd", (1280, 720), (1280, 720)),  # mostly 1920x1080 images
     # Toy domains (python -m input_pipeline.toy): small images keep their size.
     "toy_source": DatasetSpec("gta", "toy/gta", None, None),
     "toy_target": DatasetSpec("cityscapes", "toy/cityscapes", None, None),
@@ -71,6 +80,8 @@ DATASETS: Mapping[str, DatasetSpec] = {
     # --hr: 512x256 scenes needing detail and context (input_pipeline/toy_hr.py).
     "toy_hr_source": DatasetSpec("gta", "toy/gta_hr", None, None),
     "toy_hr_target": DatasetSpec("cityscapes", "toy/cityscapes_hr", None, None),
+    # --extra-targets idd: an IDD-like second target (input_pipeline/toy_idd.py).
+    "toy_idd": DatasetSpec("idd", "toy/idd", None, None),
 }
 
 
@@ -118,6 +129,7 @@ def _pair(
     label_dir: str,
     label_for: dict[str, str],
     label_glob: str,
+    missing_hint: str = f"did the converter run? see {README}",
 ) -> tuple[str, ...]:
     """Labels in image order; every image needs its label and every label its image.
 
@@ -128,7 +140,7 @@ def _pair(
     if missing:
         raise DatasetError(
             f"dataset {name!r}: {len(missing)} image(s) without a label, e.g. {missing[0]} "
-            f"has no {label_for[missing[0]]} (did the converter run? see {README})"
+            f"has no {label_for[missing[0]]} ({missing_hint})"
         )
     expected = set(label_for.values())
     orphans = sorted(present - expected)
@@ -140,12 +152,28 @@ def _pair(
     return tuple(label_for[img] for img in images)
 
 
-def list_files(root: str, name: str, split: str = "train", with_labels: bool = True) -> FileList:
-    """Lists (and checks) one split of dataset ``name`` under ``root``."""
+def _label_set_hint(name: str, layout: str, label_set: str) -> str:
+    """How to write a label set's files, for the one-line error when they are missing."""
+    if name.startswith("toy"):
+        return f"label set {label_set!r}: the toy generator does not write it"
+    return (
+        f"label set {label_set!r}: run python tools/convert_datasets/{layout}.py "
+        f"<data root>/{dataset_spec(name).subdir} --label-set {label_set}"
+    )
+
+
+def list_files(
+    root: str, name: str, split: str = "train", with_labels: bool = True, label_set: str = ""
+) -> FileList:
+    """Lists (and checks) one split of dataset ``name`` under ``root``; ``label_set`` (a
+    name of :mod:`ddb_jax.label_sets`, '' = the 19 train ids) picks the label files."""
     spec = dataset_spec(name)
     directory = paths.join(root, spec.subdir)
     _require_dir(directory, name, spec.layout)
     layout = spec.layout
+    if label_set and with_labels and not label_sets.label_set(label_set).covers(layout):
+        raise DatasetError(f"label set {label_set!r} has no table for dataset {name!r}")
+    tag = label_sets.label_suffix(label_set)
 
     if layout in ("gta", "synscapes", "synthia"):
         image_sub, label_sub, suffix = {
@@ -157,6 +185,7 @@ def list_files(root: str, name: str, split: str = "train", with_labels: bool = T
             ),
             "synthia": ("RGB", paths.join("GT", "LABELS"), "_labelTrainIds.png"),
         }[layout]
+        suffix = suffix[: -len(".png")] + tag + ".png"
         image_dir, label_dir = (
             paths.join(directory, image_sub),
             paths.join(directory, label_sub),
@@ -167,7 +196,7 @@ def list_files(root: str, name: str, split: str = "train", with_labels: bool = T
             for img in images
         }
         label_glob = "*" + suffix
-    elif layout == "cityscapes":
+    elif layout in ("cityscapes", "idd"):  # IDD: Cityscapes' tree and names
         image_dir = paths.join(directory, "leftImg8bit", split)
         label_dir = paths.join(directory, "gtFine", split)
         images = _glob(paths.join(image_dir, "*", "*_leftImg8bit.png"))
@@ -175,18 +204,19 @@ def list_files(root: str, name: str, split: str = "train", with_labels: bool = T
             img: paths.join(
                 label_dir,
                 paths.basename(paths.dirname(img)),
-                paths.basename(img)[: -len("_leftImg8bit.png")] + "_gtFine_labelTrainIds.png",
+                paths.basename(img)[: -len("_leftImg8bit.png")] + f"_gtFine_labelTrainIds{tag}.png",
             )
             for img in images
         }
-        label_glob = paths.join("*", "*_gtFine_labelTrainIds.png")
+        label_glob = paths.join("*", f"*_gtFine_labelTrainIds{tag}.png")
     elif layout == "mapillary":
         if split == "train":
             image_dir = paths.join(directory, "training", "images")
-            label_dir = paths.join(directory, "cityscapes_trainIdLabel", "train", "label")
+            labels_root = f"{label_set}_label" if label_set else "cityscapes_trainIdLabel"
+            label_dir = paths.join(directory, labels_root, "train", "label")
         else:
             image_dir = paths.join(directory, "half", "val_img")
-            label_dir = paths.join(directory, "half", "val_label")
+            label_dir = paths.join(directory, "half", "val_label" + tag)
         images = _glob(paths.join(image_dir, "*.jpg"))
         label_for = {
             img: paths.join(label_dir, paths.basename(img)[: -len(".jpg")] + ".png")
@@ -204,8 +234,11 @@ def list_files(root: str, name: str, split: str = "train", with_labels: bool = T
         )
     labels = None
     if with_labels:
+        hint = _label_set_hint(name, layout, label_set) if label_set else None
+        if label_set and not paths.isdir(label_dir):
+            raise DatasetError(f"dataset {name!r}: no directory {label_dir} ({hint})")
         _require_dir(label_dir, name, layout)
-        labels = _pair(name, images, label_dir, label_for, label_glob)
+        labels = _pair(name, images, label_dir, label_for, label_glob, *([hint] if hint else []))
     scale = spec.train_scale if split == "train" else spec.eval_scale
     min_size = spec.train_min_size if split == "train" else None
     return FileList(name, directory, tuple(images), labels, scale, min_size)
@@ -216,13 +249,14 @@ def check_available(data_cfg, eval_split: str | None = "val", sources: bool = Tr
     targets' training images; with ``eval_split``, their labelled split), so a wrong data
     root or a missing dataset fails at once, naming the directory, before any long work."""
     paths.check_bucket(data_cfg.root, "config.data.root")
+    label_set = data_cfg.get("label_set", "")
     if sources:
         for name in data_cfg.source:
-            list_files(data_cfg.root, name, "train", with_labels=True)
+            list_files(data_cfg.root, name, "train", with_labels=True, label_set=label_set)
     for name in data_cfg.target:
         list_files(data_cfg.root, name, "train", with_labels=False)
         if eval_split:
-            list_files(data_cfg.root, name, eval_split, with_labels=True)
+            list_files(data_cfg.root, name, eval_split, with_labels=True, label_set=label_set)
 
 
 def with_scale_overrides(files: FileList, overrides: Mapping | None) -> FileList:

@@ -27,7 +27,9 @@ def make_eval_dataset(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in 0..{process_count - 1}")
     files = datasets.with_scale_overrides(
-        datasets.list_files(data_cfg.root, name, split, with_labels=True),
+        datasets.list_files(
+            data_cfg.root, name, split, with_labels=True, label_set=data_cfg.get("label_set", "")
+        ),
         data_cfg.get("resize_scales", None),
     )
     scale = tf.constant(files.scale or (0, 0), tf.int32)

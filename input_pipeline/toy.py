@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from ddb_jax import labels as label_tables
-from input_pipeline import conversion, rcs
+from input_pipeline import conversion, rcs, toy_depth
 
 WIDTH, HEIGHT = 256, 128
 ROAD, SIDEWALK, BUILDING, FENCE, POLE, LIGHT, SIGN, VEGETATION = 0, 1, 2, 4, 5, 6, 7, 8
@@ -320,6 +320,7 @@ def _write_synthia(rng, directory: str, count: int, shift: float) -> None:
         save_synthia_label(
             to_synthia_label(train_ids), os.path.join(directory, "GT", "LABELS", f"{i:07d}.png")
         )
+        toy_depth.write_depth(train_ids, directory, i)
 
 
 def _write_synscapes(rng, directory: str, count: int, shift: float) -> None:
@@ -364,6 +365,7 @@ def main(argv=None) -> None:
     parser.add_argument("--hr", action="store_true", help="also the 512x256 domains (toy_hr.py)")
     parser.add_argument("--hr-num-train", type=int, help="default: --num-train")
     parser.add_argument("--hr-num-val", type=int, help="default: --num-val")
+    parser.add_argument("--extra-targets", default="", help="'idd': input_pipeline/toy_idd.py")
     args = parser.parse_args(argv)
     extra = [name for name in args.extra_sources.split(",") if name]
     generate(args.out, args.seed, args.num_train, args.num_val, args.shift, extra)
@@ -378,6 +380,12 @@ def main(argv=None) -> None:
             args.num_train if num_train is None else num_train,
             args.num_val if num_val is None else num_val,
             args.shift,
+        )
+    if args.extra_targets:  # a second target (toy_idd.py imports this module)
+        from input_pipeline import toy_idd  # noqa: PLC0415
+
+        written += toy_idd.generate_extra_targets(
+            args.extra_targets, args.out, args.seed, args.num_train, args.num_val, args.shift
         )
     print(f"wrote toy domains to {', '.join(written)}")
 

@@ -47,7 +47,10 @@ def _list(data_cfg, names: Sequence[str], with_labels: bool) -> list[datasets.Fi
     overrides = data_cfg.get("resize_scales", None)
     return [
         datasets.with_scale_overrides(
-            datasets.list_files(data_cfg.root, n, "train", with_labels), overrides
+            datasets.list_files(
+                data_cfg.root, n, "train", with_labels, data_cfg.get("label_set", "")
+            ),
+            overrides,
         )
         for n in names
     ]
@@ -124,16 +127,24 @@ def _source_fn(data_cfg, table, sampler: _RareClassSampler | None, seed: tf.Tens
     distort = bool(data_cfg.get("photometric_distortion", False))
     flip_prob = float(data_cfg.get("flip_prob", 0.5))
     keep_ratio = bool(data_cfg.get("keep_ratio", True))
+    with_depth = bool(data_cfg.get("source_depth", False))
 
-    def fn(k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def fn(k: tf.Tensor) -> tuple[tf.Tensor, ...]:
         elem_seed = transforms.fold_seed(seed, SOURCE_STREAM, k)
         if sampler is None:
             index = _shuffled_index(k, n, transforms.fold_seed(seed, SOURCE_STREAM))
         else:
             index, cls = sampler.sample(transforms.fold_seed(seed, RCS_STREAM, k))
-        image, label = _load(_gather(table, index), True, keep_ratio)
+        entry = _gather(table, index)
+        image, label = _load(entry, True, keep_ratio)
+        if with_depth:  # the same nearest resize, crop and flip as the label (DADA's depth)
+            depth = _resized_depth(entry["image"], tf.shape(label))
 
         def propose(s):
+            if with_depth:
+                return transforms.crop_flip_pad_depth(
+                    image, label, depth, crop_size, data_cfg.cat_max_ratio, s, distort, flip_prob
+                )
             return transforms.crop_flip_pad(
                 image, label, crop_size, data_cfg.cat_max_ratio, s, distort, flip_prob
             )
@@ -150,6 +161,13 @@ def _source_fn(data_cfg, table, sampler: _RareClassSampler | None, seed: tf.Tens
         return transforms.first_accepted(propose, accept, elem_seed, RCS_RECROPS)
 
     return fn
+
+
+def _resized_depth(image_path: tf.Tensor, label_shape: tf.Tensor) -> tf.Tensor:
+    """The converted depth of a SYNTHIA image, nearest-resized to its (resized) label."""
+    depth = transforms.read_depth(transforms.depth_path(image_path))
+    same = tf.reduce_all(tf.equal(tf.shape(depth), label_shape))
+    return tf.cond(same, lambda: depth, lambda: transforms.resize_label(depth, label_shape))
 
 
 TARGET_ORDERS = ("uniform", "shuffled", "sequential")
@@ -280,8 +298,10 @@ def make_train_dataset(
     target_fns = _target_streams(data_cfg, target_files, seed)
 
     def element(k):
-        image, label = source_fn(k)
+        image, label, *depth = source_fn(k)
         out = {"source_image": image, "source_label": label}
+        if depth:  # config.data.source_depth: DADA's inverse depth, float32 (B, H, W)
+            out["source_depth"] = depth[0]
         for target_fn in target_fns:
             out.update(target_fn(k))
         return out

@@ -359,3 +359,67 @@ def crop_flip_pad(
     if label is not None:
         label = tf.cast(label, tf.int32)
     return image, label
+
+
+# SYNTHIA depth (config.data.source_depth): tools/convert_datasets/synthia.py --depth writes
+# Depth/<name>_depth16.png beside each release file Depth/<name>.png: one 16-bit channel
+# holding the value DADA's cv2.imread(..., IMREAD_ANYDEPTH) gives, losslessly; the source
+# batch's 'source_depth' is DADA's inverse depth 65536 / (d + 1) of it, float32.
+DEPTH_SUFFIX = "_depth16.png"
+INVERSE_DEPTH_SCALE = 65536.0  # dada/dataset/depth.py
+DEPTH_PAD = 0.0  # inverse depth of padded pixels (the reference never pads)
+
+
+def depth_path(image_path: tf.Tensor) -> tf.Tensor:
+    """SYNTHIA's RGB/<name>.png -> Depth/<name>_depth16.png (the converter's output)."""
+    return tf.strings.regex_replace(
+        image_path, r"RGB([/\\])([^/\\]*)\.png$", r"Depth\1\2" + DEPTH_SUFFIX
+    )
+
+
+def read_depth(path: tf.Tensor) -> tf.Tensor:
+    """uint16 (H, W) from a converted one-channel 16-bit depth PNG; checks that it is one."""
+    contents = read_file(path)
+    sixteen_bit = tf.debugging.Assert(
+        tf.equal(tf.strings.substr(contents, 24, 1), b"\x10"),
+        ["depth is not a 16-bit PNG; run tools/convert_datasets/synthia.py --depth:", path],
+    )
+    with tf.control_dependencies([*_assert_complete(contents, path, False), sixteen_bit]):
+        depth = tf.io.decode_png(contents, channels=1, dtype=tf.uint16)
+    return depth[..., 0]
+
+
+def inverse_depth(depth: tf.Tensor) -> tf.Tensor:
+    """DADA's inverse depth ``65536 / (d + 1)`` (float32) of raw 16-bit depth values."""
+    return INVERSE_DEPTH_SCALE / (tf.cast(depth, tf.float32) + 1.0)
+
+
+def crop_flip_pad_depth(
+    image: tf.Tensor,
+    label: tf.Tensor,
+    depth: tf.Tensor,
+    crop_size: tuple[int, int],
+    cat_max_ratio: float,
+    seed: tf.Tensor,
+    photometric_distortion: bool = False,
+    flip_prob: float = 0.5,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """:func:`crop_flip_pad` with a depth map (raw uint16, the label's size) carried along:
+    the same crop offset and flip as the label (the same seeds, so image and label are
+    exactly what :func:`crop_flip_pad` gives), then DADA's inverse depth, padded with
+    :data:`DEPTH_PAD`."""
+    offset = random_crop_offset(label, crop_size, cat_max_ratio, fold_seed(seed, CROP_OP))
+    image, label, depth = (crop(x, offset, crop_size) for x in (image, label, depth))
+    flip = tf.random.stateless_uniform([], fold_seed(seed, FLIP_OP)) < flip_prob
+    image, label, depth = (
+        tf.cond(flip, lambda x=x: tf.reverse(x, [1]), lambda x=x: x) for x in (image, label, depth)
+    )
+    if photometric_distortion:
+        image = photometric.photometric_distortion(image, fold_seed(seed, PHOTOMETRIC_OP))
+    depth = inverse_depth(depth)
+    shape = tf.shape(depth)
+    paddings = [[0, crop_size[0] - shape[0]], [0, crop_size[1] - shape[1]]]
+    depth = tf.pad(depth, paddings, constant_values=DEPTH_PAD)
+    depth.set_shape(crop_size)
+    image, label = pad_to(normalize(image), label, crop_size)
+    return image, tf.cast(label, tf.int32), depth

@@ -140,3 +140,26 @@ def test_padded_bytes():
 
     assert aot.padded_bytes(sds, Layout) == 3 * 3 * 16 * 128 * 4
     assert aot.padded_bytes(sds, None) == 3 * 3 * 16 * 16 * 4
+
+
+def test_batch_shapes_follow_the_target_streams():
+    """One 'target_image_<name>' per target with ``data.per_target_streams`` (MTAF's
+    loaders: what input_pipeline.train yields), else one 'target_image'; no compile."""
+    from configs import mtaf_demo
+    from input_pipeline.train import target_stream_keys
+
+    config = mtaf_demo.get_config("mdis")
+    config.data.target_crop_size = (64, 96)
+    shapes = aot.batch_shapes(config)
+    b, (h, w) = config.batch_size, config.data.crop_size
+    streams = [f"target_image_{name}" for name in config.data.target]
+    assert len(streams) == 2 and tuple(streams) == target_stream_keys(config.data)
+    assert list(shapes) == ["source_image", "source_label", *streams]
+    assert shapes["source_label"].shape == (b, h, w)
+    for key in streams:
+        assert (shapes[key].shape, shapes[key].dtype) == ((b, 64, 96, 3), jax.numpy.float32)
+    config.data.per_target_streams = False
+    config.data.source_depth = True
+    shapes = aot.batch_shapes(config)
+    assert list(shapes) == ["source_image", "source_label", "target_image", "source_depth"]
+    assert shapes["source_depth"].shape == (b, h, w)

@@ -1,6 +1,6 @@
 """The import layering, kept by a machine (``make lint`` and ``make test`` run this).
 
-- models import nothing of training, data or the methods: only the leaves (ops, labels,
+- models import nothing of training, data or the methods: only the leaves (ops, labels, label_sets,
   paths, errors);
 - the DDB ops (bridging, augmentation, losses, prototypes, ensemble) import no model, no
   data and no training code: only each other and the leaves;
@@ -23,7 +23,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEAVES = (
-    "ddb_jax.ops", "ddb_jax.labels", "ddb_jax.paths", "ddb_jax.errors", "ddb_jax.runtime.deadline",
+    "ddb_jax.ops", "ddb_jax.labels", "ddb_jax.label_sets", "ddb_jax.paths", "ddb_jax.errors",
+    "ddb_jax.runtime.deadline",
 )  # fmt: skip
 # The domain-adaptation ops (ddb_jax/uda/): every module of the folder.
 DDB_OPS = tuple(

@@ -137,6 +137,9 @@ def test_a_class_absent_from_labels_and_predictions_is_left_out_of_the_mean():
     assert scores["synthia16"]["miou"] == pytest.approx((HAND_SUM - 1) / 15)
     empty = evaluate.protocol_scores(np.zeros((19, 19), np.int64), ("categories7",))
     assert np.isnan(empty["categories7"]["miou"])
+    # 'categories7_merged' is its name now; the old one stays an alias of the same protocol.
+    renamed = evaluate.protocol_scores(hand_made_confusion(), ("categories7_merged",))
+    assert renamed["categories7_merged"]["miou"] == pytest.approx((5 + 0.75 + 2 / 3) / 7)
 
 
 def test_unknown_protocol_and_other_class_counts_fail_by_name():

@@ -6,8 +6,10 @@ the settings the methods refuse, the stage graph and the shipped configs, the KL
 ``AdventDeepLabV2(num_heads=1 + T)`` nests the reference's ``aux_classifier_list.{i}`` and
 ``main_classifier_list.{i}`` as ``layer5/head_{i}`` and ``layer6/head_{i}``: every head is a
 classifier (10x rate, no ImageNet weights, listed once), the backbone is ADVENT's, and
-'logits' is head 0's, the one the reference evaluates. tests/test_mtaf_step.py checks the
-iterations (with the switches' defaults) against the reference's.
+'logits' is head 0's, the one the reference evaluates. MTAF's saved files convert through
+the tool's path (ddb_jax.convert: heads, levels and classes read off the keys).
+tests/test_mtaf_step.py checks the iterations (with the switches' defaults) against the
+reference's.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import pytest
 import torch
 
 from configs import advent_gta2cs, default
-from ddb_jax import config_checks, methods, models
+from ddb_jax import checkpoints, config_checks, methods, models
 from ddb_jax.convert import advent as convert
-from ddb_jax.convert.common import TorchSource, convert_to_shapes, path_to_str
+from ddb_jax.convert import convert_model_state
+from ddb_jax.convert.advent import mtkt_torch_name
+from ddb_jax.convert.common import ConversionError, path_to_str
 from ddb_jax.graph import stage_graph
 from ddb_jax.methods import advent, mtaf_mtkt, mtaf_shared, optim
 from ddb_jax.methods.state import MODEL, create_train_state
@@ -41,6 +45,7 @@ from ddb_jax.uda import adversarial
 from tests.parity_support import torch_threads
 from tests.test_advent_model import BLOCKS, LOGITS_HW, NUM_CLASSES, WIDTH, assert_close, images
 from tests.test_advent_model import randomize as randomize_torch
+from tests.test_advent_model import reference_model as advent_reference_model
 from tests.test_advent_step import MAX_ITERS, NDF, SOURCE_HW, TARGET_HW, advent_config
 from torch_ref import mtaf as ref
 from torch_ref import mtaf_step as ref_step
@@ -52,21 +57,8 @@ LAMBDAS = dict(lambda_seg_main=2.0, lambda_seg_aux=0.3, lambda_adv_main=0.04,
                lambda_adv_aux=0.02, lambda_kl_target=4.0)  # fmt: skip
 
 
-def mtkt_torch_name(path: tuple[str, ...]) -> TorchSource:
-    """Our layer5/head_{i} and layer6/head_{i} are the reference's aux_classifier_list.{i}
-    and main_classifier_list.{i}; the rest is ADVENT's names."""
-    collection, *modules, leaf = path
-    lists = {"layer5": "aux_classifier_list", "layer6": "main_classifier_list"}
-    if modules[0] in lists and len(modules) == 3:
-        inner = convert.torch_name((collection, "layer6", modules[2], leaf))
-        key = inner.key.replace("layer6.", f"{lists[modules[0]]}.{modules[1][5:]}.", 1)
-        return TorchSource(key, inner.transform)
-    return convert.torch_name(path)
-
-
 def convert_mtkt(state_dict: dict, model, dtype=np.float64) -> dict:
-    return convert_to_shapes(state_dict, models.variable_shapes(model), mtkt_torch_name,
-                             dtype=dtype)  # fmt: skip
+    return convert.convert_advent(state_dict, model, dtype=dtype)
 
 
 def mtaf_config(stage: str, num_targets: int):
@@ -184,6 +176,76 @@ def test_one_head_keeps_advents_model():
                          jax.ShapeDtypeStruct((1, 47, 41, 3), jnp.float32))  # fmt: skip
     assert out["logits"].shape == (1, *LOGITS_HW, 5)
     assert out["head_aux_logits"].shape == (HEADS, 1, *LOGITS_HW, 5)
+
+
+# --- MTAF's released files: conversion ---------------------------------------------------
+
+
+def file_model_config(**overrides) -> ml_collections.ConfigDict:
+    """What tools/convert_checkpoint.py builds (ADVENT's backbone, head and the default
+    ``advent_heads`` of 1), at the tiny model's size."""
+    cfg = default.get_model_config()
+    cfg.update(backbone=models.ADVENT_BACKBONE, head="advent_aspp", num_classes=NUM_CLASSES,
+               base_channels=WIDTH, advent_blocks=BLOCKS)  # fmt: skip
+    cfg.update(overrides)
+    return cfg
+
+
+@torch.no_grad()
+def float32_exact(model: torch.nn.Module) -> torch.nn.Module:
+    """Every tensor rounded to a float32 value (kept in float64): the converter's float32
+    leaves then hold the reference's weights exactly, and float64 parity holds."""
+    for tensor in model.state_dict().values():
+        if tensor.is_floating_point():
+            tensor.copy_(tensor.float().double())
+    return model
+
+
+def test_an_mtkt_file_converts_with_its_heads_and_every_head_matches(tmp_path):
+    """MTKT's ``model.state_dict()`` (``main_classifier_list.{i}``, ``aux_classifier_list.{i}``)
+    through the tool's path: the head count and levels come from the keys into the model
+    directory's model.json; every head's outputs are the reference's (float64)."""
+    torch_model = float32_exact(reference_model())
+    state = {f"module.{k}": v for k, v in numpy_state_dict(torch_model).items()}
+    variables, cfg, kind = convert_model_state(state, file_model_config(), source="mtkt.pth")
+    assert (kind, cfg.advent_heads, cfg.advent_multi_level) == ("segmentor", HEADS, True)
+    checkpoints.save_model_dir(str(tmp_path / "mtkt"), variables, cfg, {"kind": kind})
+    stored, _ = checkpoints.read_model_config(str(tmp_path / "mtkt"))
+    assert stored.advent_heads == HEADS
+    normalised, advent_input = images(seed=4)
+    with torch_threads(1), torch.no_grad():
+        aux_list, main_list = torch_model.eval()(advent_input)
+    cfg.dtype = "float64"
+    model = models.build_model(cfg)
+    with jax.enable_x64(True):
+        wide = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), variables)
+        out = jax.jit(lambda v, x: model.apply(v, x, train=False))(wide, normalised)
+        out = jax.tree_util.tree_map(np.asarray, out)
+    for head in range(HEADS):
+        assert_close(out["head_logits"][head], nhwc(main_list[head]), f"main {head}")
+        assert_close(out["head_aux_logits"][head], nhwc(aux_list[head]), f"aux {head}")
+    np.testing.assert_array_equal(out["logits"], out["head_logits"][0])  # what is evaluated
+
+
+def test_the_layout_sets_heads_and_levels_and_a_disagreeing_config_is_one_line():
+    """A single-level MTKT file, ADVENT's (MTAF's baseline and MDis) layout; an
+    ``advent_heads`` or class count other than the file's is refused in one line."""
+    mtkt = numpy_state_dict(float32_exact(reference_model()))
+    single = {k: v for k, v in mtkt.items() if not k.startswith("aux_classifier_list.")}
+    _, cfg, _ = convert_model_state(single, file_model_config(advent_heads=HEADS))
+    assert (cfg.advent_heads, cfg.advent_multi_level) == (HEADS, False)
+    advent_state = numpy_state_dict(advent_reference_model())
+    _, cfg, kind = convert_model_state(advent_state, file_model_config())
+    assert (kind, cfg.advent_heads, cfg.advent_multi_level) == ("segmentor", 1, True)
+    cases = [
+        (mtkt, {"advent_heads": 2}, "holds MTKT's 3 classifier pairs; .*advent_heads=2"),
+        (advent_state, {"advent_heads": 3}, "holds ADVENT's one classifier; .*advent_heads=3"),
+        (mtkt, {"num_classes": 19}, "main_classifier_list.0.conv2d_list.0.bias has 5 classes"),
+    ]
+    for state, overrides, message in cases:
+        with pytest.raises(ConversionError, match=message) as err:
+            convert_model_state(state, file_model_config(**overrides), source="x.pth")
+        assert "\n" not in str(err.value)
 
 
 # --- the switches, the checks, the graph --------------------------------------------------

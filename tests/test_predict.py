@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from configs import eval_cityscapes
+from configs import default, eval_cityscapes
 from ddb_jax import checkpoints, labels, models
 from ddb_jax.evaluation import eval_stage
 from ddb_jax.inference import label_images
@@ -425,3 +425,53 @@ def test_a_missing_bucket_is_named_in_one_line_before_any_work(
     assert code == 1
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
     assert missing in err and "bucket gs://no-such-bucket does not exist" in err
+
+
+# --- a label set's palette ----------------------------------------------------------------------
+
+
+def test_a_label_sets_palette_colours_every_file_and_the_default_is_cityscapes(
+    model_dir, photo_folder, tmp_path, capsys
+):
+    """With ``config.data.label_set`` (tools/predict.py's --label-set) the colour and overlay
+    files and the evaluate stage's saved predictions take that set's palette; the train ids
+    are written as they are. A model of another class count is refused in one line (exit 2)."""
+    ids = np.array([[0, 6, 255], [7, 18, 4]], np.uint8)
+    seven = label_images.colorize(ids, "mtaf7")
+    assert seven[0, :2].tolist() == [[128, 64, 128], [0, 0, 142]]  # flat, vehicle
+    assert seven[1, 2].tolist() == [70, 130, 180]  # sky (Cityscapes' class 4 is a fence)
+    np.testing.assert_array_equal(seven[[0, 1, 1], [2, 0, 1]], 0)  # ignore and ids >= 7
+    np.testing.assert_array_equal(label_images.colorize(ids), labels.palette_256()[ids])
+    image = np.full((2, 3, 3), 200, np.uint8)
+    layout = OutputLayout(str(tmp_path / "out"), label_set="mtaf7")
+    layout.write("a", image, ids)
+    np.testing.assert_array_equal(read(layout.color("a")), seven)
+    blended = label_images.overlay(image, ids, 0.5, "mtaf7")
+    np.testing.assert_array_equal(read(layout.overlay("a")), blended)
+    assert not np.array_equal(blended, label_images.overlay(image, ids, 0.5))
+    np.testing.assert_array_equal(read(layout.train_ids("a")), ids)
+    write = eval_stage.prediction_writer(str(tmp_path / "eval"), "mtaf7")
+    write({"name": [b"x.jpg"]}, ids[None])
+    np.testing.assert_array_equal(read(tmp_path / "eval" / "x.png"), seven)
+    code, _, err = run_cli(
+        [model_dir, photo_folder, "--out", tmp_path / "cli", "--label-set", "mtaf7"], capsys
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1  # a flag that does not fit
+    assert "--label-set mtaf7 has 7 classes" in err and model_dir in err
+
+
+def test_models_without_a_decode_head_load_and_backbones_are_refused(tmp_path):
+    """ADVENT's (and MTAF's, ProDA's, DAF's) networks name no 'decode_head': what makes a
+    model directory backbone-only is the model's own predicate, not that name."""
+    cfg = default.get_model_config()
+    cfg.backbone, cfg.head, cfg.advent_blocks, cfg.base_channels = (
+        "resnet101_caffe", "advent_aspp", (1, 1, 1, 1), 16,
+    )  # fmt: skip
+    variables = jax.device_get(models.init_variables(models.build_model(cfg), jax.random.key(0)))
+    checkpoints.save_model_dir(str(tmp_path / "whole"), variables, cfg)
+    assert "resnet101_caffe" in load_model(str(tmp_path / "whole"))[2]
+    backbone = {k: {n: t for n, t in tree.items() if n not in ("layer5", "layer6")}
+                for k, tree in variables.items()}  # fmt: skip
+    checkpoints.save_model_dir(str(tmp_path / "backbone"), backbone, cfg)
+    with pytest.raises(checkpoints.CheckpointError, match="holds only a backbone"):
+        load_model(str(tmp_path / "backbone"))

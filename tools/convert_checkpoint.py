@@ -9,6 +9,8 @@
       --backbone=resnet101_caffe
   python tools/convert_checkpoint.py DeepLab_resnet_pretrained_imagenet.pth \
       pretrained/advent_imagenet --backbone=resnet101_caffe
+  python tools/convert_checkpoint.py gta2cityscapes_mapillary_mtkt.pth runs/mtaf_mtkt \
+      --backbone=resnet101_caffe --num-classes=7
   python tools/convert_checkpoint.py from_gta5_to_cityscapes_on_deeplabv2_best_model.pkl \
       runs/proda_stage3 --backbone=resnet101_proda --allow-pickle
   python tools/convert_checkpoint.py resnet101-5d3b4d8f.pth pretrained/proda_imagenet \
@@ -26,6 +28,10 @@ HRDA (and MIC(HRDA)) checkpoints are told by their scale-attention head
 attention's width and class-wise output from the file); their single-scale head is
 ``daformer`` (MiT) or ``dlv2_sum`` (DAFormer's DLV2Head, ResNetV1c), which ``--head`` must
 name.
+
+ADVENT's and MTAF's networks (``--backbone=resnet101_caffe``) take their levels from the
+file, and MTAF's MTKT its classifier heads (``aux_classifier_list`` / ``main_classifier_list``:
+``advent_heads`` in model.json, head 0 the one evaluated); MTAF's files have 7 classes.
 
 A DDB checkpoint (or a DAFormer/HRDA/MIC one: ``model``, ``ema_model``, ``imnet_model``)
 holds several models; ``--which`` picks one (default: the deployable

@@ -8,9 +8,10 @@
 MODEL is a model directory (a stage's export/, tools/convert_checkpoint.py's output) or a
 DDB / mmseg .pth, converted in memory (--which, --backbone, --head, --num-classes,
 --head-channels as tools/convert_checkpoint.py). INPUTs are image files, folders (searched
-recursively) or glob patterns. Per image: OUT/color/NAME.png (Cityscapes palette),
-OUT/overlay/NAME.png, OUT/trainIds/NAME.png, and with --format cityscapes
-OUT/labelIds/CITY/NAME.png (label ids; zip that folder alone for the server).
+recursively) or glob patterns. Per image: OUT/color/NAME.png (Cityscapes palette; with
+--label-set, that set's: a 7-class model's mtaf7 or dada7), OUT/overlay/NAME.png,
+OUT/trainIds/NAME.png, and with --format cityscapes OUT/labelIds/CITY/NAME.png (label ids;
+zip that folder alone for the server).
 
 Inference is the evaluate stage's (--mode whole|slide|whole_corners, --crop, --stride, --flip as
 config.eval); --scale resizes each image keep-ratio before inference, as the eval pipeline
@@ -79,6 +80,7 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     from ddb_jax.convert.torch_io import MODEL_PREFIXES
+    from ddb_jax.label_sets import LABEL_SETS
 
     parser = Parser(
         prog="tools/predict.py",
@@ -99,6 +101,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--batch-size", type=positive, default=1)
     parser.add_argument("--alpha", type=fraction, default=0.5, help="overlay colour opacity")
+    parser.add_argument(
+        "--label-set", default="", choices=("", *sorted(LABEL_SETS)),
+        help="the model's class space (config.data.label_set), for the colours",
+    )  # fmt: skip
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad image")
     parser.add_argument("--workers", type=positive, default=4, help="decode/encode threads")
@@ -149,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     predicts and writes every image; returns the exit status."""
     from tqdm import tqdm
 
-    from ddb_jax import paths
+    from ddb_jax import label_sets, paths
     from ddb_jax.inference import image_files, image_input, predict
     from ddb_jax.inference.errors import ImageError, InputError
     from ddb_jax.inference.outputs import OutputLayout
@@ -159,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     scale = image_input.scale_of(args.scale)
     with deadline.storage(args.inputs[0], "listing the input images"):
         files = image_files.list_images(args.inputs)
-    layout = OutputLayout(args.out, args.format == "cityscapes", args.alpha)
+    layout = OutputLayout(args.out, args.format == "cityscapes", args.alpha, args.label_set)
     layout.check_names(files)
     with deadline.storage(args.model, "looking for the model"):
         if not (paths.isdir(args.model) or paths.isfile(args.model)):
@@ -173,6 +179,12 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "cityscapes" and model_cfg.num_classes != 19:
         raise InputError(
             f"--format cityscapes needs a 19-class model; {args.model} has {model_cfg.num_classes}"
+        )
+    classes = label_sets.label_set(args.label_set).num_classes if args.label_set else None
+    if classes is not None and model_cfg.num_classes != classes:
+        raise InputError(
+            f"--label-set {args.label_set} has {classes} classes; {args.model} has "
+            f"{model_cfg.num_classes}"
         )
     predictor = Predictor.from_model(
         variables, model_cfg, mode=args.mode, crop=args.crop, stride=args.stride, flip=args.flip

@@ -104,14 +104,14 @@ def convert_model_state(
 
 
 def _convert_advent(state, model_cfg: ml_collections.ConfigDict, source: str):
-    """ADVENT's DeepLabV2: a trained model (``layer6`` present: aux + main classifiers) or
-    its ImageNet initialisation (``Scale.``-prefixed keys: the backbone alone)."""
+    """ADVENT's DeepLabV2: a trained model (``layer6``, or MTAF's MTKT classifier lists:
+    ``advent.configure`` sets the heads and levels) or its ImageNet initialisation
+    (``Scale.``-prefixed keys: the backbone alone)."""
     from ddb_jax.convert import advent
 
     model = models.build_model(model_cfg)
     plain = strip_data_parallel(state)
-    if any(key.startswith("layer6.") for key in plain):
-        model_cfg.advent_multi_level = any(key.startswith("layer5.") for key in plain)
+    if advent.configure(plain, model_cfg, source):
         model = models.build_model(model_cfg)
         return advent.convert_advent(plain, model, source=source), model_cfg, "segmentor"
     return advent.convert_advent_imagenet(plain, model, source=source), model_cfg, "backbone"

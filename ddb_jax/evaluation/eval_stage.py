@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from ddb_jax import checkpoints, errors, labels, models, paths
+from ddb_jax import checkpoints, errors, label_sets, labels, models, paths
 from ddb_jax.evaluation import evaluate
 from ddb_jax.inference import label_images
 from ddb_jax.runtime import deadline, hosts
@@ -99,9 +99,10 @@ def on_one_device(variables, device=None):
     return jax.device_put(jax.device_get(variables), device)
 
 
-def prediction_writer(out_dir: str):
-    """``on_prediction`` for :func:`evaluate.evaluate`: each prediction as a Cityscapes-palette
-    PNG ``out_dir/<image name>`` (every process writes the files of its own slice)."""
+def prediction_writer(out_dir: str, label_set: str = ""):
+    """``on_prediction`` for :func:`evaluate.evaluate`: each prediction as a PNG in the palette
+    of ``label_set`` (Cityscapes' by default) ``out_dir/<image name>`` (every process writes
+    the files of its own slice)."""
     with deadline.storage(out_dir, "creating the predictions' folder"):
         paths.makedirs(out_dir)
 
@@ -110,7 +111,7 @@ def prediction_writer(out_dir: str):
             base = os.path.splitext(name.decode() if isinstance(name, bytes) else str(name))[0]
             path = paths.join(out_dir, f"{base}.png")
             with deadline.storage(out_dir, f"writing {base}.png"):
-                label_images.write_png(path, label_images.colorize(train_ids))
+                label_images.write_png(path, label_images.colorize(train_ids, label_set))
 
     return write
 
@@ -157,7 +158,11 @@ def evaluate_targets(
             stride=config.eval.stride,
             flip=config.eval.flip,
             on_prediction=(
-                prediction_writer(paths.join(predictions_dir, name)) if predictions_dir else None
+                prediction_writer(
+                    paths.join(predictions_dir, name), config.data.get("label_set", "")
+                )
+                if predictions_dir
+                else None
             ),
         )
         if stage_hosts.count > 1:
@@ -172,14 +177,15 @@ def evaluate_targets(
     return results
 
 
-def summarize(results: dict) -> dict:
+def summarize(results: dict, class_names: tuple[str, ...] = labels.CITYSCAPES_CLASSES) -> dict:
     """JSON-friendly {target: {'miou', 'iou': {class: value}}} plus the mean over targets, and
-    each target's extra mIoUs ('protocols') when the setting asks for them."""
+    each target's extra mIoUs ('protocols') when the setting asks for them. ``class_names``:
+    the label set's (label_sets.class_names(config.data.label_set))."""
     summary = {
         name: {
             "miou": r["miou"],
             "aacc": r["aacc"],
-            "iou": dict(zip(labels.CITYSCAPES_CLASSES, map(float, r["iou"]), strict=False)),
+            "iou": dict(zip(class_names, map(float, r["iou"]), strict=False)),
         }
         for name, r in results.items()
     }
@@ -203,7 +209,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     mesh = Mesh(np.asarray(devices if devices else jax.devices()), ("data",))
     stage_hosts = hosts.Hosts.of(mesh)
     results = evaluate_targets(apply_fn, variables, config, predictions_dir, stage_hosts)
-    summary = summarize(results)
+    class_names = label_sets.class_names(config.data.get("label_set", ""))
+    summary = summarize(results, class_names)
     if not stage_hosts.is_primary:  # every process has the same results; one writes them
         return summary
     # The same scalars as a training stage's result.json: the pipeline's summary row.
@@ -213,7 +220,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     with deadline.storage(workdir, "writing the evaluation's results"):
         paths.makedirs(workdir)
         for name, result in results.items():
-            table = evaluate.format_iou_table(result, title=f"{name} ({config.checkpoint})")
+            table = evaluate.format_iou_table(
+                result, class_names, title=f"{name} ({config.checkpoint})"
+            )
             print(table)
             paths.write_text(paths.join(workdir, f"eval_{name}.md"), table + "\n")
         paths.write_json(paths.join(workdir, "eval_results.json"), summary)

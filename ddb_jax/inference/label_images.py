@@ -1,4 +1,5 @@
-"""Train-id maps as images: colour (Cityscapes palette), overlay, train-id and label-id PNGs.
+"""Train-id maps as images: colour (Cityscapes palette, or a label set's), overlay, train-id
+and label-id PNGs.
 
 One place for the files a prediction becomes, so the evaluate stage, ``tools/predict.py``
 and the demo's pictures draw the same colours and write the same bytes. NumPy and Pillow
@@ -13,7 +14,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from ddb_jax import labels, paths
+from ddb_jax import label_sets, labels, paths
 
 # Cityscapes label id of each train id (0..18); anything else becomes 0 ('unlabeled').
 _LABEL_ID_LUT = np.zeros(256, np.uint8)
@@ -21,20 +22,23 @@ for _train_id, _label_id in labels.TRAIN_ID_TO_CITYSCAPES_ID.items():
     _LABEL_ID_LUT[_train_id] = _label_id
 
 
-def colorize(train_ids: np.ndarray) -> np.ndarray:
-    """(H, W) train ids -> (H, W, 3) uint8 Cityscapes colours (ignore and unknown ids black)."""
-    return labels.palette_256()[np.asarray(train_ids).astype(np.uint8)]
+def colorize(train_ids: np.ndarray, label_set: str = "") -> np.ndarray:
+    """(H, W) class ids -> (H, W, 3) uint8 colours of ``label_set`` (config.data.label_set;
+    '' = the Cityscapes palette of the 19 train ids); ignore and unknown ids black."""
+    return label_sets.palette_256(label_set)[np.asarray(train_ids).astype(np.uint8)]
 
 
-def overlay(image: np.ndarray, train_ids: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """The colour map blended over the RGB image: ``(1 - alpha) * image + alpha * colour``,
-    rounded to the nearest level (integer arithmetic, so the bytes are the same everywhere)."""
+def overlay(
+    image: np.ndarray, train_ids: np.ndarray, alpha: float = 0.5, label_set: str = ""
+) -> np.ndarray:
+    """The colour map (``label_set``'s palette) blended over the RGB image: ``(1 - alpha) *
+    image + alpha * colour``, rounded to the nearest level (integer arithmetic, so the bytes
+    are the same everywhere)."""
     if image.shape[:2] != np.shape(train_ids):
         raise ValueError(f"image {image.shape[:2]} and prediction {np.shape(train_ids)} differ")
     weight = int(round(alpha * 256))
-    blended = (256 - weight) * image.astype(np.int32) + weight * colorize(train_ids).astype(
-        np.int32
-    )
+    colour = colorize(train_ids, label_set).astype(np.int32)
+    blended = (256 - weight) * image.astype(np.int32) + weight * colour
     return ((blended + 128) >> 8).astype(np.uint8)
 
 

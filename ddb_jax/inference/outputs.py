@@ -31,7 +31,8 @@ FOLDERS = ("color", "overlay", "trainIds", "labelIds")
 
 @dataclasses.dataclass(frozen=True)
 class OutputLayout:
-    """``out/color/NAME.png`` (Cityscapes palette), ``out/overlay/NAME.png`` (colours over
+    """``out/color/NAME.png`` (Cityscapes palette, or ``label_set``'s: a name of
+    :mod:`ddb_jax.label_sets`), ``out/overlay/NAME.png`` (colours over
     the image), ``out/trainIds/NAME.png`` (train ids, 255 = none); with ``cityscapes``,
     ``out/labelIds/CITY/NAME.png``: label ids, one file per test image named after it, the
     files the Cityscapes benchmark server takes (zip the labelIds folder alone: the server
@@ -41,6 +42,7 @@ class OutputLayout:
     out: str
     cityscapes: bool = False
     alpha: float = 0.5
+    label_set: str = ""
 
     def color(self, name: str) -> str:
         return paths.join(self.out, "color", f"{name}.png")
@@ -84,10 +86,10 @@ class OutputLayout:
             _check_writable(self.out)
 
     def write(self, name: str, image: np.ndarray, train_ids: np.ndarray) -> None:
-        label_images.write_png(self.color(name), label_images.colorize(train_ids))
-        label_images.write_png(
-            self.overlay(name), label_images.overlay(image, train_ids, self.alpha)
-        )
+        colour = label_images.colorize(train_ids, self.label_set)
+        label_images.write_png(self.color(name), colour)
+        blended = label_images.overlay(image, train_ids, self.alpha, self.label_set)
+        label_images.write_png(self.overlay(name), blended)
         label_images.write_png(self.train_ids(name), train_ids)
         if self.cityscapes:
             label_images.write_png(self.label_ids(name), label_images.to_cityscapes_ids(train_ids))

@@ -60,7 +60,8 @@ def load_model(
         origin = f"{source} (model {provenance['prefix'] or 'unprefixed'}, converted in memory)"
     else:
         raise InputError(f"{source}: neither a model directory nor a .pth file")
-    if "decode_head" not in variables.get("params", {}):
+    is_backbone = models.backbone_predicate(models.build_model(model_cfg))
+    if all(is_backbone(name) for name in variables.get("params", {})):
         raise checkpoints.CheckpointError(
             f"{source} holds only a backbone (an ImageNet file?); it cannot predict"
         )

@@ -31,6 +31,7 @@ MIT_VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5")
 # 'dlv2_sum' is DAFormer/HRDA's DLV2Head (dilated convs to the classes, summed).
 HEADS = (
     "dlv2", "dlv2_sum", "segformer", "daformer", "mmseg_segformer", "advent_aspp", "proda_aspp",
+    "daf_aspp",
 )  # fmt: skip
 # The single-scale heads HRDA (config.model.hrda) wraps: their backbone family, output stride.
 # DDB's own DeepLabV2 head ('dlv2') is wrapped the same way (DDB on HRDA).
@@ -41,6 +42,8 @@ DLV2_SUM_DILATIONS = (6, 12)
 ADVENT_BACKBONE = "resnet101_caffe"
 # ProDA's DeepLabV2 (models/proda_deeplabv2.py): the same ResNet, trained BN, its GN head.
 PRODA_BACKBONE = "resnet101_proda"
+# DAF's depth-aware DeepLabV2 (models/daf_deeplabv2.py): ADVENT's ResNet with a depth head.
+DAF_BACKBONE = "resnet101_daf"
 MIT_LAYOUTS = ("nvlabs", "mmseg")
 
 
@@ -129,6 +132,15 @@ def _build(model_cfg: ml_collections.ConfigDict) -> nn.Module:
             )
         compute_dtype(model_cfg.dtype)
         return build_advent(model_cfg)
+    if model_cfg.head == "daf_aspp" or model_cfg.backbone == DAF_BACKBONE:
+        from ddb_jax.models.daf_deeplabv2 import build_daf
+
+        if (model_cfg.backbone, model_cfg.head) != (DAF_BACKBONE, "daf_aspp"):
+            raise ModelConfigError(
+                f"config.model.backbone={model_cfg.backbone!r} with head={model_cfg.head!r}: "
+                f"DAF's DeepLabV2 is backbone {DAF_BACKBONE!r} with head 'daf_aspp'"
+            )
+        return build_daf(model_cfg)
     if model_cfg.head == "proda_aspp" or model_cfg.backbone == PRODA_BACKBONE:
         from ddb_jax.models.proda_deeplabv2 import build_proda
 
@@ -273,6 +285,8 @@ def default_head(backbone: str) -> str:
         return "advent_aspp"
     if backbone == PRODA_BACKBONE:
         return "proda_aspp"
+    if backbone == DAF_BACKBONE:
+        return "daf_aspp"
     return "dlv2" if backbone.startswith("resnet") else "daformer"
 
 
@@ -280,10 +294,13 @@ def backbone_predicate(model: nn.Module):
     """``name -> bool``: whether a top-level module of ``model`` belongs to its backbone (what
     an ImageNet initialisation supplies): mmseg segmentors' ``backbone``, everything but the
     classifiers of ADVENT's DeepLabV2, everything but layer5 and bn_pretrain of ProDA's."""
-    from ddb_jax.models import advent_deeplabv2, proda_deeplabv2
+    from ddb_jax.models import advent_deeplabv2, daf_deeplabv2, proda_deeplabv2
 
     if isinstance(model, advent_deeplabv2.AdventDeepLabV2):
         return lambda name: name not in advent_deeplabv2.CLASSIFIER_MODULES
+    if isinstance(model, daf_deeplabv2.DafDeepLabV2):  # the depth head is not ImageNet's
+        skip = (*advent_deeplabv2.CLASSIFIER_MODULES, daf_deeplabv2.DEPTH_HEAD)
+        return lambda name: name not in skip
     if isinstance(model, proda_deeplabv2.ProdaDeepLabV2):
         return lambda name: name not in proda_deeplabv2.CLASSIFIER_MODULES
     return lambda name: name == "backbone"

@@ -130,15 +130,21 @@ def tree_bytes(tree) -> int:
 
 
 def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch a training stage steps on (input_pipeline.train's element)."""
+    """The global batch a training stage steps on (input_pipeline.train's element): one
+    target image per target stream (``data.per_target_streams``: one per target, MTAF's)."""
+    from input_pipeline.train import target_stream_keys
+
     b = config.batch_size
     source = tuple(config.data.crop_size)
     target = tuple(config.data.get("target_crop_size") or source)
     shapes = {
         "source_image": jax.ShapeDtypeStruct((b, *source, 3), jnp.float32),
         "source_label": jax.ShapeDtypeStruct((b, *source), jnp.int32),
-        "target_image": jax.ShapeDtypeStruct((b, *target, 3), jnp.float32),
     }
+    for key in target_stream_keys(config.data):
+        shapes[key] = jax.ShapeDtypeStruct((b, *target, 3), jnp.float32)
+    if config.data.get("source_depth", False):  # DADA's inverse depth of the source crop
+        shapes["source_depth"] = jax.ShapeDtypeStruct((b, *source), jnp.float32)
     if any(config.data.get("target_pseudo_margins", None) or ()):  # HRDA's valid mask
         shapes["target_valid"] = jax.ShapeDtypeStruct((b, *target), jnp.float32)
     return shapes

@@ -6,7 +6,9 @@ Reads config_{version}.json (class names), {training,validation}/{version}/label
 (palette PNGs whose index is the Mapillary class) and writes, as the DDB README lays out:
   cityscapes_trainIdLabel/{train,val}/label/*.png   train ids, full size
   half/val_img/*.jpg, half/val_label/*.png         validation at half size (bicubic / nearest)
-plus the class statistics of the training split in data/mapillary.
+plus the class statistics of the training split in data/mapillary. With --label-set mtaf7
+(or dada7: the same table) also, by the references' table of Mapillary names:
+  {label set}_label/{train,val}/label/*.png, half/val_label_{label set}/*.png
 """
 
 from __future__ import annotations
@@ -15,22 +17,28 @@ import functools
 import json
 import os
 
+import label_set_option
 import numpy as np
 from PIL import Image
 
+from ddb_jax import label_sets
 from ddb_jax import labels as label_tables
 from input_pipeline import conversion
 
 
-def load_table(data_dir: str, version: str) -> np.ndarray:
+def load_names(data_dir: str, version: str) -> list[str]:
+    """Mapillary's readable class names, in label index order."""
     path = os.path.join(data_dir, f"config_{version}.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{path} not found: it names Mapillary's classes (see data/README.md)"
         )
     with open(path) as f:
-        labels = json.load(f)["labels"]
-    return label_tables.mapillary_to_train_id([label["readable"] for label in labels])
+        return [label["readable"] for label in json.load(f)["labels"]]
+
+
+def load_table(data_dir: str, version: str) -> np.ndarray:
+    return label_tables.mapillary_to_train_id(load_names(data_dir, version))
 
 
 def to_train_ids(path: str, table: np.ndarray, unknown_to_ignore: bool) -> np.ndarray:
@@ -57,6 +65,34 @@ def halve(task: tuple[str, str, str, str]) -> None:
         )
 
 
+def halve_label(task: tuple[str, str]) -> None:
+    """Half-size copy (nearest) of one label-set validation label."""
+    label_in, label_out = task
+    if os.path.isfile(label_out):
+        return
+    with Image.open(label_in) as lab:
+        w, h = lab.size
+        conversion.save_label_png(
+            np.asarray(lab.resize((w // 2, h // 2), resample=Image.NEAREST)), label_out
+        )
+
+
+def convert_label_set(args, name: str) -> None:
+    """``--label-set``: full-size labels of both splits and the half-size validation ones."""
+    table = label_sets.mapillary_table(name, load_names(args.data_dir, args.version))
+    fn = functools.partial(to_train_ids, table=table, unknown_to_ignore=args.unknown_to_ignore)
+    for split, out_split in (("training", "train"), ("validation", "val")):
+        raw = conversion.find_files(label_dir(args.data_dir, split, args.version), ".png")
+        out_dir = os.path.join(args.data_dir, f"{name}_label", out_split, "label")
+        tasks = [(f, os.path.join(out_dir, os.path.basename(f))) for f in raw]
+        conversion.convert_labels(tasks, fn, args.nproc, f"{split} ({name})")
+    half = os.path.join(args.data_dir, "half", f"val_label_{name}")
+    os.makedirs(half, exist_ok=True)
+    val_labels = conversion.find_files(out_dir, ".png")
+    tasks = [(f, os.path.join(half, os.path.basename(f))) for f in val_labels]
+    conversion.parallel_map(halve_label, tasks, args.nproc, f"half-size validation ({name})")
+
+
 def label_dir(data_dir: str, split: str, version: str) -> str:
     versioned = os.path.join(data_dir, split, version, "labels")
     return versioned if os.path.isdir(versioned) else os.path.join(data_dir, split, "labels")
@@ -65,7 +101,7 @@ def label_dir(data_dir: str, split: str, version: str) -> str:
 def main() -> None:
     parser = conversion.base_parser(__doc__.splitlines()[0], "mapillary")
     parser.add_argument("--version", default="v1.2")
-    args = parser.parse_args()
+    args = label_set_option.add_flag(parser).parse_args()
     table = load_table(args.data_dir, args.version)
     fn = functools.partial(to_train_ids, table=table, unknown_to_ignore=args.unknown_to_ignore)
     out_root = os.path.join(args.data_dir, "cityscapes_trainIdLabel")
@@ -99,6 +135,8 @@ def main() -> None:
             )
         )
     conversion.parallel_map(halve, tasks, args.nproc, "half-size validation")
+    if args.label_set:
+        convert_label_set(args, args.label_set)
 
 
 if __name__ == "__main__":
