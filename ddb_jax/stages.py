@@ -19,6 +19,8 @@ STAGES = {
     "evaluate": "ddb_jax.evaluation.eval_stage:run",
     "proda_soft_labels": "ddb_jax.offline.proda_labels:run",
     "proda_pseudo_labels": "ddb_jax.offline.proda_labels:run",
+    "daf_pseudo_labels": "ddb_jax.offline.daf_labels:run",
+    "daf_rank": "ddb_jax.offline.daf_labels:run",
     "pipeline": "ddb_jax.pipeline.runner:run",
 }
 

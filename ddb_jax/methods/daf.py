@@ -51,6 +51,23 @@ def default_config() -> ml_collections.ConfigDict:
             # The discriminator's Adam: 1e-4, betas (0.9, 0.99), poly 0.9 over MAX_ITERS
             # (90k); PyTorch 1.7.1 (the README's), so today's eps placement.
             optim_d=discriminator_adam("adam", 90_000),
+            # ISL (train_isl.py, configs_isl.py; stages 'daf_pseudo_labels', 'daf_isl'): the
+            # whole target images at full_size (H, W; INPUT_SIZE_TARGET 1024x512), labels
+            # where the softmax is >= isl_threshold. One ISL stage per round, its labels from
+            # the model before it: regenerated at 0, 10001, 20001, stopped at 25000.
+            full_size=(512, 1024),
+            isl_threshold=0.9,
+            isl_round_steps=(10_001, 10_000, 5_000),
+            isl_max_iters=90_000,  # the poly horizon of each ISL round (MAX_ITERS)
+            isl_labels="",  # per stage: a 'daf_pseudo_labels' stage's folder
+            # Ranking (depth_aware_rank/entropy.py --lambda1 0.66; stage 'daf_rank').
+            rank_lambda1=0.66,
+            rank="",  # per stage: a 'daf_rank' stage's folder
+            # IDA (train_intra.py, configs_intra.py, intrada.yml; stage 'daf_ida').
+            ida_steps=120_000,  # EARLY_STOP
+            ida_max_iters=250_000,  # MAX_ITERS: the SGD and Adam poly horizon
+            ida_lambda_adv_main=1e-3,
+            ida_optim_d=discriminator_adam("adam", 250_000),
         )
     )
 
@@ -207,6 +224,13 @@ def section_rules() -> dict:
         "disc_channels": config_rules.POSITIVE,
         "target_depth_power": config_rules.integer(0),
         "source_depth_power": config_rules.integer(0),
+        "isl_threshold": config_rules.RATIO,
+        "rank_lambda1": config_rules.RATIO,
+        "ida_lambda_adv_main": config_rules.NON_NEGATIVE,
+        "isl_max_iters": config_rules.integer(0),
+        "ida_steps": config_rules.POSITIVE,
+        "ida_max_iters": config_rules.integer(0),
+        **{f"ida_optim_d.{key}": rule for key, rule in optimiser.items()},
         **{f"optim_d.{key}": rule for key, rule in optimiser.items()},
     }
 

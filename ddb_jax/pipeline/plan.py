@@ -9,7 +9,7 @@ import ml_collections
 
 from ddb_jax import errors, paths
 from ddb_jax.graph import stage_graph
-from ddb_jax.offline import proda_labels
+from ddb_jax.offline import daf_labels, proda_labels
 from ddb_jax.train import workdir as workdir_lib
 
 
@@ -51,6 +51,8 @@ def deliverables(stage_dir: str, stage_cfg) -> list[str]:
     if stage_cfg.stage in proda_labels.FOLDERS:  # ProDA's label folders, marked done last
         folder = proda_labels.FOLDERS[stage_cfg.stage]
         return [paths.join(stage_dir, folder, proda_labels.DONE)]
+    if stage_cfg.stage in daf_labels.FOLDERS:  # DAF's label and ranking folders, done last
+        return [paths.join(stage_dir, daf_labels.FOLDERS[stage_cfg.stage], daf_labels.DONE)]
     return [
         paths.join(stage_dir, stage_graph.EXPORT, "model.json"),
         paths.join(stage_dir, workdir_lib.RESULT_JSON),

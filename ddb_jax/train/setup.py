@@ -137,6 +137,7 @@ def batch_stream(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable[[int
     the batches before it (element k is a function of (seed, k)). Each process of the mesh
     reads its own contiguous slice of every global batch.
     """
+    from input_pipeline import daf as daf_data
     from input_pipeline import proda as proda_data
     from input_pipeline import sharding as data_sharding
     from input_pipeline import train as train_data
@@ -147,7 +148,11 @@ def batch_stream(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable[[int
     def make_batches(start_step: int) -> Iterator[dict]:
         slicing = dict(process_index=stage_hosts.index, process_count=stage_hosts.count,
                        start_batch=start_step)  # fmt: skip
-        if config.stage in proda_data.KINDS:  # ProDA's own loaders and its label files
+        if config.stage in daf_data.KINDS:  # DAF/IDA's pseudo-labelled and split streams
+            dataset = daf_data.make_daf_dataset(
+                config.stage, config.data, config.daf, per_host_batch, config.seed, **slicing
+            )
+        elif config.stage in proda_data.KINDS:  # ProDA's own loaders and its label files
             dataset = proda_data.make_proda_dataset(
                 config.stage, config.data, config.proda, per_host_batch, config.seed, **slicing
             )

@@ -1,0 +1,62 @@
+"""DAF/IDA's whole pipeline on the embedded toy domains: DAF on the SYNTHIA-like source
+with depth, two ISL rounds with their pseudo-labels, the ranking, IDA.
+
+    python -m input_pipeline.toy --out data/toy --extra-sources synthia
+    python -m ddb_jax.main --config=configs/daf_demo.py --workdir=runs/daf_demo
+    python -m ddb_jax.main --config=configs/daf_demo.py:5 --workdir=/tmp/x   # 5 steps each
+
+DAF's network at toy size (one block per stage, width 16, a small depth head) from random
+weights on whole 256x128 toy images, batch 4, at 1e-2 (the toy learns nothing at the
+reference's rate); the toy model is rarely confident, so the ISL threshold is 0.5.
+Everything else is the reference's.
+"""
+
+from configs import daf_synthia2cs, default
+from ddb_jax.graph import stage_graph
+
+NAME = "daf_demo"
+STEPS = 300
+
+
+def setting(steps: int = STEPS):
+    config = default.get_config()
+    config.graph = "daf"
+    daf_synthia2cs.daf_model(config)
+    config.model.advent_blocks = (1, 1, 1, 1)
+    config.model.base_channels = 16
+    config.model.daf_depth_features = 4
+    config.model.daf_depth_size = ()
+    config.model.conv_impl = "im2col"
+    config.optim.lr = 1e-2
+    config.optim.max_iters = 0  # poly over the run
+    config.daf.optim_d.max_iters = 0
+    config.daf.ida_optim_d.max_iters = 0
+    config.daf.isl_max_iters = 0
+    config.daf.ida_max_iters = 0
+    config.daf.isl_round_steps = (steps, steps)
+    config.daf.ida_steps = steps
+    config.daf.isl_threshold = 0.5
+    config.daf.full_size = (128, 256)
+    config.data.source = ("toy_synthia",)
+    config.data.target = ("toy_target",)
+    config.data.source_depth = True
+    config.data.crop_size = (128, 256)
+    config.data.flip_prob = 0.0
+    config.data.cat_max_ratio = 1.0
+    config.batch_size = 4
+    config.mesh_devices = 1
+    config.num_steps = steps
+    config.log_every = max(1, steps // 6)
+    config.eval_every = steps
+    config.eval.mode = "whole_corners"
+    config.checkpoint_every = max(1, steps // 2)
+    config.image_summary_every = steps
+    config.baselines = ()
+    return config
+
+
+def get_config(arg: str | None = None):
+    """``arg``: a stage name, or a number of steps per stage (the whole pipeline)."""
+    if arg and arg.isdigit():
+        return stage_graph.config_for(setting(int(arg)), "pipeline", f"runs/{NAME}")
+    return stage_graph.config_for(setting(), arg or "pipeline", f"runs/{NAME}")
