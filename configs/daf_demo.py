@@ -11,8 +11,7 @@ reference's rate); the toy model is rarely confident, so the ISL threshold is 0.
 Everything else is the reference's.
 """
 
-from configs import daf_synthia2cs, default
-from ddb_jax.graph import stage_graph
+from configs import daf_synthia2cs, default, toy_runs
 
 NAME = "daf_demo"
 STEPS = 300
@@ -44,19 +43,12 @@ def setting(steps: int = STEPS):
     config.data.flip_prob = 0.0
     config.data.cat_max_ratio = 1.0
     config.batch_size = 4
-    config.mesh_devices = 1
-    config.num_steps = steps
-    config.log_every = max(1, steps // 6)
-    config.eval_every = steps
+    toy_runs.cadence(config, steps)
     config.eval.mode = "whole_corners"
-    config.checkpoint_every = max(1, steps // 2)
-    config.image_summary_every = steps
     config.baselines = ()
     return config
 
 
 def get_config(arg: str | None = None):
     """``arg``: a stage name, or a number of steps per stage (the whole pipeline)."""
-    if arg and arg.isdigit():
-        return stage_graph.config_for(setting(int(arg)), "pipeline", f"runs/{NAME}")
-    return stage_graph.config_for(setting(), arg or "pipeline", f"runs/{NAME}")
+    return toy_runs.config_for_arg(setting, NAME, arg)

@@ -7,8 +7,7 @@ pseudo-labels are their HRDA inference, their prototypes the context heads' feat
     python -m ddb_jax.main --config=configs/ddb_hrda_demo.py:5 --workdir=/tmp/x  # 5 steps each
 """
 
-from configs import hrda_demo
-from ddb_jax.graph import stage_graph
+from configs import hrda_demo, toy_runs
 
 NAME = "ddb_hrda_demo"
 
@@ -22,6 +21,4 @@ def setting(steps: int = hrda_demo.STEPS):
 
 def get_config(arg: str | None = None):
     """``arg``: a stage name, or a number of steps per stage (the whole pipeline)."""
-    if arg and arg.isdigit():
-        return stage_graph.config_for(setting(int(arg)), "pipeline", f"runs/{NAME}")
-    return stage_graph.config_for(setting(), arg or "pipeline", f"runs/{NAME}")
+    return toy_runs.config_for_arg(setting, NAME, arg)

@@ -12,8 +12,7 @@ stage to about a minute on a 2-core CPU. Toy models start from random weights (t
 is no ImageNet model at this size), so round 1 and the CKD students start from scratch.
 """
 
-from configs import default
-from ddb_jax.graph import stage_graph
+from configs import default, toy_runs
 
 NAME = "demo"
 STEPS = 300  # per training stage
@@ -30,14 +29,9 @@ def setting(steps: int = STEPS):
     config.data.target = ("toy_target",)
     config.data.crop_size = (128, 128)
     config.batch_size = 4
-    config.mesh_devices = 1
-    config.num_steps = steps
+    toy_runs.cadence(config, steps)
     config.optim.lr = 1e-3
     config.optim.warmup_iters = max(1, steps // 10)
-    config.log_every = max(1, steps // 6)
-    config.eval_every = steps
-    config.checkpoint_every = max(1, steps // 2)
-    config.image_summary_every = steps
     config.prototypes.batch_size = 8
     config.baselines = ("source_only", "oracle")
     return config
@@ -45,6 +39,4 @@ def setting(steps: int = STEPS):
 
 def get_config(arg: str | None = None):
     """``arg``: a stage name, or a number of steps per stage (the whole pipeline)."""
-    if arg and arg.isdigit():
-        return stage_graph.config_for(setting(int(arg)), "pipeline", f"runs/{NAME}")
-    return stage_graph.config_for(setting(), arg or "pipeline", f"runs/{NAME}")
+    return toy_runs.config_for_arg(setting, NAME, arg)

@@ -13,8 +13,7 @@ else (losses, weights, prototypes, EMA, the strong view, the listed SGD group) i
 reference's. Stage 2's student starts from random weights (no ImageNet here).
 """
 
-from configs import default, proda_gta2cs
-from ddb_jax.graph import stage_graph
+from configs import default, proda_gta2cs, toy_runs
 
 NAME = "proda_demo"
 STEPS = 300
@@ -40,18 +39,11 @@ def setting(steps: int = STEPS):
     config.data.proda_source_size = (128, 256)
     config.prototypes.batch_size = 4
     config.batch_size = 4
-    config.mesh_devices = 1
-    config.num_steps = steps
-    config.log_every = max(1, steps // 6)
-    config.eval_every = steps
-    config.checkpoint_every = max(1, steps // 2)
-    config.image_summary_every = steps
+    toy_runs.cadence(config, steps)
     config.baselines = ()
     return config
 
 
 def get_config(arg: str | None = None):
     """``arg``: a stage name, or a number of steps per stage (the whole pipeline)."""
-    if arg and arg.isdigit():
-        return stage_graph.config_for(setting(int(arg)), "pipeline", f"runs/{NAME}")
-    return stage_graph.config_for(setting(), arg or "pipeline", f"runs/{NAME}")
+    return toy_runs.config_for_arg(setting, NAME, arg)
