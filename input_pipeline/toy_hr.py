@@ -8,22 +8,27 @@ writes toy/gta_hr ("toy_hr_source", GTA layout) and toy/cityscapes_hr ("toy_hr_t
 Cityscapes layout) at 512x256, twice the toy size, from a random stream of their own (the
 other toy files do not change). Each scene is a toy scene (:func:`toy.draw_scene` at this
 size, rendered by :func:`toy.render`, so the layout statistics and the domain gap are the
-toy's: clean palette in the source; hue-shifted, textured, noisy, blurred with a hood in the
-target) with three additions:
+toy's, at half its strength: clean palette in the source; hue-shifted, textured, noisy,
+blurred with a hood in the target) with three additions:
 
-- Detail. Bare poles 1-2 px wide and a picket fence of 1 px posts 3-5 px apart under a
-  1 px rail. Halving the resolution (bilinear for images) turns a 1 px post into a
-  half-contrast smear, and the label at half resolution keeps every other column, so only
-  a full-resolution input can delineate them. Every horizontal run of pole pixels is at
-  most 2 px wide (side-by-side poles are split).
-- Context. In the bottom quarter of the image the ground beside the road (sidewalk and
-  verge there; "the lot") is drawn in one look of its own, a sand colour, whatever its
-  label. Its label is sidewalk when the image's marker is a traffic sign and terrain when
-  it is a traffic light: locally the two are identical. The marker is one large plate
-  (20-28 px square) on a 2 px post in rows 4-31, so at least 160 rows (5/8 of the height)
-  lie between marker and lot: beyond a detail crop of half the crop size, within one
-  context crop of the whole height. No other sign or light is half that large.
-- The domain gap is the toy's, so adaptation still matters.
+- Detail. Bare poles 5-6 px wide (6-10 of them) and a picket fence of 5 px posts 16-24
+  px apart under a 3 px rail. A model of output stride 8 predicts one cell per 8x8 pixels:
+  at full resolution such a pole fills most of a cell and the fence's period is two or
+  three cells; on the image at half resolution a cell covers 16x16 pixels of the original,
+  the pole is a minority of any cell and the fence's period one or one and a half cells:
+  only a full-resolution input can delineate them. Every horizontal run of pole pixels is
+  at most 6 px wide (side-by-side poles are split).
+- Context. From row 160 down (the bottom three eighths) the ground beside the road
+  (sidewalk and verge there; "the lot") is drawn in one look of its own, a sand colour,
+  whatever its label. Its label is sidewalk when the image's marker is a traffic sign and
+  terrain when it is a traffic light: locally the two are identical. The marker is a
+  gantry plate across the whole width in rows 4 to 19-27, so more than 128 rows lie
+  between marker and lot: no 128x128 detail crop holds both, and every crop of the whole
+  height (HRDA's context crop, the half-resolution model's crop) holds both. No other
+  sign or light is a tenth as tall.
+- The domain gap is the toy's at half strength (:data:`SHIFT`), so adaptation still
+  matters. At full strength the target's hue shift turns the yellow poles the source's
+  green of terrain and vegetation, and no model of the demo learns target poles at all.
 """
 
 from __future__ import annotations
@@ -37,13 +42,17 @@ from input_pipeline import toy
 WIDTH, HEIGHT = 512, 256
 HR_STREAM = 100  # the random stream's key next to the seed (extra sources use 1, 2)
 NAMES = ("gta_hr", "cityscapes_hr")  # the dataset directories under the toy root
-MAX_POLE_WIDTH = 2
-MARKER_TOP, MARKER_SIZES = 4, (20, 28)  # the plate's rows lie in the top quarter
+POLE_WIDTHS = (5, 6)  # the bare poles' widths; toy.draw_scene's own poles are 1-3 px
+MAX_POLE_WIDTH = 6
+POLES = (6, 10)  # bare poles per scene, fewest and most
+FENCE_POST, FENCE_GAPS, FENCE_RAIL = 5, (11, 19), 3  # picket fence: post and rail widths
+MARKER_TOP, MARKER_HEIGHTS = 4, (16, 24)  # the gantry plate's first row and its heights
 MARKER_CLASSES = {toy.SIGN: toy.SIDEWALK, toy.LIGHT: toy.TERRAIN}  # marker -> lot's label
-LOT_ROW = HEIGHT * 3 // 4  # the lot: ground beside the road from this row down
-MIN_LOT = 1500  # pixels of the lot above the target's hood; fewer: the scene is redrawn
+LOT_ROW = 160  # the lot: ground beside the road from this row down
+MIN_LOT = 3000  # pixels of the lot above the target's hood; fewer: the scene is redrawn
 LOT_LOOK = 250  # an appearance id beyond the train ids: the lot's one colour
 LOT_COLOUR = (230, 200, 150)
+SHIFT = 0.5  # the domain shift relative to the toy's (``generate``'s ``shift``)
 GROUND = (toy.SIDEWALK, toy.TERRAIN)
 
 
@@ -54,30 +63,30 @@ def _horizon(label: np.ndarray) -> int:
 
 
 def _thin_details(rng: np.random.Generator, label: np.ndarray, horizon: int) -> None:
-    """Bare poles 1-2 px wide standing on the ground, and maybe a picket fence."""
+    """Bare poles 5-6 px wide standing on the ground, and maybe a picket fence."""
     height, width = label.shape
-    for _ in range(int(rng.integers(3, 7))):
+    for _ in range(int(rng.integers(POLES[0], POLES[1] + 1))):
         bottom = int(rng.integers(horizon + 6, height))
         d = (bottom - horizon) / (height - horizon)
         top = max(0, bottom - int((0.3 + 0.4 * d) * height * 0.8))
-        x = int(rng.integers(2, width - 3))
-        label[top:bottom, x : x + int(rng.integers(1, MAX_POLE_WIDTH + 1))] = toy.POLE
+        x = int(rng.integers(2, width - MAX_POLE_WIDTH - 1))
+        pole_width = int(rng.integers(POLE_WIDTHS[0], POLE_WIDTHS[1] + 1))
+        label[top:bottom, x : x + pole_width] = toy.POLE
     if rng.random() < 0.7:
         x0 = int(rng.integers(0, width // 2))
-        x1 = x0 + int(rng.integers(width // 6, width // 3))
-        top = horizon - int(rng.integers(8, 17))
-        label[top : horizon + 2, x0 : x1 : int(rng.integers(3, 6))] = toy.FENCE  # posts
-        label[top, x0:x1] = toy.FENCE  # rail
+        x1 = x0 + int(rng.integers(width // 5, width // 3))
+        top = horizon - int(rng.integers(14, 25))
+        period = FENCE_POST + int(rng.integers(FENCE_GAPS[0], FENCE_GAPS[1] + 1))
+        for x in range(x0, x1 - FENCE_POST + 1, period):
+            label[top : horizon + 2, x : x + FENCE_POST] = toy.FENCE  # posts
+        label[top : top + FENCE_RAIL, x0:x1] = toy.FENCE  # rail
 
 
-def _marker(rng: np.random.Generator, label: np.ndarray, horizon: int) -> int:
-    """Draws the marker plate on its post; returns its class (sign or light)."""
+def _marker(rng: np.random.Generator, label: np.ndarray) -> int:
+    """Draws the marker, a gantry plate across the top; returns its class (sign or light)."""
     cls = int(rng.choice(list(MARKER_CLASSES)))
-    size = int(rng.integers(MARKER_SIZES[0], MARKER_SIZES[1] + 1))
-    x = int(rng.integers(4, label.shape[1] - size - 4))
-    post = x + size // 2 - 1
-    label[MARKER_TOP + size : horizon + 4, post : post + 2] = toy.POLE
-    label[MARKER_TOP : MARKER_TOP + size, x : x + size] = cls
+    size = int(rng.integers(MARKER_HEIGHTS[0], MARKER_HEIGHTS[1] + 1))
+    label[MARKER_TOP : MARKER_TOP + size] = cls
     return cls
 
 
@@ -101,8 +110,8 @@ def draw_hr_scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int
         label = toy.draw_scene(rng, WIDTH, HEIGHT)
         horizon = _horizon(label)
         _thin_details(rng, label, horizon)
-        marker = _marker(rng, label, horizon)
         limit_runs(label, toy.POLE, MAX_POLE_WIDTH)
+        marker = _marker(rng, label)
         lot = (rows >= LOT_ROW) & np.isin(label, GROUND)
         if lot[: HEIGHT - HEIGHT // 16].sum() >= MIN_LOT:
             break
@@ -122,7 +131,8 @@ def generate(
     out: str, seed: int = 0, num_train: int = 200, num_val: int = 50, shift: float = 1.0
 ) -> list[str]:
     """Writes out/gta_hr (source, num_train) and out/cityscapes_hr (target, train + val)
-    with their class statistics; returns the two directories."""
+    with their class statistics, at :data:`SHIFT` times the toy's domain shift ``shift``;
+    returns the two directories."""
     rng = np.random.default_rng([seed, HR_STREAM])
-    toy.write_domains(rng, out, num_train, num_val, shift, hr_scene, NAMES)
+    toy.write_domains(rng, out, num_train, num_val, SHIFT * shift, hr_scene, NAMES)
     return [os.path.join(out, name) for name in NAMES]

@@ -1,5 +1,6 @@
 """HRDA's pipelines on the toy high-resolution domains, two steps per stage at tiny crops:
-the HRDA comparison (a single-resolution student at half resolution, HRDA, MIC on HRDA) and
+the HRDA comparison (single-resolution students at half resolution and at full resolution on
+detail-sized crops, HRDA, MIC on HRDA) and
 DDB's first round on an HRDA student (both paths, their prototypes, CKD with HRDA teachers);
 every stage hands its deliverable on and writes what its graph says."""
 
@@ -38,25 +39,31 @@ def stage_file(workdir: str, stage: str, name: str) -> dict:
         return json.load(f)
 
 
-def test_the_hrda_comparison_runs_single_hrda_and_mic(toy_root, tmp_path):
+def test_the_hrda_comparison_runs_single_single_hr_hrda_and_mic(toy_root, tmp_path):
     workdir = str(tmp_path / "hrda")
     config = tiny(hrda_demo.setting(2), toy_root)
     config.baselines = ()
     spy = Spy()
     summary = pipeline.run(config, workdir, run_stage=spy)
-    assert spy.names == ["single", "hrda", "mic_hrda"]
-    for stage, hrda in (("single", False), ("hrda", True), ("mic_hrda", True)):
+    stages = ["single", "single_hr", "hrda", "mic_hrda"]
+    assert spy.names == stages
+    for stage, hrda in zip(stages, (False, False, True, True), strict=True):
         _, model_cfg = checkpoints.load_model_dir(os.path.join(workdir, stage, "export"))
         assert checkpoints.model_setting(model_cfg, "hrda.enabled") is hrda
         assert stage_file(workdir, stage, "result.json")["step"] == 2
     single = stage_file(workdir, "single", "config.json")
     assert single["data"]["resize_scales"] == {"toy_hr_source": HALF, "toy_hr_target": HALF}
     assert single["data"]["crop_size"] == [64, 64] and single["eval"]["mode"] == "whole"
+    single_hr = stage_file(workdir, "single_hr", "config.json")  # HRDA's "HR-only" row
+    assert single_hr["data"]["resize_scales"] == {"toy_hr_source": FULL, "toy_hr_target": FULL}
+    assert single_hr["data"]["crop_size"] == [64, 64]  # the detail crop
+    assert single_hr["data"]["target_pseudo_margins"] == [4, 16, 4, 4]
+    assert single_hr["eval"]["mode"] == "whole"
     hrda = stage_file(workdir, "hrda", "config.json")
     assert hrda["data"]["resize_scales"]["toy_hr_target"] == FULL
     assert hrda["data"]["target_pseudo_margins"] == [4, 16, 4, 4]
     assert stage_file(workdir, "mic_hrda", "config.json")["mic"]["enabled"]
-    assert set(summary["stages"]) == {"single", "hrda", "mic_hrda"}
+    assert set(summary["stages"]) == set(stages)
 
 
 def test_ddb_round_one_trains_hrda_students_and_distils_hrda_teachers(toy_root, tmp_path):

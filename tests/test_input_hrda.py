@@ -141,34 +141,42 @@ def _runs(mask: np.ndarray) -> list[int]:
     return list(np.nonzero(edges == -1)[1] - np.nonzero(edges == 1)[1])
 
 
-def test_hr_poles_are_at_most_two_pixels_wide(toy_root):
+def test_hr_poles_and_fence_posts_are_a_few_pixels_wide(toy_root):
     _, labels = _hr_labels(toy_root)
     widths = [_runs(lab == toy.POLE) for lab in labels]
-    assert all(w and max(w) <= 2 for w in widths)
-    assert sum(1 in w for w in widths) >= len(labels) // 2  # 1 px: gone at half resolution
+    assert all(w and max(w) <= toy_hr.MAX_POLE_WIDTH for w in widths)
+    # Mostly the bare poles: 5-6 px, most of a stride-8 cell at full resolution, under half
+    # of one at half resolution (toy.draw_scene's own poles are 1-3 px).
+    runs = np.concatenate(widths)
+    assert runs[runs >= toy_hr.POLE_WIDTHS[0]].sum() >= 0.6 * runs.sum()
     fences = [_runs(lab == toy.FENCE) for lab in labels]
-    assert sum(w.count(1) > 10 for w in fences) >= len(labels) // 2  # picket fences
+    posts = toy_hr.FENCE_POST
+    assert sum(w.count(posts) > 20 for w in fences) >= len(labels) // 2  # picket fences
 
 
-def _marker_class(lab: np.ndarray) -> int:
-    """The class (sign or light) of the one 16x16 solid plate in the top quarter."""
-    found = []
+def _marker_rows(lab: np.ndarray) -> tuple[int, np.ndarray]:
+    """The class (sign or light) of the gantry plate and its rows: the rows of the top
+    eighth that are that class across the whole width."""
+    found = {}
     for cls in (toy.SIGN, toy.LIGHT):
-        top = (lab[: lab.shape[0] // 4] == cls).astype(np.int32)
-        sums = np.pad(top.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-        windows = sums[16:, 16:] - sums[:-16, 16:] - sums[16:, :-16] + sums[:-16, :-16]
-        if (windows == 256).any():
-            found.append(cls)
+        rows = np.nonzero((lab[: lab.shape[0] // 8] == cls).all(axis=1))[0]
+        if len(rows):
+            found[cls] = rows
     assert len(found) == 1, found
-    return found[0]
+    return next(iter(found.items()))
 
 
 def test_hr_ground_label_near_the_bottom_is_decided_by_the_distant_marker(toy_root):
     _, labels = _hr_labels(toy_root)
     markers = []
     for lab in labels:
-        marker = _marker_class(lab)
-        bottom = lab[lab.shape[0] * 3 // 4 :]
+        marker, rows = _marker_rows(lab)
+        lo, hi = toy_hr.MARKER_HEIGHTS
+        assert rows[0] == toy_hr.MARKER_TOP and lo <= len(rows) <= hi
+        assert np.array_equal(rows, np.arange(rows[0], rows[-1] + 1))  # one plate
+        # No 128x128 detail crop holds both the marker and the lot; the whole height does.
+        assert toy_hr.LOT_ROW - rows[-1] > 128
+        bottom = lab[toy_hr.LOT_ROW :]
         present = {c for c in (toy.SIDEWALK, toy.TERRAIN) if (bottom == c).any()}
         assert present == {toy_hr.MARKER_CLASSES[marker]}
         markers.append(marker)
@@ -181,7 +189,7 @@ def test_hr_lot_looks_the_same_whichever_its_label(toy_root):
                           toy.SOURCE_PALETTE[toy.TERRAIN]], np.float64)  # fmt: skip
     for image_path, label_path in zip(files.images, files.labels, strict=True):
         image, lab = np.asarray(Image.open(image_path)), np.asarray(Image.open(label_path))
-        rows = slice(lab.shape[0] * 3 // 4, None)
+        rows = slice(toy_hr.LOT_ROW, None)
         ground = np.isin(lab[rows], (toy.SIDEWALK, toy.TERRAIN))
         mean = image[rows][ground].mean(0)
         assert np.argmin(np.linalg.norm(colours - mean, axis=1)) == 0, mean
