@@ -26,6 +26,10 @@ from ddb_jax.graph.stage_graph import EXPORT, CopyKey, Input, Stage, baseline_st
 BEST = "best"  # a training stage's best-mIoU model directory (ddb_jax.train.workdir)
 PSEUDO_LABELS = "pseudo_labels"  # the folder a 'daf_pseudo_labels' stage writes
 RANK = "rank"  # the folder a 'daf_rank' stage writes
+# The depth regressor feeds only the depth, which no loss of ISL or IDA reads: the
+# reference's SGD never steps it (its gradients stay None), so those stages freeze it here
+# (a zero gradient would still move it by weight decay and momentum).
+DEPTH_ONLY = ("depth_head.convR0", "depth_head.bnR0", "depth_head.convR2")
 
 
 def _labels(name: str, producer: str, artifact: str) -> Stage:
@@ -38,7 +42,8 @@ def daf_graph(config: ml_collections.ConfigDict) -> list[Stage]:
     steps = tuple(int(s) for s in config.daf.isl_round_steps)
     stages = [*baseline_stages(tuple(config.baselines)), Stage("daf", "daf")]
     model, artifact = "daf", BEST
-    isl_settings = (("optim.max_iters", CopyKey("daf.isl_max_iters")),)
+    freeze = ("optim.frozen_keys", (*config.optim.frozen_keys, *DEPTH_ONLY))
+    isl_settings = (("optim.max_iters", CopyKey("daf.isl_max_iters")), freeze)
     for k, n in enumerate(steps, start=1):
         stages += [
             _labels(f"labels{k}", model, artifact),
@@ -49,7 +54,7 @@ def daf_graph(config: ml_collections.ConfigDict) -> list[Stage]:
         model, artifact = f"isl{k}", EXPORT
     last = f"isl{len(steps)}" if steps else "daf"
     ida_settings = (("num_steps", CopyKey("daf.ida_steps")),
-                    ("optim.max_iters", CopyKey("daf.ida_max_iters")))  # fmt: skip
+                    ("optim.max_iters", CopyKey("daf.ida_max_iters")), freeze)  # fmt: skip
     return [
         *stages,
         Stage(RANK, "daf_rank", (("init_from", ""),), (Input("checkpoint", last, BEST),)),
