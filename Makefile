@@ -37,8 +37,8 @@ test-multihost: $(STAMP)
 	$(BIN)/python -m pytest -q -m multihost tests/test_processes.py
 
 # Whole pipelines of the methods on the toy domains, a few steps per stage at tiny sizes
-# (HRDA's comparison and DDB's first round on an HRDA student: about 3 minutes on 2 cores):
-# .ci/run runs it after `test`.
+# (ProDA's chain, HRDA's comparison, DDB's first round on an HRDA student, MTAF's three
+# stages, DAF/IDA's chain: about 5 minutes on 2 cores): .ci/run runs it after `test`.
 test-pipelines: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
 		-m pipelines tests

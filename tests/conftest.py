@@ -33,7 +33,8 @@ import pytest  # noqa: E402
 # Synscapes runs come after the demo pipeline's, whose compiled programs they reuse.
 LONG_FIRST = (
     "test_processes.py", "test_demo_pipeline.py", "test_benchmarks.py",
-    "test_proda_pipeline.py", "test_synthia_settings.py", "test_determinism.py",
+    "test_proda_pipeline.py", "test_synthia_settings.py", "test_hrda_pipeline.py",
+    "test_daf_pipeline.py", "test_mtaf_pipeline.py", "test_mtaf_step.py", "test_determinism.py",
     "test_train_loop.py",
 )  # fmt: skip
 

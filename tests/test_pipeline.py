@@ -208,8 +208,8 @@ def test_every_config_file_loads_and_names_a_stage():
         if config.stage == "pipeline":
             pipelines.append(name)
             plan = pipeline.plan_stages(config, "runs/x")
-            expected = DDB_ORDER[2:] if config.graph == "ddb" else []
-            assert [p.name for p in plan if p.name.startswith("r")] == expected, path
+            if config.graph == "ddb":  # DDB's rounds, in order (other graphs: their tests)
+                assert [p.name for p in plan if p.name.startswith("r")] == DDB_ORDER[2:], path
     assert set(pipelines) >= {"gta2cs", "gtasyn2cs", "gta2csmap", "demo", "gta2cs_ddb"}
 
 

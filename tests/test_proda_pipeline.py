@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from configs import proda_demo, proda_gta2cs
 from ddb_jax import checkpoints, pipeline
@@ -30,6 +31,7 @@ def tiny(root) -> object:
     return config
 
 
+@pytest.mark.pipelines  # make test-pipelines: the whole chain (about a minute of both cores)
 def test_the_pipeline_runs_every_stage_in_order_and_a_rerun_skips_them(toy_root, tmp_path):
     workdir = str(tmp_path / "proda")
     spy = Spy()
