@@ -90,3 +90,11 @@ def each_of(values: Collection, empty: bool = True) -> Rule:
 
 POSITIVE, NON_NEGATIVE, RATIO = integer(1), real(0.0), real(0.0, 1.0)
 PAIR, BELOW_ONE = ints(2), real(0.0, 1.0, high_open=True)
+
+
+# A path-valued setting (a folder or model directory that a graph wires in, or ''): checked
+# for existence where it is read; here only for stray spaces.
+PATH = Rule(
+    lambda v: isinstance(v, str) and v == v.strip(), "a path without surrounding spaces, or ''",
+    " x",
+)  # fmt: skip

@@ -58,10 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
     )
 
 
-PATH = config_rules.Rule(
-    lambda v: isinstance(v, str) and v == v.strip(), "a path without surrounding spaces, or ''",
-    " x",
-)  # fmt: skip
+PATH = config_rules.PATH
 
 
 def section_rules() -> dict:
