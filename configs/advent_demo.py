@@ -20,20 +20,10 @@ def setting(steps: int = STEPS):
     config = default.get_config()
     config.graph = "advent"
     advent_gta2cs.advent_model(config)
-    config.model.advent_blocks = (1, 1, 1, 1)
-    config.model.base_channels = 16
-    config.model.conv_impl = "im2col"
-    config.optim.lr = 1e-2
-    config.optim.max_iters = 0  # poly over the run
+    toy_runs.caffe_resnet_toy(config, steps)
     config.advent.optim_d.max_iters = 0
     config.data.source = ("toy_source",)
     config.data.target = ("toy_target",)
-    config.data.crop_size = (128, 256)
-    config.data.flip_prob = 0.0
-    config.data.cat_max_ratio = 1.0
-    config.batch_size = 4
-    toy_runs.cadence(config, steps)
-    config.eval.mode = "whole_corners"
     config.baselines = ("source_only",)
     return config
 

@@ -21,13 +21,9 @@ def setting(steps: int = STEPS):
     config = default.get_config()
     config.graph = "daf"
     daf_synthia2cs.daf_model(config)
-    config.model.advent_blocks = (1, 1, 1, 1)
-    config.model.base_channels = 16
+    toy_runs.caffe_resnet_toy(config, steps)
     config.model.daf_depth_features = 4
     config.model.daf_depth_size = ()
-    config.model.conv_impl = "im2col"
-    config.optim.lr = 1e-2
-    config.optim.max_iters = 0  # poly over the run
     config.daf.optim_d.max_iters = 0
     config.daf.ida_optim_d.max_iters = 0
     config.daf.isl_max_iters = 0
@@ -39,12 +35,6 @@ def setting(steps: int = STEPS):
     config.data.source = ("toy_synthia",)
     config.data.target = ("toy_target",)
     config.data.source_depth = True
-    config.data.crop_size = (128, 256)
-    config.data.flip_prob = 0.0
-    config.data.cat_max_ratio = 1.0
-    config.batch_size = 4
-    toy_runs.cadence(config, steps)
-    config.eval.mode = "whole_corners"
     config.baselines = ()
     return config
 

@@ -25,11 +25,7 @@ def setting(steps: int = STEPS):
     config = default.get_config()
     config.graph = "mtaf"
     advent_gta2cs.advent_model(config)
-    config.model.advent_blocks = (1, 1, 1, 1)
-    config.model.base_channels = 16
-    config.model.conv_impl = "im2col"
-    config.optim.lr = 1e-2
-    config.optim.max_iters = 0  # poly over the run
+    toy_runs.caffe_resnet_toy(config, steps)
     config.mtaf.optim_d.max_iters = 0
     config.mtaf.teacher_iters = steps // 3
     config.data.source = ("toy_source",)
@@ -38,11 +34,6 @@ def setting(steps: int = STEPS):
     config.data.keep_ratio = False
     config.data.resize_scales = {"toy_hr_target": TOY_SIZE}
     config.data.crop_size = TOY_SIZE[::-1]
-    config.data.flip_prob = 0.0
-    config.data.cat_max_ratio = 1.0
-    config.batch_size = 4
-    toy_runs.cadence(config, steps)
-    config.eval.mode = "whole_corners"
     config.baselines = ("source_only",)
     return config
 
