@@ -122,14 +122,8 @@ def make_daf_dataset(
     batch ``start_batch`` on (element k is a function of (seed, k))."""
     if kind not in KINDS:
         raise ValueError(f"make_daf_dataset: kind {kind!r}; known: {KINDS}")
-    if not 0 <= process_index < process_count or start_batch < 0:
-        raise ValueError(f"process {process_index} of {process_count}, start {start_batch}")
     fn = element_fn(kind, data_cfg, daf_cfg, tf.constant([seed, 0], tf.int64))
-    b, first = per_host_batch, start_batch * per_host_batch * process_count
-    ds = (
-        tf.data.Dataset.counter()
-        .map(lambda i: first + (i // b) * (b * process_count) + process_index * b + i % b)
-        .map(transforms.plain(fn), num_parallel_calls=data_cfg.num_parallel_calls,
-             deterministic=True)
+    return transforms.host_batches(
+        fn, per_host_batch, process_index, process_count, start_batch,
+        data_cfg.num_parallel_calls,
     )  # fmt: skip
-    return transforms.finish(ds.batch(b, drop_remainder=True))

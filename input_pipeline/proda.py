@@ -245,19 +245,13 @@ def make_proda_dataset(
     The label folder (``config.proda.soft_labels`` / ``pseudo_labels``) is checked first."""
     if kind not in KINDS:
         raise ValueError(f"make_proda_dataset: kind {kind!r}; known: {KINDS}")
-    if not 0 <= process_index < process_count or start_batch < 0:
-        raise ValueError(f"process {process_index} of {process_count}, start {start_batch}")
     base = tf.constant([seed, 0], tf.int64)
     source_fn = _source_fn(data_cfg, base)
     target_fn = _target_fn(kind, data_cfg, proda_cfg, base)
-    b, first = per_host_batch, start_batch * per_host_batch * process_count
-    ds = (
-        tf.data.Dataset.counter()
-        .map(lambda i: first + (i // b) * (b * process_count) + process_index * b + i % b)
-        .map(transforms.plain(lambda k: {**source_fn(k), **target_fn(k)}),
-             num_parallel_calls=data_cfg.num_parallel_calls, deterministic=True)
+    return transforms.host_batches(
+        lambda k: {**source_fn(k), **target_fn(k)}, per_host_batch, process_index,
+        process_count, start_batch, data_cfg.num_parallel_calls,
     )  # fmt: skip
-    return transforms.finish(ds.batch(b, drop_remainder=True))
 
 
 def make_full_image_dataset(

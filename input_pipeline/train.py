@@ -306,20 +306,10 @@ def make_train_dataset(
             out.update(target_fn(k))
         return out
 
-    if start_batch < 0:
-        raise ValueError(f"make_train_dataset: start_batch={start_batch} must be >= 0")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    # Host p's j-th element of global batch s is k = s*B + p*b + j (B = P*b): the hosts'
-    # slices, concatenated in process order (the mesh's order), are the one-process batch.
-    b, first = per_host_batch, start_batch * per_host_batch * process_count
-    parallel = data_cfg.num_parallel_calls
-    ds = (
-        tf.data.Dataset.counter()
-        .map(lambda i: first + (i // b) * (b * process_count) + process_index * b + i % b)
-        .map(transforms.plain(element), num_parallel_calls=parallel, deterministic=True)
-    )
-    return _finish(ds, per_host_batch)
+    return transforms.host_batches(
+        element, per_host_batch, process_index, process_count, start_batch,
+        data_cfg.num_parallel_calls,
+    )  # fmt: skip
 
 
 def make_target_train_dataset(

@@ -54,6 +54,33 @@ def finish(ds: tf.data.Dataset) -> tf.data.Dataset:
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
+def host_batches(
+    element,
+    per_host_batch: int,
+    process_index: int,
+    process_count: int,
+    start_batch: int,
+    num_parallel_calls: int,
+) -> tf.data.Dataset:
+    """Batches of ``element(k)`` over this host's slice of an endless global stream, from
+    global batch ``start_batch`` on (the skipped elements are never decoded).
+
+    Host p's j-th element of global batch s is k = s*B + p*b + j (B = P*b): the hosts'
+    slices, concatenated in process order (the mesh's order), are the one-process batch.
+    """
+    if start_batch < 0:
+        raise ValueError(f"start_batch={start_batch} must be >= 0")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    b, first = per_host_batch, start_batch * per_host_batch * process_count
+    ds = (
+        tf.data.Dataset.counter()
+        .map(lambda i: first + (i // b) * (b * process_count) + process_index * b + i % b)
+        .map(plain(element), num_parallel_calls=num_parallel_calls, deterministic=True)
+    )
+    return finish(ds.batch(b, drop_remainder=True))
+
+
 def fold_seed(seed: tf.Tensor, *data: int | tf.Tensor) -> tf.Tensor:
     """A new [2] int64 seed from ``seed`` and integers (element index, op id, try)."""
     for d in data:

@@ -189,18 +189,23 @@ class Daf:
         ]
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
+def check_network(config: ml_collections.ConfigDict) -> None:
+    """What DAF, ISL and IDA share: DAF's network, main classifier only, one target."""
     base.check_one_target_stream(config)
     if config.model.head != "daf_aspp":
         raise registry.MethodConfigError(
-            f"config.stage='daf' trains DAF's depth-aware DeepLabV2 (config.model.head="
-            f"'daf_aspp'), not config.model.head={config.model.head!r}"
+            f"config.stage={config.stage!r} trains DAF's depth-aware DeepLabV2 "
+            f"(config.model.head='daf_aspp'), not {config.model.head!r}"
         )
     if config.model.get("advent_multi_level", False):
         raise registry.MethodConfigError(
-            "config.stage='daf' trains the main classifier only (dg_ljw's train_dada); set "
-            "config.model.advent_multi_level=False"
+            f"config.stage={config.stage!r} trains the main classifier only (dg_ljw's "
+            "train_dada, train_isl, train_intra); set config.model.advent_multi_level=False"
         )
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    check_network(config)
     if not config.data.get("source_depth", False):
         raise registry.MethodConfigError(
             "config.stage='daf' regresses the source depth; set config.data.source_depth=True"

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ddb_jax import models
-from ddb_jax.methods import daf_isl, registry
+from ddb_jax.methods import daf, registry
 from ddb_jax.methods.advent import Advent
 from ddb_jax.models.discriminator import FCDiscriminator
 
@@ -31,7 +31,7 @@ class DafIda(Advent):
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    daf_isl.check_network(config)
+    daf.check_network(config)
     if not config.daf.rank:
         raise registry.MethodConfigError(
             "config.stage='daf_ida' reads the easy and hard splits: set config.daf.rank to a "

@@ -66,23 +66,8 @@ class DafIsl(base.OneTree):
         ]
 
 
-def check_network(config: ml_collections.ConfigDict) -> None:
-    """What ISL and IDA share with DAF: its network, main classifier only, one target."""
-    base.check_one_target_stream(config)
-    if config.model.head != "daf_aspp":
-        raise registry.MethodConfigError(
-            f"config.stage={config.stage!r} trains DAF's depth-aware DeepLabV2 "
-            f"(config.model.head='daf_aspp'), not {config.model.head!r}"
-        )
-    if config.model.get("advent_multi_level", False):
-        raise registry.MethodConfigError(
-            f"config.stage={config.stage!r} trains the main classifier only; set "
-            "config.model.advent_multi_level=False"
-        )
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
-    check_network(config)
+    daf.check_network(config)
     if not config.daf.isl_labels:
         raise registry.MethodConfigError(
             "config.stage='daf_isl' reads pseudo-labels: set config.daf.isl_labels to a "
