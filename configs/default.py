@@ -29,6 +29,9 @@ def get_model_config() -> ml_collections.ConfigDict:
             dtype="float32",  # compute dtype: float32 | bfloat16 (params stay float32)
             remat=False,  # rematerialise backbone stages to save memory
             conv_impl="lax",  # ResNet/DLV2 convs: lax | im2col (about 2x faster training on CPU)
+            # BatchNorm's batch statistics in training: two_pass (torch's numerics) | one_pass
+            # (one all-reduce per layer and forward on a mesh; ddb_jax/models/batch_norm.py)
+            bn_statistics="two_pass",
             # ADVENT's DeepLabV2: the auxiliary layer-3 classifier; blocks per stage.
             advent_multi_level=True,
             advent_blocks=(3, 4, 23, 3),

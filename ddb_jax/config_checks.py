@@ -39,6 +39,7 @@ from ddb_jax.config_rules import (
 from ddb_jax.evaluation.evaluate import EVAL_MODES
 from ddb_jax.graph import stage_graph
 from ddb_jax.methods import optim, teachers
+from ddb_jax.models.batch_norm import BN_STATISTICS
 from ddb_jax.models.layers import CONV_IMPLS
 from ddb_jax.offline.prototype_stage import PROTOTYPE_MODES
 from ddb_jax.uda.bridging import MASK_MODES
@@ -77,6 +78,7 @@ RULES: dict[str, Rule] = {
     "model.proda_blocks": ints(4), "model.advent_heads": POSITIVE,
     "model.head": one_of(models.HEADS), "model.mit_layout": one_of(models.MIT_LAYOUTS),
     "model.dtype": one_of(models.COMPUTE_DTYPES), "model.conv_impl": one_of(CONV_IMPLS),
+    "model.bn_statistics": one_of(BN_STATISTICS),
     "model.hrda.context_scale": Rule(lambda v: is_real(v) and v == 0.5,
                                      "0.5 (the one context scale HRDA's alignment supports)", 0.25),
     "model.hrda.detail_crop": PAIR, "model.hrda.crop_divisible": POSITIVE,

@@ -26,8 +26,12 @@ needs_libtpu = pytest.mark.skipif(
 )
 
 
+TRAINING_FORWARDS = 3  # r1_cu: the student on the source and on the mixed images, the teacher
+
+
 def tiny_config():
-    """configs/demo.py's r1_cu (ResNet-18 DLV2 self-training), narrower and on 32x32 crops."""
+    """configs/demo.py's r1_cu (ResNet-18 DLV2 self-training), narrower and on 32x32 crops,
+    with the one-pass BatchNorm statistics (one all-reduce per layer and forward)."""
     from configs import demo
 
     config = demo.get_config("r1_cu")
@@ -38,6 +42,7 @@ def tiny_config():
     config.batch_size = 8  # one pair per device of v5e-8
     config.mesh_devices = 0
     config.image_summary_every = 0
+    config.model.bn_statistics = "one_pass"
     return config
 
 
@@ -93,12 +98,43 @@ def test_outputs_are_the_donated_state_and_metrics(compiled):
 def test_gradients_and_bn_statistics_are_all_reduced(compiled):
     _, program, report = compiled
     hlo = report["hlo"]
-    assert hlo["collectives"]["all-reduce"]["count"] > 0
     # Every gradient crosses the 'data' axis once (more with the BN statistics).
     assert hlo["collective_bytes"] >= aot.tree_bytes(program.state.params)
+    # One all-reduce per BatchNorm layer and training forward at most, the gradients' and the
+    # metrics' included (two-pass statistics need two dependent ones per layer: 169 here).
+    layers = len(jax.tree_util.tree_leaves(program.state.batch_stats)) // 2
+    assert 0 < hlo["collectives"]["all-reduce"]["count"] <= layers * TRAINING_FORWARDS
     assert report["cost"]["flops"] > 0 and report["cost"]["bytes"] > 0
     assert report["roofline"]["bound_s"] > 0
     assert "| total / device |" in aot.markdown(report)
+
+
+EVAL_IMAGE, EVAL_LABEL = (32, 64), (64, 128)
+
+
+@needs_libtpu
+def test_evaluation_is_the_model_and_one_image_on_one_device():
+    """The evaluate stage's program (sliding 32x32 windows, stride 16, over a 32x64 image;
+    the prediction resized to a 64x128 label): its arguments are exactly the segmentor's
+    variables and the image and label in the compiler's layouts, its output the confusion
+    matrix, and one device needs no collective."""
+    from ddb_jax.runtime import aot_eval
+
+    config = tiny_config()
+    config.eval.mode, config.eval.crop_size, config.eval.stride = "slide", (32, 32), (16, 16)
+    report = aot_eval.compile_evaluation(config, "v5e-8", EVAL_IMAGE, EVAL_LABEL)
+    predicted, memory = report["predicted"], report["memory"]
+    assert predicted["input_bytes"] == (32 * 64 * 3 + 64 * 128) * 4
+    layouts = predicted["in_layouts"]
+    assert memory["arguments"] == layouts["variables"] + layouts["image"] + layouts["label"]
+    assert layouts["variables"] >= predicted["variables_bytes"] > 0
+    classes = config.model.num_classes
+    assert classes * classes * 4 <= memory["outputs"] <= 4 * 128 * 32  # int32, one tile or two
+    assert memory["aliased"] == 0 and memory["fits"]
+    assert report["hlo"]["collective_count"] == 0
+    assert report["cost"]["flops"] > 0
+    table = aot_eval.markdown(report)
+    assert "slide [32, 32] windows, stride [16, 16]" in table and "| total / device |" in table
 
 
 def test_hlo_counts():
@@ -123,6 +159,15 @@ def test_unknown_target_is_one_line():
     )  # fmt: skip
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith("error: unknown target 'v9'")
+    run = subprocess.run(
+        [sys.executable, "tools/aot_check.py", "--config=configs/demo.py:r1_cu",
+         "--program=eval", "--eval_image=512x1024"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == (
+        "error: --eval_image='512x1024': expected H,W (two positive ints)"
+    )
 
 
 def test_missing_compiler_is_one_line(monkeypatch):

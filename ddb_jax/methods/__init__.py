@@ -24,6 +24,7 @@ from ddb_jax import models
 from ddb_jax.methods import registry
 from ddb_jax.methods.base import Method
 from ddb_jax.methods.registry import MethodConfigError, UnknownMethodError
+from ddb_jax.models import batch_norm
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -44,7 +45,11 @@ def is_training(stage: str) -> bool:
 
 
 def create(config: ml_collections.ConfigDict, student_apply: Callable) -> Method:
-    """The method ``config.stage`` names, training a segmentor with ``student_apply``."""
+    """The method ``config.stage`` names, training a segmentor with ``student_apply``, whose
+    BatchNorm layers reduce their batch statistics as ``config.model.bn_statistics`` says
+    (the teachers a method builds run on their running statistics)."""
+    statistics = config.model.get("bn_statistics", "two_pass")
+    student_apply = batch_norm.with_batch_statistics(student_apply, statistics)
     return registry.spec_for(config.stage).create(config, student_apply, models.build_model)
 
 

@@ -11,7 +11,7 @@ not mmseg's ResNetV1c of ``resnet.py``:
   ``layer6``: the main classifier on layer4's. Each is four 3x3 convs with bias, dilations
   6, 12, 18, 24, whose outputs are summed.
 
-BatchNorm is torch's (``layers.make_norm``). The reference sets ``requires_grad=False``
+BatchNorm is torch's (``batch_norm.make_norm``). The reference sets ``requires_grad=False``
 on the BN scale and bias only, and trains in ``model.train()``: BN normalises with batch
 statistics and updates its running statistics in training (``train=True`` here, with
 ``batch_stats`` mutable); :func:`frozen_param` names the scale/bias leaves an optimiser
@@ -41,8 +41,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddb_jax.models.batch_norm import make_norm
 from ddb_jax.models.deeplabv2 import torch_conv_bias_init
-from ddb_jax.models.layers import CONV_IMPLS, make_conv, make_norm
+from ddb_jax.models.layers import CONV_IMPLS, make_conv
 from ddb_jax.ops import IMAGE_MEAN, IMAGE_STD, upcast
 
 ADVENT_BLOCKS = (3, 4, 23, 3)

@@ -41,8 +41,9 @@ from ddb_jax.models.advent_deeplabv2 import (
     ceil_mode_max_pool,
     to_advent_input,
 )
+from ddb_jax.models.batch_norm import make_norm
 from ddb_jax.models.deeplabv2 import torch_conv_bias_init
-from ddb_jax.models.layers import CONV_IMPLS, make_conv, make_norm
+from ddb_jax.models.layers import CONV_IMPLS, make_conv
 from ddb_jax.ops import resize_bilinear_corners, upcast
 
 DEPTH_SIZE = (228, 304)  # the reference's fixed depth upsampling (NYU's size)

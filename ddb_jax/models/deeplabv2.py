@@ -26,7 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddb_jax.models.layers import conv_init, lax_conv, make_conv, make_norm, matmul_grad_conv
+from ddb_jax.models.batch_norm import make_norm
+from ddb_jax.models.layers import conv_init, lax_conv, make_conv, matmul_grad_conv
 from ddb_jax.ops import upcast
 
 # mmcv normal_init(std=0.01) on the ASPP branches.

@@ -3,8 +3,7 @@
 Convolutions: bias-free, with torch's padding ``dilation*(kernel//2)``, as XLA's own
 convolution (``lax``), as shifted slices + one matmul (``im2col``) or with matmul gradients
 (``matmul``, the CPU path); :func:`make_conv` picks one (``config.model.conv_impl``).
-BatchNorm: torch's ``BatchNorm2d`` (unbiased running variance, float32 statistics) with
-flax's variable names; :func:`make_norm`.
+BatchNorm lives in :mod:`ddb_jax.models.batch_norm`.
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from ddb_jax.ops import upcast
 
 # mmseg's kaiming init (fan_out, relu) for random initialisation.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -231,63 +228,5 @@ def make_conv(
         kernel_init=kernel_init,
         dtype=dtype,
         param_dtype=jnp.float32,
-        name=name,
-    )
-
-
-class BatchNorm(nn.Module):
-    """torch ``BatchNorm2d`` on NHWC, with flax.linen.BatchNorm's variable names.
-
-    flax's BatchNorm feeds the biased batch variance into the running average;
-    torch feeds the unbiased one (n/(n-1)). The EMA teacher runs BN in training
-    mode and its running stats are what evaluation uses, so we follow torch.
-    Statistics and normalisation are computed in float32 (or float64) whatever ``dtype`` is.
-    """
-
-    use_running_average: bool
-    momentum: float = 0.9  # flax convention: running = momentum*running + (1-momentum)*batch
-    epsilon: float = 1e-5
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    scale_init: Callable = nn.initializers.ones
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        features = x.shape[-1]
-        scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
-        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
-        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
-        x32 = upcast(x)
-        if self.use_running_average:
-            mean, var = ra_mean.value, ra_var.value
-        else:
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x32, axes)
-            var = jnp.mean(jnp.square(x32 - mean), axes)
-            if not self.is_initializing():
-                count = x.size // features
-                unbiased = var * (count / max(count - 1, 1))
-                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
-        multiplier = upcast(scale) * jax.lax.rsqrt(var + self.epsilon)
-        shift = upcast(bias) - mean * multiplier
-        return (x32 * multiplier + shift).astype(self.dtype)
-
-
-def make_norm(
-    train: bool, dtype, name: str, zero_init: bool = False, scale_init: Callable | None = None
-) -> BatchNorm:
-    """torch BatchNorm2d defaults (momentum 0.1 == flax 0.9, eps 1e-5); scale 1 (0 for
-    ``zero_init``) unless ``scale_init`` gives the module's reference init."""
-    if scale_init is None:
-        scale_init = nn.initializers.zeros if zero_init else nn.initializers.ones
-    return BatchNorm(
-        use_running_average=not train,
-        momentum=0.9,
-        epsilon=1e-5,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        scale_init=scale_init,
         name=name,
     )

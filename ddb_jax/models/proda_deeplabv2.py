@@ -52,8 +52,9 @@ import jax
 import jax.numpy as jnp
 
 from ddb_jax.models.advent_deeplabv2 import bottleneck_stage, ceil_mode_max_pool, path_names
+from ddb_jax.models.batch_norm import make_norm
 from ddb_jax.models.deeplabv2 import TORCH_CONV_KERNEL_INIT, torch_conv_bias_init
-from ddb_jax.models.layers import CONV_IMPLS, make_conv, make_norm
+from ddb_jax.models.layers import CONV_IMPLS, make_conv
 from ddb_jax.ops import IMAGE_MEAN, IMAGE_STD, upcast
 
 PRODA_BLOCKS = (3, 4, 23, 3)

@@ -15,7 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddb_jax.models.layers import make_conv, make_norm
+from ddb_jax.models.batch_norm import make_norm
+from ddb_jax.models.layers import make_conv
 
 # depth -> (bottleneck?, blocks per stage); mmseg's arch_settings.
 ARCH_SETTINGS = {

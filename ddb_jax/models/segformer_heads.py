@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddb_jax.models.layers import make_norm
+from ddb_jax.models.batch_norm import make_norm
 from ddb_jax.ops import resize_bilinear, upcast
 
 Dtype = Any
@@ -28,7 +28,7 @@ class ConvModule(nn.Module):
     """mmcv ConvModule with BN and ReLU: bias-free conv, BatchNorm, ReLU.
 
     ``depthwise`` makes the conv one group per input channel (and as many outputs). The
-    BatchNorm is torch's (``layers.make_norm``: unbiased running variance, float32
+    BatchNorm is torch's (``batch_norm.make_norm``: unbiased running variance, float32
     statistics), with flax's variable names.
     """
 
