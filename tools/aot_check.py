@@ -1,15 +1,20 @@
-"""Compiles a stage's train step for a named target, from any machine: memory per device.
+"""Compiles a stage's train step (or its evaluation) for a named target, from any machine:
+memory per device.
 
   python tools/aot_check.py --config=configs/gta2cs.py:r1_cu --target=v5e-8
   python tools/aot_check.py --config=configs/gta2cs.py:r1_cu --target=v5e-8 \
       --config.model.dtype=bfloat16 --config.batch_size=8 --out report.json
+  python tools/aot_check.py --config=configs/gta2cs.py:r1_cu --target=v5e-8 \
+      --program=eval --eval_image=512,1024 --eval_label=1024,2048
 
 The step is the training loop's (:mod:`ddb_jax.runtime.aot`): the stage's method, optimisers,
 mesh over the target's devices, shardings and donated state, lowered from abstract arrays
 and compiled by the target's compiler; nothing of full size is allocated and no accelerator
 is needed (TPU targets need libtpu, which the test extra installs). Prints a markdown table
 (memory per device against the device's, FLOPs, bytes, roofline bound, collectives,
-transposes and copies, compile time); ``--out`` writes the report as JSON. Any config key
+transposes and copies, compile time); ``--out`` writes the report as JSON. ``--program=eval``
+compiles the evaluation of one image (:mod:`ddb_jax.runtime.aot_eval`: the config's
+``eval`` mode, windows and flip) on one device of the target instead. Any config key
 can be overridden (``--config.batch_size=8``). Targets: ``--target=list`` prints them.
 An unknown target, a missing compiler or a config mistake is one ``error:`` line.
 """
@@ -31,7 +36,20 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file under configs/ (FILE or FILE:ARG).")
 flags.DEFINE_string("target", "v5e-8", "A target of ddb_jax.runtime.aot.TARGETS, or 'list'.")
 flags.DEFINE_string("out", None, "Write the report as JSON here.")
+flags.DEFINE_enum("program", "train", ["train", "eval"], "The train step or the evaluation.")
+flags.DEFINE_string("eval_image", "512,1024", "--program=eval: the image's H,W after resizing.")
+flags.DEFINE_string("eval_label", "1024,2048", "--program=eval: the label's H,W.")
 flags.DEFINE_bool("traceback", False, "On an error, print the traceback, not just one line.")
+
+
+def size_flag(name: str) -> tuple[int, int]:
+    """``--NAME=H,W`` as two positive ints, or a one-line error naming the flag."""
+    from ddb_jax.runtime import aot
+
+    parts = FLAGS[name].value.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise aot.AotError(f"--{name}={FLAGS[name].value!r}: expected H,W (two positive ints)")
+    return int(parts[0]), int(parts[1])
 
 
 def main(argv: list[str]) -> None:
@@ -50,8 +68,15 @@ def main(argv: list[str]) -> None:
         raise aot.AotError("--config is required (e.g. --config=configs/gta2cs.py:r1_cu)")
     config = FLAGS.config
     config_checks.check_config(config)
-    report = aot.numpy_free(aot.compile_stage(config, FLAGS.target))
-    print(aot.markdown(report))
+    if FLAGS.program == "eval":
+        from ddb_jax.runtime import aot_eval
+
+        image, label = (size_flag(name) for name in ("eval_image", "eval_label"))
+        report = aot.numpy_free(aot_eval.compile_evaluation(config, FLAGS.target, image, label))
+        print(aot_eval.markdown(report))
+    else:
+        report = aot.numpy_free(aot.compile_stage(config, FLAGS.target))
+        print(aot.markdown(report))
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
             json.dump(report, f, indent=1)

@@ -161,7 +161,7 @@ class StageProgram:
     mesh: jax.sharding.Mesh
 
 
-def _with_sharding(tree, sharding):
+def with_sharding(tree, sharding):
     return jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
     )
@@ -194,9 +194,9 @@ def stage_program(config: ml_collections.ConfigDict, devices) -> StageProgram:
         frozen = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
     return StageProgram(
         step=step,
-        state=_with_sharding(state, replicated),
-        batch=_with_sharding(batch_shapes(config), data),
-        frozen=None if frozen is None else _with_sharding(frozen, replicated),
+        state=with_sharding(state, replicated),
+        batch=with_sharding(batch_shapes(config), data),
+        frozen=None if frozen is None else with_sharding(frozen, replicated),
         mesh=mesh,
     )
 
@@ -218,20 +218,16 @@ def padded_bytes(leaf: jax.ShapeDtypeStruct, layout) -> int:
     return math.prod(physical) * itemsize
 
 
-def arguments_in_layouts(program: StageProgram, compiled) -> dict[str, int] | None:
-    """Per device, the bytes of each argument of the step (state, batch, frozen) from its
-    abstract tree and the layouts the compiler chose for it (None where it does not say)."""
+def arguments_in_layouts(arguments: dict[str, Any], compiled) -> dict[str, int] | None:
+    """Per device, the bytes of each named argument tree of the program (in the order they
+    were passed) from its abstract leaves and the layouts the compiler chose for them (None
+    where it does not say)."""
     try:
         formats = compiled.input_formats[0]
     except Exception:
         return None
     out = {}
-    for name, tree, fmt in zip(
-        ("state", "batch", "frozen"),
-        (program.state, program.batch, program.frozen),
-        formats,
-        strict=True,
-    ):
+    for (name, tree), fmt in zip(arguments.items(), formats, strict=True):
         leaves = jax.tree_util.tree_leaves(tree)
         layouts = [getattr(f, "layout", None) for f in jax.tree_util.tree_leaves(fmt)]
         if len(layouts) != len(leaves):
@@ -288,20 +284,9 @@ def _cost(compiled) -> dict[str, float] | None:
     return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
 
 
-def compile_stage(
-    config: ml_collections.ConfigDict, target: str, compiler_options: dict | None = None
-) -> dict[str, Any]:
-    """Compiles ``config``'s train step for ``target`` (a :data:`TARGETS` name); the report
-    (a JSON-able dict; memory and cost per device). ``compiler_options``: XLA options of
-    this compile (``lowered.compile(compiler_options=...)``)."""
-    spec = get_target(target)
-    devices = target_devices(spec)
-    start = time.perf_counter()
-    program = stage_program(config, devices)
-    lowered = program.step.lower(program.state, program.batch, program.frozen)
-    lowered_s = time.perf_counter() - start
-    compiled = lowered.compile(compiler_options=compiler_options)
-    compile_s = time.perf_counter() - start - lowered_s
+def program_figures(compiled, spec: Target) -> dict[str, Any]:
+    """Per device of ``spec``: the compiled program's memory (against the device's), cost,
+    roofline bound and HLO counts."""
     mem = compiled.memory_analysis()
     memory = {
         "arguments": int(mem.argument_size_in_bytes),
@@ -324,6 +309,26 @@ def compile_stage(
             "memory_s": cost["bytes"] / spec.memory_bandwidth,
         }
         roofline["bound_s"] = max(roofline["compute_s"], roofline["memory_s"])
+    return {
+        "memory": memory, "cost": cost, "roofline": roofline,
+        "hlo": hlo_counts(compiled.as_text()),
+    }  # fmt: skip
+
+
+def compile_stage(
+    config: ml_collections.ConfigDict, target: str, compiler_options: dict | None = None
+) -> dict[str, Any]:
+    """Compiles ``config``'s train step for ``target`` (a :data:`TARGETS` name); the report
+    (a JSON-able dict; memory and cost per device). ``compiler_options``: XLA options of
+    this compile (``lowered.compile(compiler_options=...)``)."""
+    spec = get_target(target)
+    devices = target_devices(spec)
+    start = time.perf_counter()
+    program = stage_program(config, devices)
+    lowered = program.step.lower(program.state, program.batch, program.frozen)
+    lowered_s = time.perf_counter() - start
+    compiled = lowered.compile(compiler_options=compiler_options)
+    compile_s = time.perf_counter() - start - lowered_s
     n = len(program.mesh.devices.flat)
     return {
         "target": dataclasses.asdict(spec),
@@ -339,12 +344,12 @@ def compile_stage(
             "batch_bytes_per_device": tree_bytes(program.batch) // n,
             "frozen_bytes": tree_bytes(program.frozen),
             # the same in the compiler's layouts (TPU tiles pad the minor dimensions)
-            "in_layouts": arguments_in_layouts(program, compiled),
+            "in_layouts": arguments_in_layouts(
+                {"state": program.state, "batch": program.batch, "frozen": program.frozen},
+                compiled,
+            ),
         },
-        "memory": memory,
-        "cost": cost,
-        "roofline": roofline,
-        "hlo": hlo_counts(compiled.as_text()),
+        **program_figures(compiled, spec),
         "lower_s": round(lowered_s, 2),
         "compile_s": round(compile_s, 2),
         "jax": jax.__version__,
@@ -359,14 +364,22 @@ def _gib(value: float) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     """The report as a markdown table."""
-    mem, hlo, cost, roof = report["memory"], report["hlo"], report["cost"], report["roofline"]
-    target = report["target"]
-    model = report["model"]
+    target, model = report["target"], report["model"]
     rows = [
         ("target", f"{target['name']} ({target['topology']}, {target['device']})"),
         ("stage", f"{report['stage']}: {model['backbone']} + {model['head']}, {model['dtype']}"),
         ("batch", f"{report['batch_size']} ({report['batch_per_device']} per device), "
                   f"crop {report['crop_size']}, target crop {report['target_crop_size']}"),
+        *figure_rows(report),
+    ]  # fmt: skip
+    lines = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def figure_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """The markdown rows of :func:`program_figures` and the compile times."""
+    mem, hlo, cost, roof = report["memory"], report["hlo"], report["cost"], report["roofline"]
+    return [
         ("arguments / device", _gib(mem["arguments"])),
         ("temporaries / device", _gib(mem["temporaries"])),
         ("outputs / device", f"{_gib(mem['outputs'])} ({_gib(mem['aliased'])} in donated buffers)"),
@@ -382,8 +395,6 @@ def markdown(report: dict[str, Any]) -> str:
         ("transposes / copies", f"{hlo['transposes']} / {hlo['copies']}"),
         ("lower / compile", f"{report['lower_s']} s / {report['compile_s']} s"),
     ]  # fmt: skip
-    lines = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
-    return "\n".join(lines)
 
 
 def numpy_free(report: Any) -> Any:
