@@ -101,6 +101,19 @@ def test_workdir_mismatch_error_names_the_keys(capsys, tmp_path, toy_root):
     assert_one_line(status, err, 2, f"{run} holds a run of another config", "seed: 5 -> 0")
 
 
+def test_a_run_of_an_earlier_version_resumes_unless_a_new_key_changes():
+    """A stored config without a key the code gained since (workdir.ADDED_KEYS) reads as
+    holding the value that reproduces it; another value is still a difference."""
+    current = {"seed": 0, "model": {"bn_statistics": "two_pass", "dtype": "float32"}}
+    earlier = {"seed": 0, "model": {"dtype": "float32"}}
+    assert workdir.config_differences(earlier, current) == []
+    current["model"]["bn_statistics"] = "one_pass"
+    assert workdir.config_differences(earlier, current) == [
+        "model.bn_statistics: 'two_pass' -> 'one_pass'"
+    ]
+    assert workdir.config_differences({"seed": 0}, {"seed": 0}) == []  # no model section
+
+
 def test_dataset_error_names_the_directory(capsys, tmp_path):
     args = ["--config=configs/demo.py:r1_cu", "--config.data.root=/no/such/data"]
     status, err = run_cli(capsys, *args, f"--workdir={tmp_path / 'run'}")

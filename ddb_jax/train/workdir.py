@@ -34,6 +34,12 @@ RESUMABLE_KEYS = (
 )  # fmt: skip
 
 
+# Keys the code gained after runs were made, with the value that reproduces those runs: a
+# stored config without one of them reads as holding that value, so a run of an earlier
+# version resumes (another value is still a different config).
+ADDED_KEYS = {"model.bn_statistics": "two_pass"}
+
+
 class WorkdirMismatchError(errors.UsageError, ValueError):
     """The workdir holds a run of another config."""
 
@@ -53,8 +59,12 @@ def config_as_json(config: ml_collections.ConfigDict) -> dict:
 
 
 def config_differences(stored: dict, current: dict) -> list[str]:
-    """'key: old -> new' for every key that differs and matters for the result."""
+    """'key: old -> new' for every key that differs and matters for the result (a key of
+    :data:`ADDED_KEYS` that ``stored`` lacks holds its value there)."""
     a, b = flatten(stored), flatten(current)
+    for key, value in ADDED_KEYS.items():
+        if key in b:
+            a.setdefault(key, value)
     keys = sorted(
         k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_KEYS)
     )
