@@ -118,6 +118,9 @@ def get_config() -> ml_collections.ConfigDict:
             # the per-dataset table of input_pipeline/datasets.py.
             resize_scales={},
             num_parallel_calls=-1,  # tf.data.AUTOTUNE: one call per core, at most 16
+            # Training images cross to the device as uint8 and are normalised there (a quarter
+            # of float32's bytes; the same values); 'float32': normalised on the host.
+            image_transfer="uint8",
             # ProDA's loaders (input_pipeline/proda.py): each image first resized to its
             # loader's fixed (H, W) (the target's is also the EMA's input and the offline label
             # stages' size), then to a width of proda_resize x U[0.5, 1.5], cropped to

@@ -38,7 +38,7 @@ from ddb_jax.config_rules import (
 )  # fmt: skip
 from ddb_jax.evaluation.evaluate import EVAL_MODES
 from ddb_jax.graph import stage_graph
-from ddb_jax.methods import optim, teachers
+from ddb_jax.methods import device_input, optim, teachers
 from ddb_jax.models.batch_norm import BN_STATISTICS
 from ddb_jax.models.layers import CONV_IMPLS
 from ddb_jax.offline.prototype_stage import PROTOTYPE_MODES
@@ -91,6 +91,7 @@ RULES: dict[str, Rule] = {
     "data.resize_scales": Rule(scales, f"{{dataset: None or (long, short)}}, datasets of "
                                        f"{list(DATASETS)}", {"nope": None}),
     "data.num_parallel_calls": integer(1, "tf.data.AUTOTUNE", also=(-1,)),
+    "data.image_transfer": one_of(device_input.IMAGE_TRANSFERS),
     "data.proda_resize": POSITIVE, "data.proda_full_size": PAIR,
     "data.proda_source_size": PAIR, "data.proda_threshold": RATIO,
     "data.label_set": one_of(("", *label_sets.LABEL_SETS)),

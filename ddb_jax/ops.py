@@ -15,6 +15,10 @@ import numpy as np
 # Cityscapes mean/std in RGB, 0-255 scale (mmseg img_norm_cfg).
 IMAGE_MEAN = (123.675, 116.28, 103.53)
 IMAGE_STD = (58.395, 57.12, 57.375)
+# config.data.image_transfer: training images cross to the device as their uint8 pixels
+# (normalised there, ddb_jax/methods/device_input.py) or normalised on the host.
+IMAGE_TRANSFERS = ("uint8", "float32")
+SIZE_SUFFIX = "_size"  # batch key '<image key>_size': a uint8 image's unpadded (height, width)
 
 
 def upcast(x: jax.Array) -> jax.Array:

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from ddb_jax import errors
+from ddb_jax.ops import IMAGE_TRANSFERS, SIZE_SUFFIX
 from input_pipeline import datasets, rcs, transforms
 
 SOURCE_STREAM, TARGET_STREAM, RCS_STREAM = 1, 2, 3
@@ -67,6 +68,32 @@ def _load(entry: dict[str, tf.Tensor], with_label: bool, keep_ratio: bool = True
         label = transforms.read_label(entry["label"])
         image, label = transforms.assert_same_size(image, label, entry["image"], entry["label"])
     return transforms.resize_pair(image, label, entry["scale"], entry["min_size"], keep_ratio)
+
+
+def images_as_uint8(data_cfg) -> bool:
+    """Whether the training stream yields its images as uint8 pixels with their unpadded
+    size (``data.image_transfer``, a quarter of float32's bytes to the device)."""
+    transfer = data_cfg.get("image_transfer", "uint8")
+    if transfer not in IMAGE_TRANSFERS:
+        raise StreamConfigError(
+            f"config.data.image_transfer={transfer!r}: must be one of {IMAGE_TRANSFERS}"
+        )
+    return transfer == "uint8"
+
+
+def uint8_image_keys(data_cfg) -> tuple[str, ...]:
+    """The image keys :func:`make_train_dataset` yields as uint8 beside '<key>_size': all
+    of them with ``data.image_transfer='uint8'``, but for photometrically distorted source
+    images (``data.photometric_distortion``, the CKD stages'), whose pixels are floats."""
+    if not images_as_uint8(data_cfg):
+        return ()
+    distort = bool(data_cfg.get("photometric_distortion", False))
+    return (*(() if distort else ("source_image",)), *target_stream_keys(data_cfg))
+
+
+def _crop_extent(image: tf.Tensor, crop_size: tuple[int, int]) -> tf.Tensor:
+    """int32 (height, width) of ``image``'s crop before padding (the image where smaller)."""
+    return tf.minimum(tf.shape(image)[:2], tf.constant(crop_size, tf.int32))
 
 
 def _shuffled_index(k: tf.Tensor, n: int, seed: tf.Tensor) -> tf.Tensor:
@@ -122,14 +149,17 @@ class _RareClassSampler:
 
 
 def _source_fn(data_cfg, table, sampler: _RareClassSampler | None, seed: tf.Tensor):
+    """Element k: {'source_image', 'source_label'}, with 'source_depth' (DADA's inverse
+    depth) and 'source_image_size' (uint8 images) where configured."""
     crop_size = tuple(data_cfg.crop_size)
     n = len(table["image"])
     distort = bool(data_cfg.get("photometric_distortion", False))
+    uint8 = "source_image" in uint8_image_keys(data_cfg)  # not when distorted: floats
     flip_prob = float(data_cfg.get("flip_prob", 0.5))
     keep_ratio = bool(data_cfg.get("keep_ratio", True))
     with_depth = bool(data_cfg.get("source_depth", False))
 
-    def fn(k: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    def fn(k: tf.Tensor) -> dict[str, tf.Tensor]:
         elem_seed = transforms.fold_seed(seed, SOURCE_STREAM, k)
         if sampler is None:
             index = _shuffled_index(k, n, transforms.fold_seed(seed, SOURCE_STREAM))
@@ -141,24 +171,27 @@ def _source_fn(data_cfg, table, sampler: _RareClassSampler | None, seed: tf.Tens
             depth = _resized_depth(entry["image"], tf.shape(label))
 
         def propose(s):
+            args = (crop_size, data_cfg.cat_max_ratio, s, distort, flip_prob, not uint8)
             if with_depth:
-                return transforms.crop_flip_pad_depth(
-                    image, label, depth, crop_size, data_cfg.cat_max_ratio, s, distort, flip_prob
-                )
-            return transforms.crop_flip_pad(
-                image, label, crop_size, data_cfg.cat_max_ratio, s, distort, flip_prob
-            )
+                return transforms.crop_flip_pad_depth(image, label, depth, *args)
+            return transforms.crop_flip_pad(image, label, *args)
 
         if sampler is None or data_cfg.rcs_min_crop_ratio <= 0:
-            return propose(elem_seed)
+            sample = propose(elem_seed)
+        else:
+            # DAFormer re-runs the source pipeline (a new crop and flip) up to 10 times
+            # until the sampled class covers more than min_pixels * min_crop_ratio pixels.
+            def accept(proposal):
+                pixels = tf.reduce_sum(tf.cast(tf.equal(proposal[1], cls), tf.float32))
+                return pixels > sampler.min_class_pixels
 
-        # DAFormer re-runs the source pipeline (a new crop and flip) up to 10 times until
-        # the sampled class covers more than min_pixels * min_crop_ratio pixels.
-        def accept(sample):
-            pixels = tf.reduce_sum(tf.cast(tf.equal(sample[1], cls), tf.float32))
-            return pixels > sampler.min_class_pixels
-
-        return transforms.first_accepted(propose, accept, elem_seed, RCS_RECROPS)
+            sample = transforms.first_accepted(propose, accept, elem_seed, RCS_RECROPS)
+        out = {"source_image": sample[0], "source_label": sample[1]}
+        if with_depth:  # config.data.source_depth: DADA's inverse depth, float32 (B, H, W)
+            out["source_depth"] = sample[2]
+        if uint8:  # every try crops the same image: one extent
+            out["source_image" + SIZE_SUFFIX] = _crop_extent(image, crop_size)
+        return out
 
     return fn
 
@@ -179,12 +212,13 @@ def pseudo_margins(data_cfg) -> tuple[int, int, int, int] | None:
     return margins if any(margins) else None
 
 
-def _target_fn(data_cfg, table, seed: tf.Tensor, order: str, margins=None):
+def _target_fn(data_cfg, table, seed: tf.Tensor, order: str, margins=None, uint8=False):
     """Element k: {'image'} of a target image picked by ``order`` (an independent uniform
     draw per element, a per-epoch permutation, or file order), cropped and flipped by
     (seed, k). With ``margins`` also {'valid'}: :func:`transforms.margin_mask` of the image
     as read, resized, cropped, flipped and padded as its label would be (same offsets, same
-    seeds: the image is the one drawn without margins)."""
+    seeds: the image is the one drawn without margins). With ``uint8`` the image is its
+    uint8 pixels padded with 0, and 'image_size' its crop's unpadded (height, width)."""
     if order not in TARGET_ORDERS:
         raise ValueError(f"target order {order!r}; known: {TARGET_ORDERS}")
     crop_size = tuple(data_cfg.get("target_crop_size") or data_cfg.crop_size)
@@ -209,12 +243,16 @@ def _target_fn(data_cfg, table, seed: tf.Tensor, order: str, margins=None):
         )
         elem_seed = transforms.fold_seed(seed, TARGET_STREAM + 100, k)
         # cat_max_ratio 1: no rejection, so the mask as label moves the crop by nothing.
+        extent = _crop_extent(image, crop_size)
         image, mask = transforms.crop_flip_pad(
-            image, mask, crop_size, 1.0, elem_seed, flip_prob=flip_prob
+            image, mask, crop_size, 1.0, elem_seed, flip_prob=flip_prob, normalise=not uint8
         )
-        if mask is None:
-            return {"image": image}
-        return {"image": image, "valid": tf.cast(mask, tf.float32)}
+        out = {"image": image}
+        if uint8:
+            out["image" + SIZE_SUFFIX] = extent
+        if mask is not None:
+            out["valid"] = tf.cast(mask, tf.float32)
+        return out
 
     return fn
 
@@ -251,10 +289,13 @@ def _target_streams(data_cfg, target_files, seed: int) -> list:
     With pseudo-label margins the concatenated stream also gives 'target_valid'."""
     keys = target_stream_keys(data_cfg)
     margins = pseudo_margins(data_cfg)
+    uint8 = images_as_uint8(data_cfg)  # targets are never distorted
+    size = "image" + SIZE_SUFFIX
     if keys == ("target_image",):
         table, base = _concat(target_files, False), tf.constant([seed, 0], tf.int64)
-        fn = _target_fn(data_cfg, table, base, "uniform", margins)
-        return [_renamed(fn, {"image": "target_image", "valid": "target_valid"})]
+        fn = _target_fn(data_cfg, table, base, "uniform", margins, uint8)
+        names = {"image": "target_image", "valid": "target_valid", size: "target_image_size"}
+        return [_renamed(fn, names)]
     if margins is not None:
         raise StreamConfigError(
             "config.data.target_pseudo_margins needs one target stream; "
@@ -263,7 +304,8 @@ def _target_streams(data_cfg, target_files, seed: int) -> list:
     fns = []
     for i, (key, files) in enumerate(zip(keys, target_files, strict=True)):
         table, base = _concat([files], False), tf.constant([seed, i + 1], tf.int64)
-        fns.append(_renamed(_target_fn(data_cfg, table, base, "uniform"), {"image": key}))
+        fn = _target_fn(data_cfg, table, base, "uniform", uint8=uint8)
+        fns.append(_renamed(fn, {"image": key, size: key + SIZE_SUFFIX}))
     return fns
 
 
@@ -275,9 +317,15 @@ def make_train_dataset(
     process_count: int = 1,
     start_batch: int = 0,
 ) -> tf.data.Dataset:
-    """Endless batches {'source_image' (B,H,W,3) f32, 'source_label' (B,H,W) i32,
-    'target_image' (B,H,W,3) f32} of this host's slice of the global stream; with
+    """Endless batches {'source_image' (B,H,W,3), 'source_label' (B,H,W) i32,
+    'target_image' (B,H,W,3)} of this host's slice of the global stream; with
     ``data.per_target_streams`` 'target_image_<name>' per target instead of 'target_image'.
+
+    With ``data.image_transfer='uint8'`` (the default) each image is uint8, its cropped and
+    flipped pixels padded with 0, and '<image key>_size' (B,2) i32 its unpadded (height,
+    width): ``ddb_jax.methods.device_input.network_input`` normalises it on the device.
+    The photometrically distorted source images (``data.photometric_distortion``) and
+    'float32' give normalised float32 images, padded with 0.0, and no '_size' keys.
 
     With ``data.target_pseudo_margins`` (any > 0) also 'target_valid' (B,H,W) f32, HRDA's
     valid pseudo-label mask: 0.0 where a pixel of the target crop lies within the margins of
@@ -298,10 +346,7 @@ def make_train_dataset(
     target_fns = _target_streams(data_cfg, target_files, seed)
 
     def element(k):
-        image, label, *depth = source_fn(k)
-        out = {"source_image": image, "source_label": label}
-        if depth:  # config.data.source_depth: DADA's inverse depth, float32 (B, H, W)
-            out["source_depth"] = depth[0]
+        out = source_fn(k)
         for target_fn in target_fns:
             out.update(target_fn(k))
         return out

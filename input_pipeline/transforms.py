@@ -350,7 +350,8 @@ def normalize(image: tf.Tensor) -> tf.Tensor:
 def pad_to(
     image: tf.Tensor, label: tf.Tensor | None, size: tuple[int, int]
 ) -> tuple[tf.Tensor, tf.Tensor | None]:
-    """Pads bottom/right to ``size``: image with 0 (after normalisation), label with 255."""
+    """Pads bottom/right to ``size``: image with 0 (after normalisation, or uint8 0), label
+    with 255."""
     shape = tf.shape(image)
     paddings = [[0, size[0] - shape[0]], [0, size[1] - shape[1]]]
     image = tf.pad(image, paddings + [[0, 0]], constant_values=0.0)
@@ -369,10 +370,15 @@ def crop_flip_pad(
     seed: tf.Tensor,
     photometric_distortion: bool = False,
     flip_prob: float = 0.5,
+    normalise: bool = True,
 ) -> tuple[tf.Tensor, tf.Tensor | None]:
     """RandomCrop -> RandomFlip -> [PhotoMetricDistortion] -> Normalize -> Pad, the
     reference's order; the distortion (the CKD stages' source images) is optional, and
-    ``flip_prob`` 0 turns flipping off (ADVENT's loaders do not flip)."""
+    ``flip_prob`` 0 turns flipping off (ADVENT's loaders do not flip).
+
+    ``normalise=False`` leaves out Normalize: the uint8 pixels padded with 0, a quarter of
+    the bytes to move to the device, which normalises them (``data.image_transfer``)."""
+    _check_uint8(normalise, photometric_distortion)
     if label is None:
         offset = crop_offset(tf.shape(image), crop_size, fold_seed(seed, CROP_OP, 0))
     else:
@@ -382,10 +388,16 @@ def crop_flip_pad(
     image, label = maybe_flip(image, label, fold_seed(seed, FLIP_OP), flip_prob)
     if photometric_distortion:
         image = photometric.photometric_distortion(image, fold_seed(seed, PHOTOMETRIC_OP))
-    image, label = pad_to(normalize(image), label, crop_size)
+    image, label = pad_to(normalize(image) if normalise else image, label, crop_size)
     if label is not None:
         label = tf.cast(label, tf.int32)
     return image, label
+
+
+def _check_uint8(normalise: bool, photometric_distortion: bool) -> None:
+    """The distorted pixels are no longer integers: they cannot travel as uint8."""
+    if not normalise and photometric_distortion:
+        raise ValueError("photometric_distortion needs normalise=True (its pixels are floats)")
 
 
 # SYNTHIA depth (config.data.source_depth): tools/convert_datasets/synthia.py --depth writes
@@ -430,11 +442,13 @@ def crop_flip_pad_depth(
     seed: tf.Tensor,
     photometric_distortion: bool = False,
     flip_prob: float = 0.5,
+    normalise: bool = True,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """:func:`crop_flip_pad` with a depth map (raw uint16, the label's size) carried along:
     the same crop offset and flip as the label (the same seeds, so image and label are
     exactly what :func:`crop_flip_pad` gives), then DADA's inverse depth, padded with
     :data:`DEPTH_PAD`."""
+    _check_uint8(normalise, photometric_distortion)
     offset = random_crop_offset(label, crop_size, cat_max_ratio, fold_seed(seed, CROP_OP))
     image, label, depth = (crop(x, offset, crop_size) for x in (image, label, depth))
     flip = tf.random.stateless_uniform([], fold_seed(seed, FLIP_OP)) < flip_prob
@@ -448,5 +462,5 @@ def crop_flip_pad_depth(
     paddings = [[0, crop_size[0] - shape[0]], [0, crop_size[1] - shape[1]]]
     depth = tf.pad(depth, paddings, constant_values=DEPTH_PAD)
     depth.set_shape(crop_size)
-    image, label = pad_to(normalize(image), label, crop_size)
+    image, label = pad_to(normalize(image) if normalise else image, label, crop_size)
     return image, tf.cast(label, tf.int32), depth

@@ -118,8 +118,11 @@ def write_identity_gta(root, n=8, name="gta", offset=0) -> str:
 
 
 def identities(images) -> list[int]:
-    """The file index of each normalised image written by :func:`write_identity_gta`."""
-    green = images[..., 1] * 57.12 + 116.28
+    """The file index of each image written by :func:`write_identity_gta`, as the training
+    stream yields it (uint8 pixels) or normalised."""
+    green = images[..., 1].astype(np.float64)
+    if images.dtype != np.uint8:  # normalised
+        green = green * 57.12 + 116.28
     return [int(round(g)) // 10 for g in green.reshape(len(images), -1).mean(1)]
 
 

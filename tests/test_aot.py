@@ -71,9 +71,10 @@ def test_arguments_are_the_state_and_a_batch_slice(compiled):
     )  # fmt: skip
     predicted = report["predicted"]
     assert predicted["state_bytes"] == state_bytes
-    # One image pair (and one label map) per device: the batch split over 8 devices.
+    # One image pair (uint8, each with its int32 (height, width)) and one int32 label map
+    # per device: the batch split over 8 devices.
     h, w = config.data.crop_size
-    assert predicted["batch_bytes_per_device"] == 3 * h * w * 4 * 2 + h * w * 4
+    assert predicted["batch_bytes_per_device"] == (3 * h * w + 2 * 4) * 2 + h * w * 4
     assert aot.tree_bytes(batch) // 8 == predicted["batch_bytes_per_device"]
     # The compiler's argument bytes are exactly those arrays, in its tiled layouts.
     memory, layouts = report["memory"], predicted["in_layouts"]
@@ -118,11 +119,11 @@ def test_evaluation_is_the_model_and_one_image_on_one_device():
     the prediction resized to a 64x128 label): its arguments are exactly the segmentor's
     variables and the image and label in the compiler's layouts, its output the confusion
     matrix, and one device needs no collective."""
-    from ddb_jax.runtime import aot_eval
+    from ddb_jax.runtime import aot_programs
 
     config = tiny_config()
     config.eval.mode, config.eval.crop_size, config.eval.stride = "slide", (32, 32), (16, 16)
-    report = aot_eval.compile_evaluation(config, "v5e-8", EVAL_IMAGE, EVAL_LABEL)
+    report = aot_programs.compile_evaluation(config, "v5e-8", EVAL_IMAGE, EVAL_LABEL)
     predicted, memory = report["predicted"], report["memory"]
     assert predicted["input_bytes"] == (32 * 64 * 3 + 64 * 128) * 4
     layouts = predicted["in_layouts"]
@@ -133,8 +134,31 @@ def test_evaluation_is_the_model_and_one_image_on_one_device():
     assert memory["aliased"] == 0 and memory["fits"]
     assert report["hlo"]["collective_count"] == 0
     assert report["cost"]["flops"] > 0
-    table = aot_eval.markdown(report)
+    table = aot_programs.markdown(report)
     assert "slide [32, 32] windows, stride [16, 16]" in table and "| total / device |" in table
+
+
+@needs_libtpu
+def test_prototype_pass_is_the_model_the_table_and_a_batch_slice():
+    """The prototype stage's update of one global batch (8 crops of 32x32 over v5e-8): its
+    arguments are the segmentor's variables, the (classes x channels) table and the counts,
+    replicated, and one crop per device; its outputs the new table and counts."""
+    from ddb_jax.runtime import aot_programs
+
+    config = tiny_config()
+    config.prototypes.batch_size = 8
+    report = aot_programs.compile_prototypes(config, "v5e-8")
+    predicted, memory = report["predicted"], report["memory"]
+    classes, channels = config.model.num_classes, config.model.head_channels
+    assert predicted["table_bytes"] == (classes * channels + classes) * 4
+    h, w = config.data.crop_size
+    assert report["batch_per_device"] == 1
+    assert predicted["batch_bytes_per_device"] == h * w * 3 * 4 + 1 + 4  # image, valid, index
+    layouts = predicted["in_layouts"]
+    assert memory["arguments"] == sum(layouts.values())
+    assert layouts["table"] >= classes * channels * 4 and layouts["counts"] >= classes * 4
+    assert layouts["counts"] + layouts["table"] <= memory["outputs"] <= 2 * memory["arguments"]
+    assert "| prototype pass |" in aot_programs.prototypes_markdown(report)
 
 
 def test_hlo_counts():
@@ -199,12 +223,21 @@ def test_batch_shapes_follow_the_target_streams():
     b, (h, w) = config.batch_size, config.data.crop_size
     streams = [f"target_image_{name}" for name in config.data.target]
     assert len(streams) == 2 and tuple(streams) == target_stream_keys(config.data)
-    assert list(shapes) == ["source_image", "source_label", *streams]
+    sizes = [f"{key}_size" for key in streams]
+    assert list(shapes) == [
+        "source_image",
+        "source_image_size",
+        "source_label",
+        *(k for pair in zip(streams, sizes, strict=True) for k in pair),
+    ]
     assert shapes["source_label"].shape == (b, h, w)
-    for key in streams:
-        assert (shapes[key].shape, shapes[key].dtype) == ((b, 64, 96, 3), jax.numpy.float32)
+    for key in streams:  # uint8 pixels, normalised on the device
+        assert (shapes[key].shape, shapes[key].dtype) == ((b, 64, 96, 3), jax.numpy.uint8)
+        assert (shapes[f"{key}_size"].shape, shapes[f"{key}_size"].dtype) == ((b, 2), "int32")
     config.data.per_target_streams = False
     config.data.source_depth = True
+    config.data.image_transfer = "float32"  # images normalised on the host, no sizes
     shapes = aot.batch_shapes(config)
     assert list(shapes) == ["source_image", "source_label", "target_image", "source_depth"]
     assert shapes["source_depth"].shape == (b, h, w)
+    assert shapes["source_image"].dtype == shapes["target_image"].dtype == jax.numpy.float32

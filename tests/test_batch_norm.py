@@ -4,12 +4,11 @@ the gradients of the input, scale and bias. The one-pass moments are taken about
 mean; the data's mean is far from it (3 against 0.5), so the test sees the shift at work.
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
-import jax
-import jax.numpy as jnp
 
 from ddb_jax.models import batch_norm
 
@@ -44,9 +43,7 @@ def ours(x, scale, bias, running_mean, running_var, cotangent, statistics):
     stats = {"mean": jnp.asarray(running_mean), "var": jnp.asarray(running_var)}
 
     def loss(x, params):
-        out, updated = apply(
-            {"params": params, "batch_stats": stats}, x, mutable=["batch_stats"]
-        )
+        out, updated = apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
         return jnp.sum(out * cotangent), (out, updated["batch_stats"])
 
     params = {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddb_jax.ops import IMAGE_MEAN, IMAGE_STD
 from input_pipeline import datasets, rcs, toy, toy_hr, train
 from tests.support import data_config, save_gray, save_rgb, write_cityscapes
 
@@ -50,8 +49,8 @@ def test_target_valid_is_zero_exactly_in_the_margins_of_the_image_as_read(ramp_r
     batch = _first(cfg, batch=16)
     valid, image = batch["target_valid"], batch["target_image"]
     assert valid.shape == (16, *crop) and valid.dtype == np.float32
-    raw = np.round(image * np.asarray(IMAGE_STD) + np.asarray(IMAGE_MEAN))
-    x, y = raw[..., 0], raw[..., 1]  # where each pixel was in the image as read
+    assert image.dtype == np.uint8  # the pixels as read (normalised on the device)
+    x, y = image[..., 0].astype(int), image[..., 1].astype(int)  # where each pixel was
     top, bottom, left, right = MARGINS
     inside = (y >= top) & (y < H - bottom) & (x >= left) & (x < W - right)
     expected = inside.astype(np.float32)
@@ -69,7 +68,8 @@ def test_target_valid_is_zero_exactly_in_the_margins_of_the_image_as_read(ramp_r
 def test_margins_change_no_image_and_add_one_key(toy_root):
     cfg = _config(toy_root, crop_size=(64, 64))
     plain = _first(cfg, batch=4)
-    assert set(plain) == {"source_image", "source_label", "target_image"}
+    sizes = {"source_image_size", "target_image_size"}  # the uint8 images' unpadded sizes
+    assert set(plain) == {"source_image", "source_label", "target_image", *sizes}
     cfg.target_pseudo_margins = MARGINS
     with_mask = _first(cfg, batch=4)
     assert set(with_mask) == {*plain, "target_valid"}

@@ -38,13 +38,20 @@ def _first(ds, n=1):
 def test_batches_have_the_contract_types_and_values(root):
     (batch,) = _first(train.make_train_dataset(data_config(root), 4, seed=0))
     assert batch["source_image"].shape == (4, 16, 16, 3)
-    assert batch["source_image"].dtype == np.float32
+    assert batch["source_image"].dtype == np.uint8  # normalised on the device
+    np.testing.assert_array_equal(batch["source_image_size"], np.full((4, 2), 16, np.int32))
     assert batch["source_label"].dtype == np.int32 and batch["source_label"].shape == (4, 16, 16)
     assert set(np.unique(batch["source_label"])) <= {0, 1}
     # Red channel = 50 * label in every source image: image and label stay aligned.
-    red = np.round(batch["source_image"][..., 0] * 58.395 + 123.675)
-    np.testing.assert_array_equal(red, 50 * batch["source_label"])
+    np.testing.assert_array_equal(batch["source_image"][..., 0], 50 * batch["source_label"])
     assert batch["target_image"].shape == (4, 16, 16, 3)
+    assert batch["target_image_size"].dtype == np.int32
+    (normalised,) = _first(
+        train.make_train_dataset(data_config(root, image_transfer="float32"), 4, seed=0)
+    )
+    assert normalised["source_image"].dtype == np.float32 and "source_image_size" not in normalised
+    red = np.round(normalised["source_image"][..., 0] * 58.395 + 123.675)
+    np.testing.assert_array_equal(red, 50 * normalised["source_label"])
 
 
 def test_same_seed_same_stream_other_seed_differs(root):
@@ -100,13 +107,15 @@ def test_per_target_streams_keep_each_target_apart(root, tmp_path):
     cfg = data_config(tmp_path, target=("gta", "synscapes"), cat_max_ratio=1.0)
     cfg.source = ("gta",)
     union = _first(train.make_train_dataset(cfg, 6, seed=0), 4)
-    assert set(union[0]) == {"source_image", "source_label", "target_image"}
+    assert set(union[0]) == {"source_image", "source_label", "target_image",
+                             "source_image_size", "target_image_size"}  # fmt: skip
     seen = {i for b in union for i in identities(b["target_image"])}
     assert seen & {0, 1, 2} and seen & {10, 11}  # drawn from both targets' files
     cfg.per_target_streams = True
     assert train.target_stream_keys(cfg) == ("target_image_gta", "target_image_synscapes")
     apart = _first(train.make_train_dataset(cfg, 6, seed=0), 4)
-    assert set(apart[0]) == {"source_image", "source_label", *train.target_stream_keys(cfg)}
+    images = ("source_image", *train.target_stream_keys(cfg))
+    assert set(apart[0]) == {"source_label", *images, *(f"{k}_size" for k in images)}
     assert {i for b in apart for i in identities(b["target_image_gta"])} <= {0, 1, 2}
     assert {i for b in apart for i in identities(b["target_image_synscapes"])} == {10, 11}
     for a, b in zip(union, apart, strict=True):  # the source stream does not move

@@ -243,6 +243,7 @@ def _cfg(root, distort: bool | None):
     cfg.crop_size = (HEIGHT, WIDTH)
     cfg.num_parallel_calls = 2
     cfg.resize_scales = {"gta": None, "cityscapes": None}
+    cfg.image_transfer = "float32"  # the tests invert Normalize, the key-off crops too
     if distort is None:
         del cfg["photometric_distortion"]
     else:

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ddb_jax.methods import multires, previews
+from ddb_jax.methods import device_input, multires, previews
 from ddb_jax.methods.state import MODEL, Optimizers, TrainState, apply_updates, as_optimizers
 from ddb_jax.ops import resize_bilinear, upcast
 from ddb_jax.uda import losses
@@ -246,7 +246,10 @@ def train_step(
 
     Returns ``(state, metrics)``, and with ``with_preview`` also ``{tag: panels}``, the
     method's preview of this very step (uint8, see :mod:`ddb_jax.methods.previews`).
+    Images that crossed to the device as uint8 are normalised first
+    (:func:`~ddb_jax.methods.device_input.network_input`): methods see float32 images.
     """
+    batch = device_input.network_input(batch)
     new_state, outputs, metrics = method.update(as_optimizers(tx), state, batch, frozen)
     if not with_preview:
         return new_state, metrics

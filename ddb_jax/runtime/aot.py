@@ -37,6 +37,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ddb_jax import errors
+from ddb_jax.ops import SIZE_SUFFIX
 
 GIB = 1024**3
 
@@ -131,18 +132,29 @@ def tree_bytes(tree) -> int:
 
 def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch a training stage steps on (input_pipeline.train's element): one
-    target image per target stream (``data.per_target_streams``: one per target, MTAF's)."""
-    from input_pipeline.train import target_stream_keys
+    target image per target stream (``data.per_target_streams``: one per target, MTAF's);
+    images uint8 with their int32 '<key>_size' where ``data.image_transfer`` sends them so
+    (:func:`input_pipeline.train.uint8_image_keys`; DAF's and ProDA's loaders: float32)."""
+    from input_pipeline import daf, proda
+    from input_pipeline.train import target_stream_keys, uint8_image_keys
 
     b = config.batch_size
     source = tuple(config.data.crop_size)
     target = tuple(config.data.get("target_crop_size") or source)
-    shapes = {
-        "source_image": jax.ShapeDtypeStruct((b, *source, 3), jnp.float32),
-        "source_label": jax.ShapeDtypeStruct((b, *source), jnp.int32),
-    }
+    own_loader = config.get("stage") in (*daf.KINDS, *proda.KINDS)
+    uint8 = () if own_loader else uint8_image_keys(config.data)
+    shapes = {}
+
+    def image(key: str, size: tuple[int, int]) -> None:
+        dtype = jnp.uint8 if key in uint8 else jnp.float32
+        shapes[key] = jax.ShapeDtypeStruct((b, *size, 3), dtype)
+        if key in uint8:
+            shapes[key + SIZE_SUFFIX] = jax.ShapeDtypeStruct((b, 2), jnp.int32)
+
+    image("source_image", source)
+    shapes["source_label"] = jax.ShapeDtypeStruct((b, *source), jnp.int32)
     for key in target_stream_keys(config.data):
-        shapes[key] = jax.ShapeDtypeStruct((b, *target, 3), jnp.float32)
+        image(key, target)
     if config.data.get("source_depth", False):  # DADA's inverse depth of the source crop
         shapes["source_depth"] = jax.ShapeDtypeStruct((b, *source), jnp.float32)
     if any(config.data.get("target_pseudo_margins", None) or ()):  # HRDA's valid mask
@@ -372,8 +384,12 @@ def markdown(report: dict[str, Any]) -> str:
                   f"crop {report['crop_size']}, target crop {report['target_crop_size']}"),
         *figure_rows(report),
     ]  # fmt: skip
-    lines = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
-    return "\n".join(lines)
+    return table(rows)
+
+
+def table(rows: list[tuple[str, str]]) -> str:
+    """``rows`` as a two-column markdown table."""
+    return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
 
 def figure_rows(report: dict[str, Any]) -> list[tuple[str, str]]:

@@ -30,7 +30,8 @@ BEST_SCORE = "score.json"
 # Keys that may change between a run and its resumption (they do not change the result).
 RESUMABLE_KEYS = (
     "log_every", "image_summary_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-    "eval.", "data.root", "data.num_parallel_calls", "model.remat", "stages",
+    "eval.", "data.root", "data.num_parallel_calls", "data.image_transfer", "model.remat",
+    "stages",
 )  # fmt: skip
 
 
