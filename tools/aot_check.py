@@ -13,8 +13,9 @@ and compiled by the target's compiler; nothing of full size is allocated and no 
 is needed (TPU targets need libtpu, which the test extra installs). Prints a markdown table
 (memory per device against the device's, FLOPs, bytes, roofline bound, collectives,
 transposes and copies, compile time); ``--out`` writes the report as JSON. ``--program=eval``
-compiles the evaluation of one image (:mod:`ddb_jax.runtime.aot_eval`: the config's
-``eval`` mode, windows and flip) on one device of the target instead. Any config key
+compiles the evaluation of one image (:mod:`ddb_jax.runtime.aot_programs`: the config's
+``eval`` mode, windows and flip) on one device of the target instead; ``--program=prototypes``
+the prototype pass's update of one batch (``prototypes.batch_size`` crops). Any config key
 can be overridden (``--config.batch_size=8``). Targets: ``--target=list`` prints them.
 An unknown target, a missing compiler or a config mistake is one ``error:`` line.
 """
@@ -36,7 +37,10 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file under configs/ (FILE or FILE:ARG).")
 flags.DEFINE_string("target", "v5e-8", "A target of ddb_jax.runtime.aot.TARGETS, or 'list'.")
 flags.DEFINE_string("out", None, "Write the report as JSON here.")
-flags.DEFINE_enum("program", "train", ["train", "eval"], "The train step or the evaluation.")
+flags.DEFINE_enum(
+    "program", "train", ["train", "eval", "prototypes"],
+    "The train step, the evaluation of one image, or the prototype pass's update.",
+)  # fmt: skip
 flags.DEFINE_string("eval_image", "512,1024", "--program=eval: the image's H,W after resizing.")
 flags.DEFINE_string("eval_label", "1024,2048", "--program=eval: the label's H,W.")
 flags.DEFINE_bool("traceback", False, "On an error, print the traceback, not just one line.")
@@ -69,11 +73,16 @@ def main(argv: list[str]) -> None:
     config = FLAGS.config
     config_checks.check_config(config)
     if FLAGS.program == "eval":
-        from ddb_jax.runtime import aot_eval
+        from ddb_jax.runtime import aot_programs
 
         image, label = (size_flag(name) for name in ("eval_image", "eval_label"))
-        report = aot.numpy_free(aot_eval.compile_evaluation(config, FLAGS.target, image, label))
-        print(aot_eval.markdown(report))
+        report = aot.numpy_free(aot_programs.compile_evaluation(config, FLAGS.target, image, label))
+        print(aot_programs.markdown(report))
+    elif FLAGS.program == "prototypes":
+        from ddb_jax.runtime import aot_programs
+
+        report = aot.numpy_free(aot_programs.compile_prototypes(config, FLAGS.target))
+        print(aot_programs.prototypes_markdown(report))
     else:
         report = aot.numpy_free(aot.compile_stage(config, FLAGS.target))
         print(aot.markdown(report))
