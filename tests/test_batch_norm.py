@@ -12,7 +12,14 @@ import torch
 
 from ddb_jax.models import batch_norm
 
-jax.config.update("jax_enable_x64", True)
+
+@pytest.fixture(autouse=True)
+def float64():
+    """float64 for this module's tests only (a global switch would leak into the worker's
+    later tests)."""
+    with jax.enable_x64(True):
+        yield
+
 
 SHAPE = (4, 5, 6, 3)  # NHWC
 
@@ -75,3 +82,31 @@ def test_training_mode_matches_torch_in_float64(statistics):
 def test_unknown_statistics_is_one_line_naming_the_key():
     with pytest.raises(ValueError, match=r"config.model.bn_statistics='three_pass'; known"):
         batch_norm.with_batch_statistics(lambda: None, "three_pass")
+
+
+def test_one_pass_gradient_through_the_statistics_too():
+    """one_pass_batch_norm's closed-form gradient also carries the cotangents of the mean
+    and variance it returns (nothing reads them today but the running statistics): the
+    same as autodiff of the two-pass formulas, in float64."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(2.0 + rng.standard_normal(SHAPE))
+    scale, bias = jnp.asarray(rng.standard_normal(3)), jnp.asarray(rng.standard_normal(3))
+    shift = jnp.asarray(rng.standard_normal(3))
+    weights = [jnp.asarray(rng.standard_normal(s)) for s in (SHAPE, (3,), (3,))]
+    axes = (0, 1, 2)
+
+    def two_pass(x, scale, bias):
+        mean, var = batch_norm.batch_moments(x, axes)
+        y = (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
+        return y, mean, var
+
+    def one_pass(x, scale, bias):
+        return batch_norm.one_pass_batch_norm(x, scale, bias, shift, 1e-5)
+
+    def loss(fn):
+        return lambda *a: sum(jnp.sum(o * w) for o, w in zip(fn(*a), weights, strict=True))
+
+    expected = jax.grad(loss(two_pass), (0, 1, 2))(x, scale, bias)
+    got = jax.grad(loss(one_pass), (0, 1, 2))(x, scale, bias)
+    for e, g in zip(expected, got, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-11, atol=1e-11)

@@ -2,15 +2,18 @@
 
 In training mode the statistics are over the global batch: with the batch split over a mesh's
 'data' axis, every reduction over it is an all-reduce (the reference's SyncBN). torch's
-statistics are the mean, then the mean squared deviation from it: two dependent reductions,
-so two all-reduces per layer and forward, and two reads of the activations
-(``config.model.bn_statistics = 'two_pass'``, the default, the reference's numerics).
-``'one_pass'`` reduces the first and second moments together (one all-reduce of a (2, C)
-array, one read), each taken about the running mean (a constant of the step), so float32
-loses little to cancellation; the same statistics in exact arithmetic, float32 rounding
-aside. :func:`with_batch_statistics` picks the way for every forward of a step (the
-training stages wrap their segmentor's ``apply`` with it); evaluation uses the running
-statistics either way.
+statistics, ``config.model.bn_statistics='two_pass'`` (the default, the reference's numerics),
+are the mean, then the mean squared deviation from it: two dependent reductions, so two
+all-reduces per layer and forward, and autodiff's backward through both. ``'one_pass'``
+(:func:`one_pass_batch_norm`) takes the first and second moments together, about the running
+mean (a constant of the step, so float32 loses little to cancellation), and has BatchNorm's
+closed-form gradient, whose two sums are again one pass: one all-reduce per layer and
+direction. The same statistics in exact arithmetic, float32 rounding aside. On DDB's R101
+step for a v5e-8 it cuts the all-reduces from 837 to 325 but the compiler then holds more
+at once (temporaries 2.29 -> 3.07 GiB, bytes 56.9 -> 63.5 GiB; benchmarks/RESULTS.md), so it
+is a switch, not the default. :func:`with_batch_statistics` picks the way for every forward
+of a step (the methods wrap their segmentor's ``apply`` with it); evaluation uses the
+running statistics either way.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ def with_batch_statistics(apply_fn: Callable, statistics: str) -> Callable:
     (:data:`BN_STATISTICS`) while it is traced."""
     if statistics not in BN_STATISTICS:
         raise ValueError(f"config.model.bn_statistics={statistics!r}; known: {list(BN_STATISTICS)}")
+    if statistics == "two_pass":  # the context's default
+        return apply_fn  # the bound ``model.apply`` itself: callers look at its ``__self__``
 
     @functools.wraps(apply_fn)
     def apply(*args, **kwargs):
@@ -43,20 +48,62 @@ def with_batch_statistics(apply_fn: Callable, statistics: str) -> Callable:
         finally:
             _STATISTICS.reset(token)
 
+    if hasattr(apply_fn, "__self__"):
+        apply.__self__ = apply_fn.__self__  # the segmentor, as a bound method shows it
     return apply
 
 
-def batch_moments(
-    x: jax.Array, axes: tuple[int, ...], shift: jax.Array, statistics: str
-) -> tuple[jax.Array, jax.Array]:
-    """The batch mean and biased variance of ``x`` over ``axes``; ``shift`` (the running
-    mean) centres the one-pass moments and changes nothing in exact arithmetic."""
-    if statistics == "two_pass":
-        mean = jnp.mean(x, axes)
-        return mean, jnp.mean(jnp.square(x - mean), axes)
-    centred = x - jax.lax.stop_gradient(shift).astype(x.dtype)
+def batch_moments(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """torch's batch mean and biased variance of ``x`` over ``axes``: two dependent passes."""
+    mean = jnp.mean(x, axes)
+    return mean, jnp.mean(jnp.square(x - mean), axes)
+
+
+def _one_pass_forward(x, scale, bias, shift, epsilon):
+    """(y float32, mean, var, invstd): moments about ``shift`` in one pass, then the affine."""
+    axes = tuple(range(x.ndim - 1))
+    centred = upcast(x) - shift
     first, second = jnp.mean(centred, axes), jnp.mean(jnp.square(centred), axes)
-    return shift + first, jnp.maximum(second - jnp.square(first), 0.0)
+    mean, var = shift + first, jnp.maximum(second - jnp.square(first), 0.0)
+    invstd = jax.lax.rsqrt(var + epsilon)
+    multiplier = upcast(scale) * invstd
+    y = upcast(x) * multiplier + (upcast(bias) - mean * multiplier)
+    return y, mean, var, invstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def one_pass_batch_norm(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, shift: jax.Array, epsilon: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(normalised ``x`` in float32, batch mean, biased batch variance), the moments taken
+    about ``shift`` (a constant: no gradient) in one pass. Its gradient is BatchNorm's
+    closed form from ``x`` as it came (bfloat16 stays bfloat16 in memory), the mean and
+    1/std: the sums of dy and dy * xhat are the backward's only reductions, again one pass."""
+    return _one_pass_forward(x, scale, bias, shift, epsilon)[:3]
+
+
+def _one_pass_fwd(x, scale, bias, shift, epsilon):
+    y, mean, var, invstd = _one_pass_forward(x, scale, bias, shift, epsilon)
+    return (y, mean, var), (x, scale, bias, shift, mean, invstd)
+
+
+def _one_pass_bwd(epsilon, residuals, cotangents):
+    x, scale, bias, shift, mean, invstd = residuals
+    d_y, d_mean, d_var = (upcast(c) for c in cotangents)
+    axes = tuple(range(x.ndim - 1))
+    count = x.size // x.shape[-1]
+    centred = upcast(x) - mean
+    xhat = centred * invstd
+    d_bias, d_scale = jnp.sum(d_y, axes), jnp.sum(d_y * xhat, axes)
+    d_x = (upcast(scale) * invstd) * (d_y - (d_bias + xhat * d_scale) / count)
+    d_x = d_x + (d_mean + 2.0 * d_var * centred) / count  # the statistics' own uses, if any
+    return (
+        d_x.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(bias.dtype),
+        jnp.zeros_like(shift),
+    )  # fmt: skip
+
+
+one_pass_batch_norm.defvjp(_one_pass_fwd, _one_pass_bwd)
 
 
 class BatchNorm(nn.Module):
@@ -83,16 +130,20 @@ class BatchNorm(nn.Module):
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
         x32 = upcast(x)
+        one_pass = _STATISTICS.get() == "one_pass" and not self.use_running_average
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
+        elif one_pass:
+            y, mean, var = one_pass_batch_norm(x, scale, bias, ra_mean.value, self.epsilon)
         else:
-            axes = tuple(range(x.ndim - 1))
-            mean, var = batch_moments(x32, axes, ra_mean.value, _STATISTICS.get())
-            if not self.is_initializing():
-                count = x.size // features
-                unbiased = var * (count / max(count - 1, 1))
-                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+            mean, var = batch_moments(x32, tuple(range(x.ndim - 1)))
+        if not self.use_running_average and not self.is_initializing():
+            count = x.size // features
+            unbiased = var * (count / max(count - 1, 1))
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+        if one_pass:
+            return y.astype(self.dtype)
         multiplier = upcast(scale) * jax.lax.rsqrt(var + self.epsilon)
         shift = upcast(bias) - mean * multiplier
         return (x32 * multiplier + shift).astype(self.dtype)
