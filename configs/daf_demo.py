@@ -1,5 +1,6 @@
-"""DAF/IDA's whole pipeline on the embedded toy domains: DAF on the SYNTHIA-like source
-with depth, two ISL rounds with their pseudo-labels, the ranking, IDA.
+"""DAF/IDA's whole pipeline on the embedded toy domains: source-only with DAF's network, DAF
+on the SYNTHIA-like source with depth, two ISL rounds with their pseudo-labels, the
+ranking, IDA.
 
     python -m input_pipeline.toy --out data/toy --extra-sources synthia
     python -m ddb_jax.main --config=configs/daf_demo.py --workdir=runs/daf_demo
@@ -11,7 +12,7 @@ reference's rate); the toy model is rarely confident, so the ISL threshold is 0.
 Everything else is the reference's.
 """
 
-from configs import daf_synthia2cs, default, toy_runs
+from configs import daf_synthia2cs, default, synthia2cs, toy_runs
 
 NAME = "daf_demo"
 STEPS = 300
@@ -35,7 +36,8 @@ def setting(steps: int = STEPS):
     config.data.source = ("toy_synthia",)
     config.data.target = ("toy_target",)
     config.data.source_depth = True
-    config.baselines = ()
+    config.eval.miou_protocols = synthia2cs.MIOU_PROTOCOLS  # as configs/demo_synthia.py
+    config.baselines = ("source_only",)
     return config
 
 

@@ -1,24 +1,22 @@
 """MTAF's multi-target baseline, MDis and MTKT on the toy domains, beside the source-only
 row (config.graph = 'mtaf', ddb_jax/graph/mtaf.py).
 
-    python -m input_pipeline.toy --out data/toy --hr
+    python -m input_pipeline.toy --out data/toy --extra-targets idd
     python -m ddb_jax.main --config=configs/mtaf_demo.py --workdir=runs/mtaf_demo
     python -m ddb_jax.main --config=configs/mtaf_demo.py:5 --workdir=/tmp/x   # 5 steps each
 
-Two targets: the toy target and, until the toy has a second target of its own size, the
-high-resolution toy target (input_pipeline/toy_hr.py: the same domain gap, other scenes)
-resized to the toy's 256x128. A dataset cannot be a target twice: each target is a stream
-and a batch key of its own. ADVENT's DeepLabV2 at toy size (one block per stage, width 16)
-from random weights on whole 256x128 images, batch 4, at 1e-2 (classifiers x10) as the
-ADVENT demo; MTKT distils from a third of the run on. Everything else is the reference's.
+Two targets: the toy target and the toy IDD (input_pipeline/toy_idd.py: the same layouts
+under a stronger appearance shift), each a stream and a batch key of its own. ADVENT's
+DeepLabV2 at toy size (one block per stage, width 16) from random weights on whole 256x128
+images, batch 4, at 1e-2 (classifiers x10) as the ADVENT demo; MTKT distils from a third of
+the run on. Everything else is the reference's.
 """
 
 from configs import advent_gta2cs, default, toy_runs
 
 NAME = "mtaf_demo"
 STEPS = 300
-TARGETS = ("toy_target", "toy_hr_target")
-TOY_SIZE = (256, 128)  # (W, H)
+TARGETS = ("toy_target", "toy_idd")
 
 
 def setting(steps: int = STEPS):
@@ -32,8 +30,6 @@ def setting(steps: int = STEPS):
     config.data.target = TARGETS
     config.data.per_target_streams = True
     config.data.keep_ratio = False
-    config.data.resize_scales = {"toy_hr_target": TOY_SIZE}
-    config.data.crop_size = TOY_SIZE[::-1]
     config.baselines = ("source_only",)
     return config
 

@@ -73,12 +73,14 @@ def toy_root(tmp_path_factory):
     """The toy domains (input_pipeline/toy.py), generated once: toy/gta and toy/cityscapes
     (toy_source, toy_target: 12 training and 5 validation images per domain), and the 512x256
     toy/gta_hr and toy/cityscapes_hr (toy_hr_source, toy_hr_target: 8 training and 4
-    validation images; input_pipeline/toy_hr.py). Tests must not modify it."""
+    validation images; input_pipeline/toy_hr.py) and toy/idd (toy_idd, as toy_target;
+    input_pipeline/toy_idd.py). Tests must not modify it."""
     from input_pipeline import toy
 
     root = tmp_path_factory.mktemp("data")
     toy.main(["--out", str(root / "toy"), "--num-train", "12", "--num-val", "5",
-              "--hr", "--hr-num-train", "8", "--hr-num-val", "4"])  # fmt: skip
+              "--hr", "--hr-num-train", "8", "--hr-num-val", "4",
+              "--extra-targets", "idd"])  # fmt: skip
     return root
 
 

@@ -40,6 +40,7 @@ def tiny(root):
     config.eval_every = 2
     config.checkpoint_every = 2
     config.image_summary_every = 0
+    config.baselines = ()  # the demo's source-only row: a plain supervised stage (time)
     config.daf.isl_threshold = 0.0  # every pixel labelled: the toy model is never confident
     return config
 

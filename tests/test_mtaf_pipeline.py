@@ -1,5 +1,5 @@
-"""MTAF's pipeline on the toy domains (configs/mtaf_demo.py: the toy target and the resized
-high-resolution toy target), two steps per stage: the multi-target baseline, MDis and MTKT
+"""MTAF's pipeline on the toy domains (configs/mtaf_demo.py: the toy target and the toy
+IDD), two steps per stage: the multi-target baseline, MDis and MTKT
 run in the graph's order, each on a batch key per target, and export a model directory;
 MTKT's holds its 1 + 2 heads; each stage's config.json holds what the graph set; a rerun
 skips them all."""
