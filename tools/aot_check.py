@@ -15,7 +15,9 @@ is needed (TPU targets need libtpu, which the test extra installs). Prints a mar
 transposes and copies, compile time); ``--out`` writes the report as JSON. ``--program=eval``
 compiles the evaluation of one image (:mod:`ddb_jax.runtime.aot_programs`: the config's
 ``eval`` mode, windows and flip) on one device of the target instead; ``--program=prototypes``
-the prototype pass's update of one batch (``prototypes.batch_size`` crops). Any config key
+the prototype pass's update of one batch (``prototypes.batch_size`` crops).
+``--search_batch=N`` finds the largest train batch per device (up to N) that fits the target
+(:mod:`ddb_jax.runtime.aot_search`: doubling, then bisection, each a compile). Any config key
 can be overridden (``--config.batch_size=8``). Targets: ``--target=list`` prints them.
 An unknown target, a missing compiler or a config mistake is one ``error:`` line.
 """
@@ -43,6 +45,11 @@ flags.DEFINE_enum(
 )  # fmt: skip
 flags.DEFINE_string("eval_image", "512,1024", "--program=eval: the image's H,W after resizing.")
 flags.DEFINE_string("eval_label", "1024,2048", "--program=eval: the label's H,W.")
+flags.DEFINE_integer(
+    "search_batch", 0,
+    "--program=train: also find the largest batch per device that fits, up to this many "
+    "(compiles about 2 log2(N) times); 0: compile the config's batch only.",
+)  # fmt: skip
 flags.DEFINE_bool("traceback", False, "On an error, print the traceback, not just one line.")
 
 
@@ -68,6 +75,11 @@ def main(argv: list[str]) -> None:
             print(f"{name}: {t.topology}, {t.devices} x {t.device}, {memory:g} GiB each")
         return
     aot.get_target(FLAGS.target)  # an unknown target fails before the config is read
+    if FLAGS.search_batch < 0 or (FLAGS.search_batch and FLAGS.program != "train"):
+        raise aot.AotError(
+            f"--search_batch={FLAGS.search_batch}: expected 0, or a positive limit with "
+            "--program=train"
+        )
     if FLAGS.config is None:
         raise aot.AotError("--config is required (e.g. --config=configs/gta2cs.py:r1_cu)")
     config = FLAGS.config
@@ -83,6 +95,13 @@ def main(argv: list[str]) -> None:
 
         report = aot.numpy_free(aot_programs.compile_prototypes(config, FLAGS.target))
         print(aot_programs.prototypes_markdown(report))
+    elif FLAGS.search_batch:
+        from ddb_jax.runtime import aot_search
+
+        report = aot.numpy_free(aot_search.largest_batch(config, FLAGS.target, FLAGS.search_batch))
+        if report["report"] is not None:
+            print(aot.markdown(report["report"]))
+        print(aot.table(aot_search.markdown_rows(report)))
     else:
         report = aot.numpy_free(aot.compile_stage(config, FLAGS.target))
         print(aot.markdown(report))
