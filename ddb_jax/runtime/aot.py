@@ -13,11 +13,10 @@ lower bound of the step time ``max(flops / peak, bytes / bandwidth)``, and the c
 transposes and copies of the compiled program (counted in its HLO text, fused computations
 included).
 
-TPU targets need ``libtpu`` (the wheel ``jax[tpu]`` pins; the ``test`` extra installs it).
-:data:`TARGETS` is the table of targets; a target names its PJRT ``platform`` and
-``topology``. NVIDIA targets (platform ``cuda``: the jax-cuda plugin wheels and a
-``GpuTargetConfig`` text proto per GPU) are not in the table yet; :func:`target_devices` says
-so in one line.
+TPU targets need ``libtpu`` (the wheel ``jax[tpu]`` pins; the ``aot`` extra installs it);
+NVIDIA targets the CUDA plugin and its NVIDIA wheels (the ``aot-gpu`` extra) and a
+description of the card (:mod:`ddb_jax.runtime.gpu_targets`). :data:`TARGETS` is the table
+of targets; a target names its PJRT ``platform`` and ``topology``.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ddb_jax import errors
 from ddb_jax.ops import SIZE_SUFFIX
+from ddb_jax.runtime import gpu_targets
 
 GIB = 1024**3
 
@@ -47,7 +47,7 @@ class Target:
     """A device set to compile for. Figures are per JAX device of the topology."""
 
     name: str
-    platform: str  # PJRT platform of the compiler: 'tpu' (libtpu); 'cuda' later
+    platform: str  # PJRT platform of the compiler: 'tpu' (libtpu) or 'cuda' (the CUDA plugin)
     topology: str  # what jax.experimental.topologies.get_topology_desc takes
     devices: int  # JAX devices the topology gives
     device: str  # what one device is
@@ -55,7 +55,21 @@ class Target:
     peak_flops: float  # dense bf16 FLOP/s per device
     memory_bandwidth: float  # HBM bytes/s per device
     hosts: int = 1  # processes of the slice
+    gpu: str = ""  # cuda: the card, a key of gpu_targets.GPUS
 
+
+# NVIDIA targets: name, GPUs, card, its memory in GB, dense bf16 tensor FLOP/s with float32
+# accumulation (NVIDIA's data sheets; the GeForce card's is half its float16-accumulate
+# rate). A JAX process gets 75% of a GPU's memory by default
+# (XLA_PYTHON_CLIENT_MEM_FRACTION=.75): the memory a step must fit.
+GPU_TARGETS = (
+    ("h100-8", 8, "h100", "NVIDIA H100 SXM", 80, 989e12),
+    ("h100-1", 1, "h100", "NVIDIA H100 SXM", 80, 989e12),
+    ("h200-8", 8, "h200", "NVIDIA H200 SXM", 141, 989e12),
+    ("a100-40gb-8", 8, "a100_40gb", "NVIDIA A100 SXM4 40GB", 40, 312e12),
+    ("l4-1", 1, "l4", "NVIDIA L4", 24, 121e12),
+    ("rtx3080-1", 1, "rtx3080", "NVIDIA GeForce RTX 3080 (compute capability 8.6)", 10, 59.5e12),
+)
 
 # Public specs (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e): per chip HBM, peak bf16
 # FLOP/s and HBM bandwidth. The compile-only v4 topology gives one device per TensorCore
@@ -71,6 +85,12 @@ TARGETS: dict[str, Target] = {
         Target("v5p-8", "tpu", "v5p:2x2x1", 4, "TPU v5p (megacore)", 95 * GIB, 459e12, 2765e9),
         Target("v6e-8", "tpu", "v6e:2x4", 8, "TPU v6 lite (v6e, Trillium)",
                32 * GIB, 918e12, 1640e9),
+        *(
+            Target(name, "cuda", f"1x1x{n}", n, f"{card} ({memory} GB; JAX's default pool: 75%)",
+                   int(0.75 * gpu_targets.GPUS[gpu].memory), flops,
+                   gpu_targets.GPUS[gpu].memory_bandwidth, gpu=gpu)
+            for name, n, gpu, card, memory, flops in GPU_TARGETS
+        ),
     )
 }  # fmt: skip
 
@@ -97,14 +117,19 @@ def get_target(name: str) -> Target:
 
 def target_devices(target: Target) -> list:
     """The target's compile-only devices (no hardware needed, only its compiler)."""
-    if target.platform == "tpu":
-        if importlib.util.find_spec("libtpu") is None:
-            raise AotError(
-                f"target {target.name} needs the TPU compiler: pip install 'libtpu==0.0.42.*' "
-                "(the test extra installs it)"
-            )
-    else:
-        raise AotError(f"target {target.name}: platform {target.platform!r} is not wired yet")
+    if target.platform == "cuda":
+        try:
+            devices = gpu_targets.compile_only_devices(target.gpu, target.topology)
+        except gpu_targets.NoCudaCompiler as missing:
+            raise AotError(f"target {target.name}: {missing}") from None
+        return _checked(target, devices)
+    if target.platform != "tpu":
+        raise AotError(f"target {target.name}: platform {target.platform!r} is not wired")
+    if importlib.util.find_spec("libtpu") is None:
+        raise AotError(
+            f"target {target.name} needs the TPU compiler: pip install 'libtpu==0.0.42.*' "
+            "(make venv EXTRAS=test,aot installs it)"
+        )
     # libtpu takes a lockfile (/tmp/libtpu_lockfile) per machine unless told that several
     # processes may load it: compile-only clients touch no chip, so two checks (or a check
     # beside a test worker) may run at once.
@@ -114,6 +139,10 @@ def target_devices(target: Target) -> list:
     devices = topologies.get_topology_desc(
         topology_name=target.topology, platform=target.platform
     ).devices
+    return _checked(target, devices)
+
+
+def _checked(target: Target, devices: list) -> list:
     if len(devices) != target.devices:
         raise AotError(
             f"target {target.name}: topology {target.topology} gave {len(devices)} devices, "
@@ -339,7 +368,7 @@ def compile_stage(
     program = stage_program(config, devices)
     lowered = program.step.lower(program.state, program.batch, program.frozen)
     lowered_s = time.perf_counter() - start
-    compiled = lowered.compile(compiler_options=compiler_options)
+    compiled, options = gpu_targets.compile_lowered(lowered, spec.platform, compiler_options)
     compile_s = time.perf_counter() - start - lowered_s
     n = len(program.mesh.devices.flat)
     return {
@@ -364,6 +393,7 @@ def compile_stage(
         **program_figures(compiled, spec),
         "lower_s": round(lowered_s, 2),
         "compile_s": round(compile_s, 2),
+        "compiler_options": options,
         "jax": jax.__version__,
     }
 
@@ -409,7 +439,8 @@ def figure_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("collectives", f"{hlo['collective_count']} ({_gib(hlo['collective_bytes'])}): "
             + (", ".join(f"{k} {v['count']}" for k, v in hlo["collectives"].items()) or "none")),
         ("transposes / copies", f"{hlo['transposes']} / {hlo['copies']}"),
-        ("lower / compile", f"{report['lower_s']} s / {report['compile_s']} s"),
+        ("lower / compile", f"{report['lower_s']} s / {report['compile_s']} s"
+            + "".join(f", {k}={v}" for k, v in report.get("compiler_options", {}).items())),
     ]  # fmt: skip
 
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from ddb_jax.runtime import aot
+from ddb_jax.runtime import aot, gpu_targets
 
 
 def compile_evaluation(
@@ -59,7 +59,7 @@ def compile_evaluation(
         num_classes=config.model.num_classes, **settings,
     )  # fmt: skip
     lowered_s = time.perf_counter() - start
-    compiled = lowered.compile(compiler_options=compiler_options)
+    compiled, options = gpu_targets.compile_lowered(lowered, spec.platform, compiler_options)
     compile_s = time.perf_counter() - start - lowered_s
     return {
         "target": {**dataclasses.asdict(spec), "devices_used": 1},
@@ -78,6 +78,7 @@ def compile_evaluation(
         **aot.program_figures(compiled, spec),
         "lower_s": round(lowered_s, 2),
         "compile_s": round(compile_s, 2),
+        "compiler_options": options,
         "jax": jax.__version__,
     }
 
@@ -136,7 +137,7 @@ def compile_prototypes(
     )  # fmt: skip
     lowered = step.lower(variables, table, counts, images)
     lowered_s = time.perf_counter() - start
-    compiled = lowered.compile(compiler_options=compiler_options)
+    compiled, options = gpu_targets.compile_lowered(lowered, spec.platform, compiler_options)
     compile_s = time.perf_counter() - start - lowered_s
     n = len(mesh.devices.flat)
     return {
@@ -159,6 +160,7 @@ def compile_prototypes(
         **aot.program_figures(compiled, spec),
         "lower_s": round(lowered_s, 2),
         "compile_s": round(compile_s, 2),
+        "compiler_options": options,
         "jax": jax.__version__,
     }
 
