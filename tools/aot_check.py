@@ -50,6 +50,12 @@ flags.DEFINE_integer(
     "--program=train: also find the largest batch per device that fits, up to this many "
     "(compiles about 2 log2(N) times); 0: compile the config's batch only.",
 )  # fmt: skip
+flags.DEFINE_bool(
+    "compiler_state_layouts", False,
+    "--program=train: the train state in the layouts the compiler picks (a what-if: on a GPU, "
+    "no per-step transposes of the conv kernels to cuDNN's layout); default row-major, as the "
+    "training loop keeps it.",
+)  # fmt: skip
 flags.DEFINE_bool("traceback", False, "On an error, print the traceback, not just one line.")
 
 
@@ -80,6 +86,8 @@ def main(argv: list[str]) -> None:
             f"--search_batch={FLAGS.search_batch}: expected 0, or a positive limit with "
             "--program=train"
         )
+    if FLAGS.compiler_state_layouts and (FLAGS.program != "train" or FLAGS.search_batch):
+        raise aot.AotError("--compiler_state_layouts: only with --program=train, no search")
     if FLAGS.config is None:
         raise aot.AotError("--config is required (e.g. --config=configs/gta2cs.py:r1_cu)")
     config = FLAGS.config
@@ -103,7 +111,10 @@ def main(argv: list[str]) -> None:
             print(aot.markdown(report["report"]))
         print(aot.table(aot_search.markdown_rows(report)))
     else:
-        report = aot.numpy_free(aot.compile_stage(config, FLAGS.target))
+        report = aot.compile_stage(
+            config, FLAGS.target, compiler_state_layouts=FLAGS.compiler_state_layouts
+        )
+        report = aot.numpy_free(report)
         print(aot.markdown(report))
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:

@@ -65,7 +65,12 @@ def assemble(
 
 
 def train_step(
-    assembled: Assembled, mesh: Mesh | None = None, with_preview: bool = False
+    assembled: Assembled,
+    mesh: Mesh | None = None,
+    with_preview: bool = False,
+    compiler_state_layouts: bool = False,
 ) -> Callable:
     """The jitted step of an assembled stage (:func:`ddb_jax.methods.base.make_train_step`)."""
-    return base.make_train_step(assembled.method, assembled.txs, mesh, with_preview)
+    return base.make_train_step(
+        assembled.method, assembled.txs, mesh, with_preview, compiler_state_layouts
+    )

@@ -37,6 +37,7 @@ from typing import Any, ClassVar, Protocol
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental.layout import Format, Layout
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ddb_jax.methods import device_input, multires, previews
@@ -262,13 +263,18 @@ def make_train_step(
     tx: optax.GradientTransformation | Optimizers,
     mesh: Mesh | None = None,
     with_preview: bool = False,
+    compiler_state_layouts: bool = False,
 ) -> Callable:
     """The jitted step ``(state, batch, frozen=None)``, state donated; stages, tests and
     benchmarks all use this one.
 
     With ``mesh`` the state and ``frozen`` are replicated and the batch is split over the
     'data' axis (BatchNorm statistics and gradients are then reduced over the global batch);
-    without, jit places by its inputs.
+    without, jit places by its inputs. ``compiler_state_layouts``: the state in and out in
+    the layouts the compiler picks (``Layout.AUTO``), not row-major; on a GPU that spares the
+    per-step transposes of every conv kernel, its gradient, EMA and optimiser moments to
+    cuDNN's filter layout (docs/performance_notes.md). Only the compile-only check uses it
+    yet: a loop would have to place the state in the compiled step's input formats.
     """
 
     def step(state, batch, frozen=None):
@@ -278,10 +284,11 @@ def make_train_step(
         return jax.jit(step, donate_argnums=0)
     replicated = NamedSharding(mesh, PartitionSpec())
     data = NamedSharding(mesh, PartitionSpec("data"))
-    outputs = (replicated,) * (3 if with_preview else 2)
+    state = Format(Layout.AUTO, replicated) if compiler_state_layouts else replicated
+    outputs = (state,) + (replicated,) * (2 if with_preview else 1)
     return jax.jit(
         step,
-        in_shardings=(replicated, data, replicated),
+        in_shardings=(state, data, replicated),
         out_shardings=outputs,
         donate_argnums=0,
     )

@@ -208,8 +208,11 @@ def with_sharding(tree, sharding):
     )
 
 
-def stage_program(config: ml_collections.ConfigDict, devices) -> StageProgram:
-    """The training loop's step for ``config`` over ``devices``, without allocating the state."""
+def stage_program(
+    config: ml_collections.ConfigDict, devices, compiler_state_layouts: bool = False
+) -> StageProgram:
+    """The training loop's step for ``config`` over ``devices``, without allocating the state
+    (``compiler_state_layouts``: the state in the layouts the compiler picks, a what-if)."""
     from ddb_jax import methods, models
     from ddb_jax.methods import assemble
     from ddb_jax.train import setup
@@ -227,7 +230,7 @@ def stage_program(config: ml_collections.ConfigDict, devices) -> StageProgram:
 
     state = jax.eval_shape(initial_state, variables, state_key)
     stage = dataclasses.replace(built["stage"], state=None)  # model, method, optimisers
-    step = assemble.train_step(stage, mesh, with_preview=config.image_summary_every > 0)
+    step = assemble.train_step(stage, mesh, config.image_summary_every > 0, compiler_state_layouts)
     frozen = methods.load_frozen(config)  # CKD's teachers, an ImageNet backbone: read
     replicated = NamedSharding(mesh, PartitionSpec())
     data = NamedSharding(mesh, PartitionSpec("data"))
@@ -357,15 +360,19 @@ def program_figures(compiled, spec: Target) -> dict[str, Any]:
 
 
 def compile_stage(
-    config: ml_collections.ConfigDict, target: str, compiler_options: dict | None = None
+    config: ml_collections.ConfigDict,
+    target: str,
+    compiler_options: dict | None = None,
+    compiler_state_layouts: bool = False,
 ) -> dict[str, Any]:
     """Compiles ``config``'s train step for ``target`` (a :data:`TARGETS` name); the report
     (a JSON-able dict; memory and cost per device). ``compiler_options``: XLA options of
-    this compile (``lowered.compile(compiler_options=...)``)."""
+    this compile (``lowered.compile(compiler_options=...)``); ``compiler_state_layouts``:
+    the train state in the layouts the compiler picks (:func:`stage_program`)."""
     spec = get_target(target)
     devices = target_devices(spec)
     start = time.perf_counter()
-    program = stage_program(config, devices)
+    program = stage_program(config, devices, compiler_state_layouts)
     lowered = program.step.lower(program.state, program.batch, program.frozen)
     lowered_s = time.perf_counter() - start
     compiled, options = gpu_targets.compile_lowered(lowered, spec.platform, compiler_options)
@@ -394,6 +401,7 @@ def compile_stage(
         "lower_s": round(lowered_s, 2),
         "compile_s": round(compile_s, 2),
         "compiler_options": options,
+        "state_layouts": "compiler's" if compiler_state_layouts else "row-major",
         "jax": jax.__version__,
     }
 
@@ -412,6 +420,7 @@ def markdown(report: dict[str, Any]) -> str:
         ("stage", f"{report['stage']}: {model['backbone']} + {model['head']}, {model['dtype']}"),
         ("batch", f"{report['batch_size']} ({report['batch_per_device']} per device), "
                   f"crop {report['crop_size']}, target crop {report['target_crop_size']}"),
+        ("state layouts", report.get("state_layouts", "row-major")),
         *figure_rows(report),
     ]  # fmt: skip
     return table(rows)
