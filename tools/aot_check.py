@@ -10,7 +10,8 @@ memory per device.
 The step is the training loop's (:mod:`ddb_jax.runtime.aot`): the stage's method, optimisers,
 mesh over the target's devices, shardings and donated state, lowered from abstract arrays
 and compiled by the target's compiler; nothing of full size is allocated and no accelerator
-is needed (TPU targets need libtpu, which the test extra installs). Prints a markdown table
+is needed (TPU targets need libtpu: make venv EXTRAS=test,aot; NVIDIA targets the CUDA
+plugin: EXTRAS=test,aot,aot-gpu). Prints a markdown table
 (memory per device against the device's, FLOPs, bytes, roofline bound, collectives,
 transposes and copies, compile time); ``--out`` writes the report as JSON. ``--program=eval``
 compiles the evaluation of one image (:mod:`ddb_jax.runtime.aot_programs`: the config's

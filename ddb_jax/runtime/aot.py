@@ -58,17 +58,14 @@ class Target:
     gpu: str = ""  # cuda: the card, a key of gpu_targets.GPUS
 
 
-# NVIDIA targets: name, GPUs, card, its memory in GB, dense bf16 tensor FLOP/s with float32
-# accumulation (NVIDIA's data sheets; the GeForce card's is half its float16-accumulate
-# rate). A JAX process gets 75% of a GPU's memory by default
-# (XLA_PYTHON_CLIENT_MEM_FRACTION=.75): the memory a step must fit.
+# NVIDIA targets: name, GPUs of one host, card (a key of gpu_targets.GPUS).
 GPU_TARGETS = (
-    ("h100-8", 8, "h100", "NVIDIA H100 SXM", 80, 989e12),
-    ("h100-1", 1, "h100", "NVIDIA H100 SXM", 80, 989e12),
-    ("h200-8", 8, "h200", "NVIDIA H200 SXM", 141, 989e12),
-    ("a100-40gb-8", 8, "a100_40gb", "NVIDIA A100 SXM4 40GB", 40, 312e12),
-    ("l4-1", 1, "l4", "NVIDIA L4", 24, 121e12),
-    ("rtx3080-1", 1, "rtx3080", "NVIDIA GeForce RTX 3080 (compute capability 8.6)", 10, 59.5e12),
+    ("h100-8", 8, "h100"),
+    ("h100-1", 1, "h100"),
+    ("h200-8", 8, "h200"),
+    ("a100-40gb-8", 8, "a100_40gb"),
+    ("l4-1", 1, "l4"),
+    ("rtx3080-1", 1, "rtx3080"),
 )
 
 # Public specs (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e): per chip HBM, peak bf16
@@ -86,10 +83,11 @@ TARGETS: dict[str, Target] = {
         Target("v6e-8", "tpu", "v6e:2x4", 8, "TPU v6 lite (v6e, Trillium)",
                32 * GIB, 918e12, 1640e9),
         *(
-            Target(name, "cuda", f"1x1x{n}", n, f"{card} ({memory} GB; JAX's default pool: 75%)",
-                   int(0.75 * gpu_targets.GPUS[gpu].memory), flops,
-                   gpu_targets.GPUS[gpu].memory_bandwidth, gpu=gpu)
-            for name, n, gpu, card, memory, flops in GPU_TARGETS
+            Target(name, "cuda", f"1x1x{n}", n, card.description(),
+                   int(gpu_targets.JAX_POOL * card.memory), card.peak_bf16_flops,
+                   card.memory_bandwidth, gpu=gpu)
+            for name, n, gpu in GPU_TARGETS
+            for card in [gpu_targets.GPUS[gpu]]
         ),
     )
 }  # fmt: skip

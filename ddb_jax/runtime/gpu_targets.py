@@ -5,8 +5,8 @@ Without a GPU, the CUDA plugin compiles for a device described by a ``GpuTargetC
 clocks, memory and bandwidth, and the cuDNN version the program will meet. The figures
 below are the cards' public specifications (NVIDIA's data sheets and CUDA's device
 queries); the compiler uses them for its tiling, fusion and kernel choices, not for
-timing. The rest of a target (peak FLOP/s, the memory a JAX process gets) lives in
-:data:`ddb_jax.runtime.aot.TARGETS`.
+timing; the peak FLOP/s beside them (NVIDIA's data sheets) give the roofline. The
+targets, cards times a count, are in :data:`ddb_jax.runtime.aot.TARGETS`.
 """
 
 from __future__ import annotations
@@ -33,19 +33,32 @@ class GpuSpec:
     clock_ghz: float  # boost clock
     memory: int  # bytes the device reports
     memory_bandwidth: float  # bytes/s
+    peak_bf16_flops: float  # dense tensor FLOP/s, float32 accumulation (GeForce: half rate)
+
+    def description(self) -> str:
+        major, minor = self.compute_capability
+        return (
+            f"{self.name}, compute capability {major}.{minor}, {self.memory / 2**30:.1f} GiB "
+            f"(a JAX process takes {JAX_POOL:.0%})"
+        )
+
+
+# The share of a GPU's memory a JAX process allocates by default
+# (XLA_PYTHON_CLIENT_MEM_FRACTION): the memory a step must fit.
+JAX_POOL = 0.75
 
 
 GPUS: dict[str, GpuSpec] = {
     "h100": GpuSpec("NVIDIA H100 80GB HBM3", (9, 0), 132, 128, 2048, 233472, 232448,
-                    50 * 2**20, 1.98, 84942979072, 3.35e12),
+                    50 * 2**20, 1.98, 84942979072, 3.35e12, 989e12),
     "h200": GpuSpec("NVIDIA H200", (9, 0), 132, 128, 2048, 233472, 232448,
-                    50 * 2**20, 1.98, 151397597184, 4.8e12),
+                    50 * 2**20, 1.98, 151397597184, 4.8e12, 989e12),
     "a100_40gb": GpuSpec("NVIDIA A100-SXM4-40GB", (8, 0), 108, 64, 2048, 167936, 166912,
-                         40 * 2**20, 1.41, 42331013120, 1.555e12),
+                         40 * 2**20, 1.41, 42331013120, 1.555e12, 312e12),
     "l4": GpuSpec("NVIDIA L4", (8, 9), 58, 128, 1536, 102400, 101376,
-                  48 * 2**20, 2.04, 24152899584, 300e9),
+                  48 * 2**20, 2.04, 24152899584, 300e9, 121e12),
     "rtx3080": GpuSpec("NVIDIA GeForce RTX 3080", (8, 6), 68, 128, 1536, 102400, 101376,
-                       5 * 2**20, 1.71, 10496245760, 760e9),
+                       5 * 2**20, 1.71, 10496245760, 760e9, 59.5e12),
 }  # fmt: skip
 
 
