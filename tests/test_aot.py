@@ -164,6 +164,29 @@ def test_prototype_pass_is_the_model_the_table_and_a_batch_slice():
     assert "| prototype pass |" in aot_programs.prototypes_markdown(report)
 
 
+@needs_libtpu
+def test_ckd_stage_compiles_without_its_teacher_files(tmp_path):
+    """CKD's step with both teachers and their prototype tables, compiled from the config
+    alone (no exported model or prototype file exists): its arguments are the state, the
+    batch slice and the two frozen teachers with their (classes x channels) tables."""
+    from configs import demo
+
+    config = demo.get_config("r1_ckd")
+    for key in ("model", "data", "batch_size", "mesh_devices", "image_summary_every"):
+        config[key] = tiny_config()[key]
+    for key in ("teacher_cu", "teacher_ca", "prototypes_cu", "prototypes_ca"):
+        config.ckd[key] = str(tmp_path / "missing" / key)
+    program = aot.stage_program(config, aot.target_devices(aot.get_target("v5e-8")))
+    student = aot.tree_bytes((program.state.params, program.state.batch_stats))
+    table = config.model.num_classes * config.model.head_channels * 4
+    assert aot.tree_bytes(program.frozen) == 2 * (student + table)
+    report = aot.compile_stage(config, "v5e-8")
+    layouts = report["predicted"]["in_layouts"]
+    assert report["memory"]["arguments"] == layouts["state"] + layouts["batch"] + layouts["frozen"]
+    assert layouts["frozen"] >= report["predicted"]["frozen_bytes"] == 2 * (student + table)
+    assert report["memory"]["fits"] and report["hlo"]["collective_count"] > 0
+
+
 def test_hlo_counts():
     text = """
   %all-reduce-start.1 = (f32[16]{0}, f32[3,3]{1,0}) all-reduce-start(f32[16]{0} %a, %b)

@@ -34,7 +34,7 @@ from ddb_jax import checkpoints, methods, models
 from ddb_jax.convert import convert_torch_checkpoint
 from ddb_jax.convert import mit as convert_mit
 from ddb_jax.convert.common import path_to_str
-from ddb_jax.methods import base, feature_distance, optim
+from ddb_jax.methods import base, feature_distance, optim, registry
 from ddb_jax.uda import losses
 from tests.parity_support import (
     EPS64,
@@ -279,6 +279,11 @@ def test_imnet_model_of_a_daformer_checkpoint_is_the_frozen_backbone(tmp_path):
     config.fdist.imnet_from = str(tmp_path / "imnet")
     frozen = methods.load_frozen(config)
     assert set(frozen) == {"fdist"} and set(frozen["fdist"]["params"]) == {"backbone"}
+    # The compile-only check's abstract copy, with or without the directory.
+    assert methods.frozen_shapes(config) == registry.shapes_of(frozen)
+    config.fdist.imnet_from = str(tmp_path / "missing")
+    assert methods.frozen_shapes(config) == registry.shapes_of(frozen)
+    config.fdist.imnet_from = str(tmp_path / "imnet")
     expected = numpy_state_dict(parts["imnet_model"])
     for name, ours, r in mit_paired(frozen["fdist"]["params"], "params", expected):
         np.testing.assert_array_equal(ours, r, err_msg=name)

@@ -71,9 +71,9 @@ MODES = {
 
 
 def ckd_method(config, model) -> ckd.CKD:
-    """CKD with float64 teachers. ``methods.create`` cannot build it: it checks the teacher
-    files on disk (teachers.check_config), and teachers.teacher_model_config sets the
-    teachers' compute dtype to config.ckd.teacher_dtype, float32 or bfloat16 only."""
+    """CKD with float64 teachers. ``methods.create`` cannot build it:
+    teachers.teacher_model_config sets the teachers' compute dtype to
+    config.ckd.teacher_dtype, float32 or bfloat16 only."""
     teacher_cfg = teachers.teacher_model_config(config)
     teacher_cfg.dtype = config.model.dtype
     return ckd.CKD(
@@ -451,6 +451,24 @@ def test_bfloat16_teachers_are_stored_in_bfloat16(exported):
         stats = jax.tree_util.tree_leaves(variables["batch_stats"])
         assert stats and all(x.dtype == np.float32 for x in stats)
         assert loaded[name]["prototypes"].dtype == np.float32
+
+
+def test_teacher_shapes_are_the_loaded_teachers(exported, tmp_path):
+    """The compile-only check's abstract teachers (no file read) are what the stage loads:
+    the same tree, shapes and dtypes, for both teacher dtypes, with and without prototypes."""
+    from ddb_jax import methods
+    from ddb_jax.methods import registry
+
+    _, paths = exported
+    for overrides in ({}, {"teacher_dtype": "bfloat16"}, {"proto_rectify": False}):
+        config = ckd_config(paths, **overrides)
+        loaded = registry.shapes_of(methods.load_frozen(config))
+        assert methods.frozen_shapes(config) == loaded, overrides
+        # ... and the shapes need none of the files.
+        missing = {k: str(tmp_path / "missing" / k) for k in paths}
+        assert methods.frozen_shapes(ckd_config(missing, **overrides)) == loaded
+    with pytest.raises(teachers.DistillationConfigError, match="teacher_dtype"):
+        methods.frozen_shapes(ckd_config(paths, teacher_dtype="float16"))
 
 
 # --- the stage on toy data -----------------------------------------------------------------

@@ -19,7 +19,9 @@ compiles the evaluation of one image (:mod:`ddb_jax.runtime.aot_programs`: the c
 the prototype pass's update of one batch (``prototypes.batch_size`` crops).
 ``--search_batch=N`` finds the largest train batch per device (up to N) that fits the target
 (:mod:`ddb_jax.runtime.aot_search`: doubling, then bisection, each a compile). Any config key
-can be overridden (``--config.batch_size=8``). Targets: ``--target=list`` prints them.
+can be overridden (``--config.batch_size=8``). What a stage reads but never trains (CKD's two
+teachers and prototype tables, DAFormer's ImageNet backbone) enters as shapes from the config:
+no exported model or prototype file is needed. Targets: ``--target=list`` prints them.
 An unknown target, a missing compiler or a config mistake is one ``error:`` line.
 """
 
@@ -57,6 +59,9 @@ flags.DEFINE_bool(
     "no per-step transposes of the conv kernels to cuDNN's layout); default row-major, as the "
     "training loop keeps it.",
 )  # fmt: skip
+flags.DEFINE_string(
+    "hlo_out", None, "--program=train: also write the compiled program's HLO text here."
+)
 flags.DEFINE_bool("traceback", False, "On an error, print the traceback, not just one line.")
 
 
@@ -113,9 +118,13 @@ def main(argv: list[str]) -> None:
         print(aot.table(aot_search.markdown_rows(report)))
     else:
         report = aot.compile_stage(
-            config, FLAGS.target, compiler_state_layouts=FLAGS.compiler_state_layouts
-        )
+            config, FLAGS.target, compiler_state_layouts=FLAGS.compiler_state_layouts,
+            keep_hlo=bool(FLAGS.hlo_out),
+        )  # fmt: skip
         report = aot.numpy_free(report)
+        if FLAGS.hlo_out:
+            with open(FLAGS.hlo_out, "w") as f:
+                f.write(report.pop("hlo_text"))
         print(aot.markdown(report))
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:

@@ -31,7 +31,7 @@ for _module in pkgutil.iter_modules(__path__):
 
 __all__ = [
     "Method", "MethodConfigError", "UnknownMethodError", "create", "check_config", "is_training",
-    "kinds", "load_frozen",
+    "kinds", "load_frozen", "frozen_shapes",
 ]  # fmt: skip
 
 
@@ -61,3 +61,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def load_frozen(config: ml_collections.ConfigDict) -> Any:
     """What the method reads but does not train, as host arrays (None if nothing)."""
     return registry.spec_for(config.stage).load_frozen(config)
+
+
+def frozen_shapes(config: ml_collections.ConfigDict) -> Any:
+    """What :func:`load_frozen` returns as ``jax.ShapeDtypeStruct`` leaves (None if nothing),
+    for compiling the step without its teachers' or ImageNet files: the method's settings
+    are checked; files are read only by a method that declares no shapes of its own."""
+    spec = registry.spec_for(config.stage)
+    if spec.frozen_shapes is not None:
+        return spec.frozen_shapes(config)
+    spec.check(config)
+    return registry.shapes_of(spec.load_frozen(config))

@@ -146,7 +146,7 @@ class CKD(base.OneTree):
 
 
 def create(config: ml_collections.ConfigDict, student_apply: Callable, build_model) -> CKD:
-    teachers.check_config(config)
+    teachers.check_settings(config)  # the files: check_config, before the loop
     return CKD(
         student_apply=student_apply,
         teacher_apply=build_model(teachers.teacher_model_config(config)).apply,
@@ -161,8 +161,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     teachers.check_config(config)
 
 
+def frozen_shapes(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The teachers and prototype tables as ShapeDtypeStructs (no file read)."""
+    self_training.check_bridging(config)
+    return teachers.teacher_shapes(config)
+
+
 registry.register(
     registry.MethodSpec(
-        kinds=("ckd",), create=create, check=check_config, load_frozen=teachers.load_teachers
+        kinds=("ckd",),
+        create=create,
+        check=check_config,
+        load_frozen=teachers.load_teachers,
+        frozen_shapes=frozen_shapes,
     )
 )

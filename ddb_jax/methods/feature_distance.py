@@ -38,6 +38,7 @@ class FeatureDistanceConfigError(errors.UsageError, ValueError):
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Cheap checks of config.fdist and the model directory it names."""
     cfg = config.fdist
+    check_settings(config)
     if not cfg.imnet_from:
         raise FeatureDistanceConfigError(
             "config.fdist.enabled needs config.fdist.imnet_from: the ImageNet backbone "
@@ -48,6 +49,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise checkpoints.CheckpointError(
             f"config.fdist.imnet_from={cfg.imnet_from!r} is not a model directory"
         )
+
+
+def check_settings(config: ml_collections.ConfigDict) -> None:
+    """config.fdist's own values (not the model directory it names)."""
+    cfg = config.fdist
     if config.model.num_classes > NUM_CLASSES:
         raise FeatureDistanceConfigError(
             f"config.fdist downscales labels of at most {NUM_CLASSES} classes, the model has "
@@ -89,6 +95,14 @@ def load_imnet(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return imnet
 
 
+def imnet_shapes(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """:func:`load_imnet`'s tree as ShapeDtypeStructs, from ``config.model`` alone."""
+    check_settings(config)
+    imnet = backbone_only(models.variable_shapes(models.build_model(config.model)))
+    imnet.setdefault("batch_stats", {})
+    return imnet
+
+
 def thing_mask(labels: jax.Array, feature_shape: tuple[int, int], cfg) -> jax.Array:
     """Where the feature distance applies: cells of the downscaled label in ``cfg.classes``."""
     scale = labels.shape[2] // feature_shape[1]
@@ -102,7 +116,12 @@ def thing_mask(labels: jax.Array, feature_shape: tuple[int, int], cfg) -> jax.Ar
 
 
 @self_training.register_term(
-    "fdist", order=1, source_backbone=True, load_frozen=load_imnet, check=check_config
+    "fdist",
+    order=1,
+    source_backbone=True,
+    load_frozen=load_imnet,
+    check=check_config,
+    frozen_shapes=imnet_shapes,
 )
 def feature_distance_term(method, params, ctx: base.Context):
     """``weight`` x the masked distance of the student's and the frozen backbone's last map."""

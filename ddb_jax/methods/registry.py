@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import ml_collections
 
 from ddb_jax import errors
@@ -31,6 +32,9 @@ class MethodSpec:
     create: Callable[[ml_collections.ConfigDict, Callable, Callable], Any]
     check: Callable[[ml_collections.ConfigDict], None] = _nothing  # raises on bad settings
     load_frozen: Callable[[ml_collections.ConfigDict], Any] = _nothing  # host arrays or None
+    # config -> load_frozen's tree as jax.ShapeDtypeStructs, from the config alone (settings
+    # checked, no file read: the compile-only check). None: shapes of what load_frozen reads.
+    frozen_shapes: Callable[[ml_collections.ConfigDict], Any] | None = None
     # (config section name, () -> its defaults) for a method with settings of its own.
     config_section: tuple[str, Callable[[], ml_collections.ConfigDict]] | None = None
     # () -> {key within the section: ddb_jax.config_rules.Rule}: what each of them may be.
@@ -46,6 +50,16 @@ class UnknownMethodError(errors.UsageError, ValueError):
 
 class MethodConfigError(errors.UsageError, ValueError):
     """A setting of a method that does not exist or cannot work."""
+
+
+def shapes_of(tree: Any) -> Any:
+    """``tree``'s arrays as ``jax.ShapeDtypeStruct`` leaves, in the dtypes they have on the
+    device (float64 is float32 there unless x64 is on; None stays None)."""
+    if tree is None:
+        return None
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jax.dtypes.canonicalize_dtype(x.dtype)), tree
+    )
 
 
 def register(spec: MethodSpec) -> MethodSpec:

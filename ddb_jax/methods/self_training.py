@@ -42,6 +42,8 @@ class OptionalTerm:
     load_frozen: Callable[[ml_collections.ConfigDict], Any] | None = None
     # config -> None; raises on unusable settings before anything long runs.
     check: Callable[[ml_collections.ConfigDict], None] | None = None
+    # config -> load_frozen's tree as ShapeDtypeStructs, its settings checked, no file read.
+    frozen_shapes: Callable[[ml_collections.ConfigDict], Any] | None = None
 
 
 # name -> term; enabled by config.<name>.enabled (registered by the modules that add them).
@@ -55,6 +57,7 @@ def register_term(
     source_backbone: bool = False,
     load_frozen: Callable[[ml_collections.ConfigDict], Any] | None = None,
     check: Callable[[ml_collections.ConfigDict], None] | None = None,
+    frozen_shapes: Callable[[ml_collections.ConfigDict], Any] | None = None,
 ) -> Callable[[base.Term], base.Term]:
     """Adds a loss term to every self-training stage whose ``config.<name>.enabled`` is set.
 
@@ -63,7 +66,9 @@ def register_term(
     """
 
     def add(term: base.Term) -> base.Term:
-        OPTIONAL_TERMS[name] = OptionalTerm(term, order, source_backbone, load_frozen, check)
+        OPTIONAL_TERMS[name] = OptionalTerm(
+            term, order, source_backbone, load_frozen, check, frozen_shapes
+        )
         return term
 
     return add
@@ -86,6 +91,14 @@ def check_bridging(config: ml_collections.ConfigDict) -> None:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """The bridging mask and the enabled terms' own checks."""
+    check_own_settings(config)
+    for item in enabled_terms(config).values():
+        if item.check is not None:
+            item.check(config)
+
+
+def check_own_settings(config: ml_collections.ConfigDict) -> None:
+    """The bridging mask and the pseudo-label margins (no term's own checks)."""
     check_bridging(config)
     margins = tuple(config.data.get("target_pseudo_margins", ()) or ())
     rows = config.st.pseudo_weight_ignore_top, config.st.pseudo_weight_ignore_bottom
@@ -95,9 +108,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             "top/bottom: HRDA's margins replace DAFormer's crop of the pseudo-label weight; "
             "set the ignore rows to 0"
         )
-    for item in enabled_terms(config).values():
-        if item.check is not None:
-            item.check(config)
 
 
 def load_frozen(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
@@ -108,6 +118,22 @@ def load_frozen(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
         if item.load_frozen is not None
     }
     return frozen or None
+
+
+def frozen_shapes(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    """:func:`load_frozen`'s tree as ShapeDtypeStructs, the settings checked; a term that
+    declares no shapes is checked and read as in training."""
+    check_own_settings(config)
+    shapes = {}
+    for name, item in enabled_terms(config).items():
+        if item.frozen_shapes is not None:
+            shapes[name] = item.frozen_shapes(config)
+            continue
+        if item.check is not None:
+            item.check(config)
+        if item.load_frozen is not None:
+            shapes[name] = registry.shapes_of(item.load_frozen(config))
+    return shapes or None
 
 
 @flax.struct.dataclass
@@ -253,6 +279,10 @@ def create(config: ml_collections.ConfigDict, student_apply: Callable, build_mod
 
 registry.register(
     registry.MethodSpec(
-        kinds=("self_training",), create=create, check=check_config, load_frozen=load_frozen
+        kinds=("self_training",),
+        create=create,
+        check=check_config,
+        load_frozen=load_frozen,
+        frozen_shapes=frozen_shapes,
     )
 )

@@ -28,6 +28,12 @@ class DistillationConfigError(errors.UsageError, ValueError):
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Cheap checks of config.ckd and the files it names, before anything is loaded."""
+    check_settings(config)
+    check_files(config)
+
+
+def check_settings(config: ml_collections.ConfigDict) -> None:
+    """config.ckd's own values and the mask it needs (not the files it names)."""
     ckd = config.ckd
     if ckd.teacher_dtype not in TEACHER_DTYPES:
         raise DistillationConfigError(
@@ -41,6 +47,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             "strongly augmented target image alone (the reference's CKD data uses "
             "mask='zero'); set config.st.mask='zero'"
         )
+
+
+def check_files(config: ml_collections.ConfigDict) -> None:
+    """The teachers' model directories and (with rectification) prototype files exist."""
+    ckd = config.ckd
     for path in PATHS:
         key = f"ckd.teacher_{path}"
         model_dir = ckd[f"teacher_{path}"]
@@ -114,3 +125,22 @@ def load_teachers(config: ml_collections.ConfigDict) -> dict[str, Any]:
             "batch_stats": variables.get("batch_stats", {}),
         }
     return teachers
+
+
+def teacher_shapes(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """:func:`load_teachers`'s tree as ShapeDtypeStructs, from the config alone."""
+    check_settings(config)
+    variables = models.variable_shapes(models.build_model(config.model))
+    params_dtype = jnp.bfloat16 if config.ckd.teacher_dtype == "bfloat16" else None
+    params = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, params_dtype or x.dtype), variables["params"]
+    )
+    shapes: dict[str, Any] = {}
+    for path in PATHS:
+        shapes[path] = {"variables": {
+            "params": params, "batch_stats": variables.get("batch_stats", {}),
+        }}  # fmt: skip
+        if config.ckd.proto_rectify:
+            table = (config.model.num_classes, config.model.head_channels)
+            shapes[path]["prototypes"] = jax.ShapeDtypeStruct(table, jnp.float32)
+    return shapes

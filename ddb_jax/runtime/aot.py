@@ -215,7 +215,8 @@ def stage_program(
     from ddb_jax.methods import assemble
     from ddb_jax.train import setup
 
-    methods.check_config(config)
+    # CKD's teachers, an ImageNet backbone: shapes from the config, no file read.
+    frozen = methods.frozen_shapes(config)
     mesh = setup.make_mesh(config, devices=devices)
     model = models.build_model(config.model)
     variables = models.variable_shapes(model, tuple(config.data.crop_size))
@@ -229,11 +230,8 @@ def stage_program(
     state = jax.eval_shape(initial_state, variables, state_key)
     stage = dataclasses.replace(built["stage"], state=None)  # model, method, optimisers
     step = assemble.train_step(stage, mesh, config.image_summary_every > 0, compiler_state_layouts)
-    frozen = methods.load_frozen(config)  # CKD's teachers, an ImageNet backbone: read
     replicated = NamedSharding(mesh, PartitionSpec())
     data = NamedSharding(mesh, PartitionSpec("data"))
-    if frozen is not None:
-        frozen = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
     return StageProgram(
         step=step,
         state=with_sharding(state, replicated),
@@ -362,11 +360,13 @@ def compile_stage(
     target: str,
     compiler_options: dict | None = None,
     compiler_state_layouts: bool = False,
+    keep_hlo: bool = False,
 ) -> dict[str, Any]:
     """Compiles ``config``'s train step for ``target`` (a :data:`TARGETS` name); the report
     (a JSON-able dict; memory and cost per device). ``compiler_options``: XLA options of
     this compile (``lowered.compile(compiler_options=...)``); ``compiler_state_layouts``:
-    the train state in the layouts the compiler picks (:func:`stage_program`)."""
+    the train state in the layouts the compiler picks (:func:`stage_program`); ``keep_hlo``:
+    the compiled program's HLO text too, under ``'hlo_text'``."""
     spec = get_target(target)
     devices = target_devices(spec)
     start = time.perf_counter()
@@ -401,6 +401,7 @@ def compile_stage(
         "compiler_options": options,
         "state_layouts": "compiler's" if compiler_state_layouts else "row-major",
         "jax": jax.__version__,
+        **({"hlo_text": compiled.as_text()} if keep_hlo else {}),
     }
 
 
