@@ -113,6 +113,23 @@ def test_gradients_and_bn_statistics_are_all_reduced(compiled):
     assert "| total / device |" in aot.markdown(report)
 
 
+@needs_libtpu
+def test_hbm_traffic_of_the_step(compiled):
+    """The step's HBM traffic from its HLO: within XLA's bytes accessed (which also counts
+    on-chip operands), at least the state read once and written once (donated, updated in
+    place), with forward and backward work in it and every byte attributed once."""
+    _, program, report = compiled
+    traffic, cost = report["traffic"], report["cost"]
+    assert 2 * aot.tree_bytes(program.state) <= traffic["total"] <= cost["bytes"]
+    assert sum(traffic["by_pass_and_part"].values()) == traffic["total"]
+    assert sum(v["bytes"] for v in traffic["by_kind"].values()) == traffic["total"]
+    passes = {key.split(" / ")[0] for key in traffic["by_pass_and_part"]}
+    assert {"forward", "backward", "train state"} <= passes
+    roofline = report["roofline"]
+    assert roofline["hbm_s"] == traffic["total"] / aot.get_target("v5e-8").memory_bandwidth
+    assert "| HBM traffic / device (HLO) |" in aot.markdown(report)
+
+
 EVAL_IMAGE, EVAL_LABEL = (32, 64), (64, 128)
 
 
@@ -267,3 +284,64 @@ def test_batch_shapes_follow_the_target_streams():
     assert list(shapes) == ["source_image", "source_label", "target_image", "source_depth"]
     assert shapes["source_depth"].shape == (b, h, w)
     assert shapes["source_image"].dtype == shapes["target_image"].dtype == jax.numpy.float32
+
+
+HLO_MODULE = """
+%fused_conv (p0: bf16[4,8], p1: bf16[8,8]) -> bf16[4,8] {
+  %p0 = bf16[4,8]{1,0} parameter(0)
+  %p1 = bf16[8,8]{1,0} parameter(1)
+  ROOT %convolution.1 = bf16[4,8]{1,0} convolution(%p0, %p1), dim_labels=bf_io->bf
+}
+
+%fused_add (p0: f32[4,8]) -> f32[4,8] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  ROOT %add.1 = f32[4,8]{1,0} add(%p0, %p0)
+}
+
+ENTRY %main (param: bf16[4,8], param.1: f32[3,8,8]) -> f32[4,8] {
+  %param = bf16[4,8]{1,0:T(8,128)} parameter(0), metadata={op_name="batch['x']"}
+  %param.1 = f32[3,8,8]{2,1,0} parameter(1), metadata={op_name="state.params['conv1']"}
+  %slice-start.1 = ((f32[3,8,8]{2,1,0}), f32[1,8,8]{2,1,0:S(1)}, s32[]{:S(2)}) \
+slice-start(%param.1), slice={[0:1], [0:8], [0:8]}
+  %slice-done.1 = f32[1,8,8]{2,1,0:S(1)} slice-done(%slice-start.1)
+  %copy-start.1 = (bf16[4,8]{1,0:S(1)}, bf16[4,8]{1,0}, u32[]{:S(2)}) copy-start(%param)
+  %copy-done.1 = bf16[4,8]{1,0:S(1)} copy-done(%copy-start.1)
+  %bitcast.1 = bf16[8,8]{1,0:S(1)} bitcast(%slice-done.1)
+  %fusion.1 = bf16[4,8]{1,0} fusion(%copy-done.1, %bitcast.1), kind=kOutput, \
+calls=%fused_conv, metadata={op_name="FORWARD/conv1/conv_general_dilated"}
+  %fusion.2 = f32[4,8]{1,0} fusion(%fusion.1), kind=kLoop, calls=%fused_add, \
+metadata={op_name="BACKWARD/bn1/add"}
+  %all-reduce.1 = f32[4,8]{1,0} all-reduce(%fusion.2), replica_groups={}, to_apply=%fused_add
+  ROOT %copy.1 = f32[4,8]{1,0} copy(%all-reduce.1)
+}
+"""
+
+
+def test_hbm_traffic_counts_main_memory_only():
+    """By hand: the async slice reads 256 bytes of HBM into on-chip memory (writes none), the
+    async copy reads the 64-byte input; the convolution fusion reads two on-chip operands and
+    writes 64 bytes of HBM; the backward's fusion reads those 64 and writes 128; the
+    all-reduce and the copy read and write 128 each."""
+    from ddb_jax.runtime import hlo_traffic
+
+    layer = "backbone/layer1_0"
+    module = (  # (HLO_MODULE's backslash-newlines already join its long lines)
+        HLO_MODULE.replace("FORWARD", f"jit(step)/jvp(EncoderDecoder)/{layer}").replace(
+            "BACKWARD", f"jit(step)/transpose(jvp(EncoderDecoder))/{layer}"
+        )
+    )
+    out = hlo_traffic.traffic(module)
+    assert out["total"] == 256 + 64 + 64 + (64 + 128) + 2 * (128 + 128)
+    assert out["by_kind"]["convolution"] == {"bytes": 64, "ops": 1}
+    assert out["by_kind"]["elementwise"] == {"bytes": 192, "ops": 1}
+    assert out["by_kind"]["copy"] == {"bytes": 64 + 256, "ops": 2}  # copy-start and copy
+    assert out["by_kind"]["collective"] == {"bytes": 256, "ops": 1}
+    assert out["by_kind"]["other"] == {"bytes": 256, "ops": 1}  # the slice
+    by_pass = out["by_pass_and_part"]
+    assert by_pass["train state / other"] == 256 and by_pass["batch / other"] == 64
+    assert by_pass["forward / conv"] == 64
+    # The all-reduce and the copy have no name of their own: they take the fusion's.
+    assert by_pass["backward / norm"] == 192 + 256 + 256
+    assert sum(by_pass.values()) == out["total"]
+    assert out["top"][0]["name"] == "slice-start.1"
+    assert hlo_traffic.shape_bytes("(bf16[4,8]{1,0:S(1)}, f32[2])", hbm_only=False) == 72

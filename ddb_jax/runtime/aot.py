@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ddb_jax import errors
 from ddb_jax.ops import SIZE_SUFFIX
-from ddb_jax.runtime import gpu_targets
+from ddb_jax.runtime import gpu_targets, hlo_traffic
 
 GIB = 1024**3
 
@@ -95,8 +95,6 @@ TARGETS: dict[str, Target] = {
 # The opcodes counted in the compiled HLO (async pairs counted once, by their -start).
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 _OPCODE = re.compile(r"=\s*(.*?)\s([a-z][a-z0-9-]*)\(")
-_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8\w*|c64|c128)\[([\d,]*)\]")
-_DTYPE_BYTES = {"pred": 1, "bf16": 2, "c64": 8, "c128": 16}
 
 
 class AotError(errors.UsageError):
@@ -276,14 +274,6 @@ def arguments_in_layouts(arguments: dict[str, Any], compiled) -> dict[str, int] 
     return out
 
 
-def _hlo_bytes(shapes: str) -> int:
-    total = 0
-    for dtype, dims in _SHAPE.findall(shapes):
-        size = _DTYPE_BYTES.get(dtype) or max(1, int(re.sub(r"\D", "", dtype) or 8) // 8)
-        total += size * math.prod(int(d) for d in dims.split(",") if d)
-    return total
-
-
 def hlo_counts(text: str) -> dict[str, Any]:
     """Collectives (count and result bytes, by kind), transposes and copies in HLO text."""
     collectives = {name: {"count": 0, "bytes": 0} for name in COLLECTIVES}
@@ -301,7 +291,7 @@ def hlo_counts(text: str) -> dict[str, Any]:
             kind = opcode.removesuffix("-start")
             if kind in collectives and not opcode.endswith("-done"):
                 collectives[kind]["count"] += 1
-                collectives[kind]["bytes"] += _hlo_bytes(shapes)
+                collectives[kind]["bytes"] += hlo_traffic.shape_bytes(shapes, hbm_only=False)
     collectives = {k: v for k, v in collectives.items() if v["count"]}
     return {
         "collectives": collectives,
@@ -342,16 +332,21 @@ def program_figures(compiled, spec: Target) -> dict[str, Any]:
     memory["device"] = spec.memory_bytes
     memory["fits"] = memory["total"] <= spec.memory_bytes
     cost = _cost(compiled)
+    text = compiled.as_text()
+    traffic = hlo_traffic.traffic(text, top=8)
     roofline = None
     if cost is not None:
         roofline = {
             "compute_s": cost["flops"] / spec.peak_flops,
             "memory_s": cost["bytes"] / spec.memory_bandwidth,
+            # main-memory bytes only (hlo_traffic): on-chip staging costs no HBM bandwidth
+            "hbm_s": traffic["total"] / spec.memory_bandwidth,
         }
         roofline["bound_s"] = max(roofline["compute_s"], roofline["memory_s"])
+        roofline["hbm_bound_s"] = max(roofline["compute_s"], roofline["hbm_s"])
     return {
-        "memory": memory, "cost": cost, "roofline": roofline,
-        "hlo": hlo_counts(compiled.as_text()),
+        "memory": memory, "cost": cost, "roofline": roofline, "hlo": hlo_counts(text),
+        "traffic": traffic,
     }  # fmt: skip
 
 
@@ -444,6 +439,9 @@ def figure_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("roofline bound", "n/a" if roof is None else
             f"{roof['bound_s'] * 1e3:.1f} ms (compute {roof['compute_s'] * 1e3:.1f} ms, "
             f"memory {roof['memory_s'] * 1e3:.1f} ms)"),
+        ("HBM traffic / device (HLO)", _gib(report["traffic"]["total"]) + (
+            "" if roof is None else f": roofline {roof['hbm_bound_s'] * 1e3:.1f} ms "
+            f"(memory {roof['hbm_s'] * 1e3:.1f} ms)")),
         ("collectives", f"{hlo['collective_count']} ({_gib(hlo['collective_bytes'])}): "
             + (", ".join(f"{k} {v['count']}" for k, v in hlo["collectives"].items()) or "none")),
         ("transposes / copies", f"{hlo['transposes']} / {hlo['copies']}"),
