@@ -12,7 +12,11 @@ Measures, on synthetic batches (no TensorFlow, tensorflow-datasets or CLU is imp
 * executed device peak memory (``peak_bytes_in_use``, one fresh process per configuration)
   with remat off and on, for both models;
 * evaluation images/s at 1024x512 (whole-image inference, mIoU confusion on the device,
-  labels at 2048x1024 as Cityscapes'), DLV2-R101 float32/bfloat16 and MiT-B5 bfloat16.
+  labels at 2048x1024 as Cityscapes'), DLV2-R101 float32/bfloat16 and MiT-B5 bfloat16;
+* beside each step, the compile-time estimate of that very program as
+  ``tools/aot_check.py`` reports it (memory per device, HBM traffic from the HLO, the
+  roofline bound from the card's data-sheet peaks), and measured / estimated: the first
+  GPU run calibrates the compile-only check.
 
 Each part runs in its own process, in priority order, within ``--budget`` seconds in all
 (parts that no longer fit are reported as skipped); the results go to
@@ -143,10 +147,31 @@ def run_jax_step(name: str, opts: dict, smoke: bool) -> dict:
     assert result["recompiles"] == 0, result["recompiles"]
     stats = jax.devices()[0].memory_stats() or {}
     result["device_peak_bytes"] = stats.get("peak_bytes_in_use")  # None on CPU
+    result["estimate"] = compile_time_estimate(step.compiled)
     if opts.get("peaks"):  # after the peak memory reading: the matmuls allocate too
         result["jax_matmul_peak_bf16"] = bc.matmul_peak("bfloat16", s["peak_size"])
         result["jax_matmul_peak_f32"] = bc.matmul_peak("float32", s["peak_size"])
     return result
+
+
+def compile_time_estimate(compiled) -> dict:
+    """What tools/aot_check.py reports for this very program (ddb_jax.runtime.aot's figures
+    with this device's target: a known card's data-sheet peaks), to set beside the
+    measurement: memory per device, HBM traffic and the roofline bound."""
+    import jax
+
+    from ddb_jax.runtime import aot
+
+    target = aot.local_target(jax.devices()[0])
+    figures = aot.program_figures(compiled, target)
+    roofline = figures["roofline"]
+    return {
+        "target": target.name,
+        "memory_total_bytes": figures["memory"]["total"],
+        "hbm_traffic_bytes": figures["traffic"]["total"],
+        "roofline_s": roofline["hbm_bound_s"] if roofline else None,
+        "xla_roofline_s": roofline["bound_s"] if roofline else None,
+    }
 
 
 def run_torch_step(name: str, opts: dict, smoke: bool) -> dict:
@@ -445,6 +470,30 @@ def markdown(report: dict) -> str:
             f"| {_f(r['device_peak_bytes'], '.2f', 1 / GIB) or 'n/a (CPU)'} "
             f"| {_f(r['xla_argument_bytes'] + r['xla_temp_bytes'], '.2f', 1 / GIB)} "
             f"| {_f(r['compile_s'], '.0f')} |"
+        )
+    out += [
+        "",
+        "## Compile-time estimate beside the measurement (`tools/aot_check.py`'s figures of "
+        "the same program)",
+        "",
+        "| step | target | estimated GiB | device peak GiB | measured / estimated "
+        "| HBM traffic GiB | roofline ms | measured ms | measured / roofline |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in ("r101_bf16", "r101_f32", "mit_bf16", "r101_bf16_remat", "mit_bf16_remat"):
+        r = parts.get(key, {})
+        est = r.get("estimate")
+        if not est:
+            out.append(f"| {key} | {_why(r)} | | | | | | | |")
+            continue
+        peak_b, roof = r.get("device_peak_bytes"), est["roofline_s"]
+        out.append(
+            f"| {key} | {est['target']} | {_f(est['memory_total_bytes'], '.2f', 1 / GIB)} "
+            f"| {_f(peak_b, '.2f', 1 / GIB) or 'n/a (CPU)'} "
+            f"| {_f(peak_b / est['memory_total_bytes'] if peak_b else None, '.2f')} "
+            f"| {_f(est['hbm_traffic_bytes'], '.2f', 1 / GIB)} "
+            f"| {_f(roof, '.1f', 1e3) or 'n/a'} | {_f(r['step_s'], '.1f', 1e3)} "
+            f"| {_f(r['step_s'] / roof if roof else None, '.2f')} |"
         )
     h, w = s["eval_hw"]
     out += [

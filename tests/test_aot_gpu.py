@@ -35,6 +35,27 @@ def test_every_gpu_target_describes_its_card():
 
 
 @pytest.mark.skipif(HAS_CUDA_PLUGIN, reason="the CUDA plugin is installed")
+def test_the_device_checks_target_is_the_card_it_runs_on():
+    """benchmarks/device_check.py sets its measurements beside the estimate for the card it
+    runs on: a known card's one-GPU target (H200 and A100 have only eight-GPU targets),
+    anything else the device itself with no peaks (no roofline)."""
+    import types
+
+    import jax
+
+    def device(kind):
+        return types.SimpleNamespace(device_kind=kind, platform="gpu", memory_stats=lambda: {})
+
+    h100 = aot.local_target(device("NVIDIA H100 80GB HBM3"))
+    assert h100 == aot.TARGETS["h100-1"]
+    h200 = aot.local_target(device("NVIDIA H200"))
+    assert (h200.name, h200.devices, h200.gpu) == ("h200-1", 1, "h200")
+    assert h200.memory_bytes == aot.TARGETS["h200-8"].memory_bytes
+    assert aot.local_target(device("NVIDIA A100-SXM4-40GB")).name == "a100-40gb-1"
+    here = aot.local_target(jax.devices("cpu")[0])
+    assert (here.name, here.devices, here.peak_flops, here.memory_bandwidth) == ("local", 1, 0, 0)
+
+
 def test_without_the_plugin_a_gpu_target_is_one_line_naming_the_extra():
     with pytest.raises(aot.AotError, match=r"target h100-8: .*EXTRAS=test,aot-gpu"):
         aot.target_devices(aot.get_target("h100-8"))

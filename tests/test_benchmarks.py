@@ -74,6 +74,21 @@ def test_smoke_parts_have_finite_numbers(smoke_report):
     assert all(t["met"] is None for t in report["targets"])  # tiny CPU models: n/a
 
 
+def test_smoke_sets_the_compile_time_estimate_beside_the_measurement(smoke_report):
+    """Every step part carries aot_check's figures of its own program: memory at least the
+    arguments and temporaries XLA counts, HBM traffic at least the arguments; on the CPU no
+    roofline (no data-sheet peaks), on a known GPU its card's."""
+    report, text = smoke_report
+    for name in ("r101_bf16", "r101_f32", "mit_bf16", "r101_bf16_remat", "mit_bf16_remat"):
+        part = report["parts"][name]
+        est = part["estimate"]
+        assert est["target"] == "local" and est["roofline_s"] is None
+        assert est["memory_total_bytes"] >= part["xla_argument_bytes"] + part["xla_temp_bytes"]
+        assert est["hbm_traffic_bytes"] >= part["xla_argument_bytes"]  # read once at least
+    assert "## Compile-time estimate beside the measurement" in text
+    assert "| r101_bf16 | local |" in text
+
+
 def test_smoke_torch_step_is_the_reference_step(smoke_report):
     """The benchmark's PyTorch step computes what torch_ref's step does (same losses), and
     its on-device augmentation what the host augmentation does."""

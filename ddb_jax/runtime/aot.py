@@ -111,6 +111,21 @@ def get_target(name: str) -> Target:
     return TARGETS[name]
 
 
+def local_target(device) -> Target:
+    """The target describing ``device`` (a JAX device of this process), for putting the
+    compile-time estimate of a program that ran here beside what was measured: a known
+    NVIDIA card's one-GPU target (its data-sheet peaks give the roofline); anything else
+    the device as it is, its memory from ``memory_stats`` where it reports one, no peaks."""
+    kind = getattr(device, "device_kind", "") or ""
+    for name, _, gpu in GPU_TARGETS:
+        if gpu_targets.GPUS[gpu].name.lower() in kind.lower():
+            one = dict(name=f"{name.rsplit('-', 1)[0]}-1", topology="1x1x1", devices=1)
+            return dataclasses.replace(TARGETS[name], **one)
+    stats = (device.memory_stats() if hasattr(device, "memory_stats") else None) or {}
+    return Target("local", device.platform, "", 1, kind or device.platform,
+                  int(stats.get("bytes_limit", 0)), 0.0, 0.0)  # fmt: skip
+
+
 def target_devices(target: Target) -> list:
     """The target's compile-only devices (no hardware needed, only its compiler)."""
     if target.platform == "cuda":
@@ -330,12 +345,12 @@ def program_figures(compiled, spec: Target) -> dict[str, Any]:
         + memory["temporaries"] + memory["code"]
     )  # fmt: skip
     memory["device"] = spec.memory_bytes
-    memory["fits"] = memory["total"] <= spec.memory_bytes
+    memory["fits"] = memory["total"] <= spec.memory_bytes if spec.memory_bytes else None
     cost = _cost(compiled)
     text = compiled.as_text()
     traffic = hlo_traffic.traffic(text, top=8)
     roofline = None
-    if cost is not None:
+    if cost is not None and spec.peak_flops and spec.memory_bandwidth:
         roofline = {
             "compute_s": cost["flops"] / spec.peak_flops,
             "memory_s": cost["bytes"] / spec.memory_bandwidth,
@@ -433,7 +448,7 @@ def figure_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("temporaries / device", _gib(mem["temporaries"])),
         ("outputs / device", f"{_gib(mem['outputs'])} ({_gib(mem['aliased'])} in donated buffers)"),
         ("total / device", f"{_gib(mem['total'])} of {_gib(mem['device'])}: "
-                           + ("fits" if mem["fits"] else "does NOT fit")),
+                           + {True: "fits", False: "does NOT fit", None: "n/a"}[mem["fits"]]),
         ("FLOPs / device", "n/a" if cost is None else f"{cost['flops'] / 1e9:.1f} GFLOP"),
         ("bytes accessed / device", "n/a" if cost is None else _gib(cost["bytes"])),
         ("roofline bound", "n/a" if roof is None else
