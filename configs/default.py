@@ -134,6 +134,10 @@ def get_config() -> ml_collections.ConfigDict:
     )
     config.batch_size = 4  # global batch (the reference: 1 GPU x 4)
     config.mesh_devices = 0  # devices of the 'data' mesh axis; 0 = all
+    # The train state's layouts on the device: 'row_major' (as checkpoints hold it) or
+    # 'compiler' (those the step's compiler picks: on a GPU no per-step transposes of the conv
+    # kernels to cuDNN's layout; same results; ddb_jax/train/state_layouts.py).
+    config.state_layouts = "row_major"
     # Run on the CPU although the machine has a GPU or TPU (by default that is refused:
     # it usually means JAX's CPU build is installed; see the README's Install section).
     config.allow_cpu = False

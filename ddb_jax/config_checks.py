@@ -42,6 +42,7 @@ from ddb_jax.methods import device_input, optim, teachers
 from ddb_jax.models.batch_norm import BN_STATISTICS
 from ddb_jax.models.layers import CONV_IMPLS
 from ddb_jax.offline.prototype_stage import PROTOTYPE_MODES
+from ddb_jax.train import state_layouts
 from ddb_jax.uda.bridging import MASK_MODES
 from input_pipeline.datasets import DATASETS
 
@@ -65,6 +66,7 @@ def scales(v: Any) -> bool:
 RULES: dict[str, Rule] = {
     "seed": integer(0), "batch_size": POSITIVE, "num_steps": POSITIVE,
     "mesh_devices": integer(0, "0 = all devices"),
+    "state_layouts": one_of(state_layouts.STATE_LAYOUTS),
     "log_every": POSITIVE, "checkpoint_every": POSITIVE, "keep_checkpoints": POSITIVE,
     "eval_every": integer(0, "0 = no evaluation during training"),
     "image_summary_every": integer(0, "0 = no image summaries"),

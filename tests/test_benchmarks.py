@@ -50,12 +50,14 @@ def test_smoke_parts_have_finite_numbers(smoke_report):
     parts = report["parts"]
     assert report["mode"] == "smoke"
     assert list(parts) == [
-        "r101_bf16", "torch_r101", "r101_f32", "mit_bf16", "eval", "r101_bf16_remat",
-        "mit_bf16_remat",
+        "r101_bf16", "torch_r101", "r101_f32", "mit_bf16", "eval", "r101_bf16_layouts",
+        "r101_bf16_remat", "mit_bf16_remat",
     ]  # fmt: skip
     for name, part in parts.items():
         assert "error" not in part and "skipped" not in part, (name, part)
-    for name in ("r101_bf16", "r101_f32", "mit_bf16", "r101_bf16_remat", "mit_bf16_remat"):
+    steps = ("r101_bf16", "r101_f32", "mit_bf16", "r101_bf16_layouts", "r101_bf16_remat",
+             "mit_bf16_remat")  # fmt: skip
+    for name in steps:
         part = parts[name]
         for key in ("step_s", "flops", "loss", "compile_s", "xla_temp_bytes"):
             assert finite(part[key]) and part[key] > 0 or key == "loss", (name, key, part[key])
@@ -63,6 +65,10 @@ def test_smoke_parts_have_finite_numbers(smoke_report):
         assert len(part["step_times_s"]) == 2
     assert parts["r101_bf16"]["dtype"] == "bfloat16" and parts["r101_f32"]["dtype"] == "float32"
     assert parts["r101_bf16_remat"]["remat"] and not parts["r101_bf16"]["remat"]
+    assert parts["r101_bf16_layouts"]["state_layouts"] == "compiler"
+    assert parts["r101_bf16"]["state_layouts"] == "row_major"
+    # The CPU's compiler keeps the state row-major: the same program, the same loss.
+    assert parts["r101_bf16_layouts"]["loss"] == parts["r101_bf16"]["loss"]
     assert finite(parts["r101_bf16"]["jax_matmul_peak_bf16"])
     variants = parts["torch_r101"]["variants"]
     assert len(variants) == 3
@@ -79,7 +85,8 @@ def test_smoke_sets_the_compile_time_estimate_beside_the_measurement(smoke_repor
     arguments and temporaries XLA counts, HBM traffic at least the arguments; on the CPU no
     roofline (no data-sheet peaks), on a known GPU its card's."""
     report, text = smoke_report
-    for name in ("r101_bf16", "r101_f32", "mit_bf16", "r101_bf16_remat", "mit_bf16_remat"):
+    for name in ("r101_bf16", "r101_f32", "mit_bf16", "r101_bf16_layouts", "r101_bf16_remat",
+                 "mit_bf16_remat"):  # fmt: skip
         part = report["parts"][name]
         est = part["estimate"]
         assert est["target"] == "local" and est["roofline_s"] is None
@@ -113,6 +120,7 @@ def test_smoke_markdown_has_every_table(smoke_report):
     for row in (
         "| ours, bfloat16 (lax) |",
         "| ours, float32 (lax) |",
+        "| ours, bfloat16, state in the compiler's layouts |",
         "| PyTorch reference, fp32, augmentation on the host (as transcribed) |",
         "| PyTorch reference, bf16 autocast, augmentation on the device |",
     ):

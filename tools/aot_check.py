@@ -55,9 +55,9 @@ flags.DEFINE_integer(
 )  # fmt: skip
 flags.DEFINE_bool(
     "compiler_state_layouts", False,
-    "--program=train: the train state in the layouts the compiler picks (a what-if: on a GPU, "
-    "no per-step transposes of the conv kernels to cuDNN's layout); default row-major, as the "
-    "training loop keeps it.",
+    "--program=train: the train state in the layouts the compiler picks (on a GPU, no "
+    "per-step transposes of the conv kernels to cuDNN's layout), as the loop trains with "
+    "--config.state_layouts=compiler; default: the config's state_layouts.",
 )  # fmt: skip
 flags.DEFINE_string(
     "hlo_out", None, "--program=train: also write the compiled program's HLO text here."

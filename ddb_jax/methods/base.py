@@ -273,8 +273,8 @@ def make_train_step(
     without, jit places by its inputs. ``compiler_state_layouts``: the state in and out in
     the layouts the compiler picks (``Layout.AUTO``), not row-major; on a GPU that spares the
     per-step transposes of every conv kernel, its gradient, EMA and optimiser moments to
-    cuDNN's filter layout (docs/performance_notes.md). Only the compile-only check uses it
-    yet: a loop would have to place the state in the compiled step's input formats.
+    cuDNN's filter layout (docs/performance_notes.md). The caller places the state in the
+    compiled step's input formats (:mod:`ddb_jax.train.state_layouts`).
     """
 
     def step(state, batch, frozen=None):

@@ -223,7 +223,8 @@ def stage_program(
     config: ml_collections.ConfigDict, devices, compiler_state_layouts: bool = False
 ) -> StageProgram:
     """The training loop's step for ``config`` over ``devices``, without allocating the state
-    (``compiler_state_layouts``: the state in the layouts the compiler picks, a what-if)."""
+    (``compiler_state_layouts``: the state in the layouts the compiler picks, as
+    ``config.state_layouts='compiler'`` trains)."""
     from ddb_jax import methods, models
     from ddb_jax.methods import assemble
     from ddb_jax.train import setup
@@ -380,6 +381,7 @@ def compile_stage(
     spec = get_target(target)
     devices = target_devices(spec)
     start = time.perf_counter()
+    compiler_state_layouts |= config.get("state_layouts", "row_major") == "compiler"
     program = stage_program(config, devices, compiler_state_layouts)
     lowered = program.step.lower(program.state, program.batch, program.frozen)
     lowered_s = time.perf_counter() - start

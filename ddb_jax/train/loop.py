@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ddb_jax import errors, methods, models, paths
 from ddb_jax.methods import assemble, base
 from ddb_jax.runtime import deadline, hosts
-from ddb_jax.train import checkpointing, preemption, setup
+from ddb_jax.train import checkpointing, preemption, setup, state_layouts
 from ddb_jax.train import workdir as workdir_lib
 from ddb_jax.train.summaries import Summaries
 from input_pipeline import datasets
@@ -88,17 +88,20 @@ def shared_train_step(
     tx: optax.GradientTransformation | dict[str, optax.GradientTransformation],
     mesh: Mesh,
     with_preview: bool,
+    compiler_state_layouts: bool = False,
 ) -> Callable:
     """:func:`base.make_train_step` for this config, or the one built for an earlier stage
     of this process whose step is the same program: the same method class, the same
     config but for STEP_FREE_KEYS and STEP_FREE_GROUPS (the method and optimiser are built
     from it), the same mesh."""
-    key = (type(method), step_fingerprint(config), mesh, with_preview)
+    key = (type(method), step_fingerprint(config), mesh, with_preview, compiler_state_layouts)
     with _STEPS_LOCK:
         if key in _STEPS:
             _STEPS.move_to_end(key)
             return _STEPS[key]
-        step = _STEPS[key] = base.make_train_step(method, tx, mesh, with_preview)
+        step = _STEPS[key] = base.make_train_step(
+            method, tx, mesh, with_preview, compiler_state_layouts
+        )
         while len(_STEPS) > _STEPS_KEPT:
             _STEPS.popitem(last=False)
         return step
@@ -177,7 +180,9 @@ def train_and_evaluate(
     start = int(jax.device_get(state.step))
 
     with_preview = config.image_summary_every > 0
-    train_step = shared_train_step(config, method, stage.txs, mesh, with_preview)
+    compiler_layouts = config.get("state_layouts", "row_major") == "compiler"
+    train_step = shared_train_step(config, method, stage.txs, mesh, with_preview, compiler_layouts)
+    run_step = None if compiler_layouts else train_step  # compiled at the first batch
     evaluate = setup.student_evaluator(config, model.apply, stage_hosts)
     summaries = Summaries(workdir, stage_hosts.is_primary)
     writer = summaries.writer
@@ -195,7 +200,11 @@ def train_and_evaluate(
             for step in range(start + 1, config.num_steps + 1):
                 with deadline.storage(data_root, f"reading the batch of step {step}"):
                     batch = next(batches)
-                outputs = train_step(state, batch, frozen)
+                if run_step is None:
+                    run_step, state = state_layouts.compile_and_place(
+                        train_step, state, batch, frozen
+                    )
+                outputs = run_step(state, batch, frozen)
                 state, metrics = outputs[:2]
                 history.append((step, metrics))
                 report_progress(step)

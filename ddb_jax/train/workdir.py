@@ -31,7 +31,7 @@ BEST_SCORE = "score.json"
 RESUMABLE_KEYS = (
     "log_every", "image_summary_every", "eval_every", "checkpoint_every", "keep_checkpoints",
     "eval.", "data.root", "data.num_parallel_calls", "data.image_transfer", "model.remat",
-    "stages",
+    "stages", "state_layouts",
 )  # fmt: skip
 
 
