@@ -70,13 +70,15 @@ def shape_bytes(text: str, hbm_only: bool = True) -> int:
     )
 
 
-def _slice_start_bytes(shape: str) -> int:
+def _slice_start_bytes(shape: str, hbm_only: bool = True) -> int:
     """An async slice ``((operand), slice, sync)``: the slice's bytes, read if the operand
     is in HBM and written if the slice is."""
     arrays = _SHAPE.findall(shape)
     if len(arrays) < 2:
         return shape_bytes(shape)
     (_, _, source), (dtype, dims, dest) = arrays[0], arrays[1]
+    if not hbm_only:
+        return 2 * _array_bytes(dtype, dims)
     moved = not _ON_CHIP.search(source), not _ON_CHIP.search(dest)
     return _array_bytes(dtype, dims) * sum(moved)
 
@@ -92,8 +94,9 @@ def _operand_span(rest: str) -> str:
     return rest
 
 
-def parse(text: str) -> tuple[dict[str, list[Op]], str]:
-    """The module's computations (name -> ops in order) and the entry computation's name."""
+def parse(text: str, hbm_only: bool = True) -> tuple[dict[str, list[Op]], str]:
+    """The module's computations (name -> ops in order) and the entry computation's name;
+    ``hbm_only=False``: an op's bytes in every memory space."""
     computations: dict[str, list[Op]] = {}
     entry, current = "", None
     for line in text.splitlines():
@@ -107,7 +110,10 @@ def parse(text: str) -> tuple[dict[str, list[Op]], str]:
         if not match:
             continue
         name, shape, opcode, rest = match.groups()
-        moved = _slice_start_bytes(shape) if opcode == "slice-start" else shape_bytes(shape)
+        if opcode == "slice-start":
+            moved = _slice_start_bytes(shape, hbm_only)
+        else:
+            moved = shape_bytes(shape, hbm_only)
         calls, op_name = _CALLS.search(rest), _OP_NAME.search(rest)
         computations[current].append(
             Op(
@@ -172,10 +178,11 @@ def part_of(op_name: str) -> str:
     return "decode head"
 
 
-def traffic(text: str, top: int = 12) -> dict[str, Any]:
+def traffic(text: str, top: int = 12, hbm_only: bool = True) -> dict[str, Any]:
     """The program's traffic per device: total, by pass and part, by kind, and the ``top``
-    heaviest ops (name, kind, bytes, op_name)."""
-    computations, entry = parse(text)
+    heaviest ops (name, kind, bytes, op_name); ``hbm_only=False``: every memory space's
+    (close to XLA's bytes accessed, which counts on-chip operands too)."""
+    computations, entry = parse(text, hbm_only)
     sizes: dict[str, int] = {}
     for ops in computations.values():
         for op in ops:
