@@ -54,7 +54,7 @@ def test_the_batch_compiled_is_per_device_times_the_targets_devices(
     def fake_compile(config, name):
         compiled.append((config.batch_size, name))
         total = 1000 * config.batch_size // devices
-        return {"memory": {"total": total, "fits": total <= 3000}}
+        return {"memory": {"total": total, "fits": total <= 3000}, "traffic": {"total": 7 * total}}
 
     monkeypatch.setattr(aot, "compile_stage", fake_compile)
     config = tiny_supervised()
@@ -64,6 +64,7 @@ def test_the_batch_compiled_is_per_device_times_the_targets_devices(
     assert [b for b, _ in compiled] == [n * devices for n in (1, 2, 4, 3)]
     assert {name for _, name in compiled} == {target}
     assert result["report"]["memory"]["total"] == 3000
+    assert [t["hbm_traffic"] for t in result["tried"]] == [7000, 14000, 28000, 21000]
     assert config.batch_size == demo_batch()  # the caller's config is left as it was
     rows = dict(aot_search.markdown_rows(result))
     assert rows["largest batch / device"] == "3"

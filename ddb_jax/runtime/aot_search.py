@@ -69,8 +69,8 @@ def search(fits: Callable[[int], bool], limit: int) -> tuple[int, list[tuple[int
 
 def largest_batch(config: ml_collections.ConfigDict, target: str, limit: int) -> dict[str, Any]:
     """The search's result for ``config``'s train step on ``target``: the largest batch per
-    device up to ``limit``, every compile tried (per device, fits, total bytes) and the
-    largest fitting one's report."""
+    device up to ``limit``, every compile tried (per device, fits, total bytes, HBM traffic)
+    and the largest fitting one's report."""
     reports: dict[int, dict[str, Any] | None] = {}
 
     def fits(n: int) -> bool:
@@ -86,6 +86,7 @@ def largest_batch(config: ml_collections.ConfigDict, target: str, limit: int) ->
                 "per_device": n,
                 "fits": ok,
                 "total": None if reports[n] is None else reports[n]["memory"]["total"],
+                "hbm_traffic": None if reports[n] is None else reports[n]["traffic"]["total"],
             }
             for n, ok in tried
         ],  # fmt: skip
