@@ -155,6 +155,7 @@ def _source_fn(data_cfg, table, sampler: _RareClassSampler | None, seed: tf.Tens
     n = len(table["image"])
     distort = bool(data_cfg.get("photometric_distortion", False))
     uint8 = "source_image" in uint8_image_keys(data_cfg)  # not when distorted: floats
+    label_uint8 = images_as_uint8(data_cfg)  # train ids and 255 (ignore) fit a byte
     flip_prob = float(data_cfg.get("flip_prob", 0.5))
     keep_ratio = bool(data_cfg.get("keep_ratio", True))
     with_depth = bool(data_cfg.get("source_depth", False))
@@ -186,7 +187,8 @@ def _source_fn(data_cfg, table, sampler: _RareClassSampler | None, seed: tf.Tens
                 return pixels > sampler.min_class_pixels
 
             sample = transforms.first_accepted(propose, accept, elem_seed, RCS_RECROPS)
-        out = {"source_image": sample[0], "source_label": sample[1]}
+        label = tf.cast(sample[1], tf.uint8) if label_uint8 else sample[1]
+        out = {"source_image": sample[0], "source_label": label}
         if with_depth:  # config.data.source_depth: DADA's inverse depth, float32 (B, H, W)
             out["source_depth"] = sample[2]
         if uint8:  # every try crops the same image: one extent
@@ -317,13 +319,15 @@ def make_train_dataset(
     process_count: int = 1,
     start_batch: int = 0,
 ) -> tf.data.Dataset:
-    """Endless batches {'source_image' (B,H,W,3), 'source_label' (B,H,W) i32,
+    """Endless batches {'source_image' (B,H,W,3), 'source_label' (B,H,W),
     'target_image' (B,H,W,3)} of this host's slice of the global stream; with
     ``data.per_target_streams`` 'target_image_<name>' per target instead of 'target_image'.
 
     With ``data.image_transfer='uint8'`` (the default) each image is uint8, its cropped and
     flipped pixels padded with 0, and '<image key>_size' (B,2) i32 its unpadded (height,
-    width): ``ddb_jax.methods.device_input.network_input`` normalises it on the device.
+    width): ``ddb_jax.methods.device_input.network_input`` normalises it on the device;
+    the label is uint8 too (train ids, 255 where ignored), int32 on the device. With
+    'float32' the label is int32.
     The photometrically distorted source images (``data.photometric_distortion``) and
     'float32' give normalised float32 images, padded with 0.0, and no '_size' keys.
 

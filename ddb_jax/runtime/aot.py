@@ -174,9 +174,10 @@ def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeS
     """The global batch a training stage steps on (input_pipeline.train's element): one
     target image per target stream (``data.per_target_streams``: one per target, MTAF's);
     images uint8 with their int32 '<key>_size' where ``data.image_transfer`` sends them so
-    (:func:`input_pipeline.train.uint8_image_keys`; DAF's and ProDA's loaders: float32)."""
+    (:func:`input_pipeline.train.uint8_image_keys`; DAF's and ProDA's loaders: float32),
+    the label uint8 then too (else int32)."""
     from input_pipeline import daf, proda
-    from input_pipeline.train import target_stream_keys, uint8_image_keys
+    from input_pipeline.train import images_as_uint8, target_stream_keys, uint8_image_keys
 
     b = config.batch_size
     source = tuple(config.data.crop_size)
@@ -192,7 +193,8 @@ def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeS
             shapes[key + SIZE_SUFFIX] = jax.ShapeDtypeStruct((b, 2), jnp.int32)
 
     image("source_image", source)
-    shapes["source_label"] = jax.ShapeDtypeStruct((b, *source), jnp.int32)
+    label = jnp.int32 if own_loader or not images_as_uint8(config.data) else jnp.uint8
+    shapes["source_label"] = jax.ShapeDtypeStruct((b, *source), label)
     for key in target_stream_keys(config.data):
         image(key, target)
     if config.data.get("source_depth", False):  # DADA's inverse depth of the source crop
