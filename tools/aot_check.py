@@ -17,6 +17,9 @@ transposes and copies, compile time); ``--out`` writes the report as JSON. ``--p
 compiles the evaluation of one image (:mod:`ddb_jax.runtime.aot_programs`: the config's
 ``eval`` mode, windows and flip) on one device of the target instead; ``--program=prototypes``
 the prototype pass's update of one batch (``prototypes.batch_size`` crops).
+``--target=local`` compiles for this machine's own devices (a TPU VM's chips, a GPU host's
+cards) and ``--measure=N`` then runs the compiled step N times (random state and batch,
+:mod:`ddb_jax.runtime.aot_measure`) and sets its time and peak memory beside the estimate.
 ``--search_batch=N`` finds the largest train batch per device (up to N) that fits the target
 (:mod:`ddb_jax.runtime.aot_search`: doubling, then bisection, each a compile). Any config key
 can be overridden (``--config.batch_size=8``). What a stage reads but never trains (CKD's two
@@ -29,8 +32,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the compilers need no device (set before jax)
+_LOCAL = "--target=local" in sys.argv or "--target local" in " ".join(sys.argv)
+if not _LOCAL:  # the compilers need no device (set before jax); 'local' runs on this machine's
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
@@ -58,6 +64,12 @@ flags.DEFINE_bool(
     "--program=train: the train state in the layouts the compiler picks (on a GPU, no "
     "per-step transposes of the conv kernels to cuDNN's layout), as the loop trains with "
     "--config.state_layouts=compiler; default: the config's state_layouts.",
+)  # fmt: skip
+flags.DEFINE_integer(
+    "measure", 0,
+    "--target=local --program=train: also run the compiled step this many times on this "
+    "machine's devices (random state and batch) and set the time and peak memory beside "
+    "the estimate.",
 )  # fmt: skip
 flags.DEFINE_string(
     "hlo_out", None, "--program=train: also write the compiled program's HLO text here."
@@ -94,6 +106,14 @@ def main(argv: list[str]) -> None:
         )
     if FLAGS.compiler_state_layouts and (FLAGS.program != "train" or FLAGS.search_batch):
         raise aot.AotError("--compiler_state_layouts: only with --program=train, no search")
+    if FLAGS.measure < 0 or (
+        FLAGS.measure and (FLAGS.target != aot.LOCAL or FLAGS.program != "train"
+                           or FLAGS.search_batch)
+    ):  # fmt: skip
+        raise aot.AotError(
+            f"--measure={FLAGS.measure}: expected 0, or a positive count with "
+            "--target=local --program=train and no --search_batch"
+        )
     if FLAGS.config is None:
         raise aot.AotError("--config is required (e.g. --config=configs/gta2cs.py:r1_cu)")
     config = FLAGS.config
@@ -116,6 +136,11 @@ def main(argv: list[str]) -> None:
         if report["report"] is not None:
             print(aot.markdown(report["report"]))
         print(aot.table(aot_search.markdown_rows(report)))
+    elif FLAGS.measure:
+        from ddb_jax.runtime import aot_measure
+
+        report = aot.numpy_free(aot_measure.measure(config, FLAGS.measure))
+        print(aot.table(aot.markdown_rows(report) + aot_measure.markdown_rows(report)))
     else:
         report = aot.compile_stage(
             config, FLAGS.target, compiler_state_layouts=FLAGS.compiler_state_layouts,

@@ -105,9 +105,18 @@ def target_names() -> list[str]:
     return sorted(TARGETS)
 
 
+LOCAL = "local"  # this process's own devices: compiled and, with aot_measure, run
+
+
 def get_target(name: str) -> Target:
+    if name == LOCAL:
+        devices = jax.devices()
+        spec = local_target(devices[0])
+        return dataclasses.replace(
+            spec, name=LOCAL, platform=devices[0].platform, topology=LOCAL, devices=len(devices)
+        )
     if name not in TARGETS:
-        raise AotError(f"unknown target {name!r}; known: {', '.join(target_names())}")
+        raise AotError(f"unknown target {name!r}; known: {', '.join(target_names())}, or {LOCAL!r}")
     return TARGETS[name]
 
 
@@ -127,7 +136,10 @@ def local_target(device) -> Target:
 
 
 def target_devices(target: Target) -> list:
-    """The target's compile-only devices (no hardware needed, only its compiler)."""
+    """The target's compile-only devices (no hardware needed, only its compiler); the
+    ``'local'`` target's: this process's devices."""
+    if target.topology == LOCAL:
+        return jax.devices()
     if target.platform == "cuda":
         try:
             devices = gpu_targets.compile_only_devices(target.gpu, target.topology)
@@ -375,11 +387,25 @@ def compile_stage(
     compiler_state_layouts: bool = False,
     keep_hlo: bool = False,
 ) -> dict[str, Any]:
-    """Compiles ``config``'s train step for ``target`` (a :data:`TARGETS` name); the report
-    (a JSON-able dict; memory and cost per device). ``compiler_options``: XLA options of
-    this compile (``lowered.compile(compiler_options=...)``); ``compiler_state_layouts``:
-    the train state in the layouts the compiler picks (:func:`stage_program`); ``keep_hlo``:
-    the compiled program's HLO text too, under ``'hlo_text'``."""
+    """Compiles ``config``'s train step for ``target`` (a :data:`TARGETS` name, or
+    ``'local'``: this process's devices); the report (a JSON-able dict; memory and cost per
+    device). ``compiler_options``: XLA options of this compile
+    (``lowered.compile(compiler_options=...)``); ``compiler_state_layouts``: the train state
+    in the layouts the compiler picks (:func:`stage_program`); ``keep_hlo``: the compiled
+    program's HLO text too, under ``'hlo_text'``."""
+    _, compiled, report = compile_program(config, target, compiler_options, compiler_state_layouts)
+    if keep_hlo:
+        report["hlo_text"] = compiled.as_text()
+    return report
+
+
+def compile_program(
+    config: ml_collections.ConfigDict,
+    target: str,
+    compiler_options: dict | None = None,
+    compiler_state_layouts: bool = False,
+) -> tuple[StageProgram, Any, dict[str, Any]]:
+    """:func:`compile_stage`'s program, compiled executable and report."""
     spec = get_target(target)
     devices = target_devices(spec)
     start = time.perf_counter()
@@ -390,7 +416,7 @@ def compile_stage(
     compiled, options = gpu_targets.compile_lowered(lowered, spec.platform, compiler_options)
     compile_s = time.perf_counter() - start - lowered_s
     n = len(program.mesh.devices.flat)
-    return {
+    report = {
         "target": dataclasses.asdict(spec),
         "stage": config.stage,
         "model": {k: config.model.get(k) for k in ("backbone", "head", "dtype", "remat")},
@@ -415,8 +441,8 @@ def compile_stage(
         "compiler_options": options,
         "state_layouts": "compiler's" if compiler_state_layouts else "row-major",
         "jax": jax.__version__,
-        **({"hlo_text": compiled.as_text()} if keep_hlo else {}),
     }
+    return program, compiled, report
 
 
 def _gib(value: float) -> str:
@@ -427,8 +453,13 @@ def _gib(value: float) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     """The report as a markdown table."""
+    return table(markdown_rows(report))
+
+
+def markdown_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """The report's rows: what was compiled, then :func:`figure_rows`."""
     target, model = report["target"], report["model"]
-    rows = [
+    return [
         ("target", f"{target['name']} ({target['topology']}, {target['device']})"),
         ("stage", f"{report['stage']}: {model['backbone']} + {model['head']}, {model['dtype']}"),
         ("batch", f"{report['batch_size']} ({report['batch_per_device']} per device), "
@@ -436,7 +467,6 @@ def markdown(report: dict[str, Any]) -> str:
         ("state layouts", report.get("state_layouts", "row-major")),
         *figure_rows(report),
     ]  # fmt: skip
-    return table(rows)
 
 
 def table(rows: list[tuple[str, str]]) -> str:
@@ -451,8 +481,8 @@ def figure_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("arguments / device", _gib(mem["arguments"])),
         ("temporaries / device", _gib(mem["temporaries"])),
         ("outputs / device", f"{_gib(mem['outputs'])} ({_gib(mem['aliased'])} in donated buffers)"),
-        ("total / device", f"{_gib(mem['total'])} of {_gib(mem['device'])}: "
-                           + {True: "fits", False: "does NOT fit", None: "n/a"}[mem["fits"]]),
+        ("total / device", _gib(mem["total"]) + ("" if mem["fits"] is None else
+            f" of {_gib(mem['device'])}: " + ("fits" if mem["fits"] else "does NOT fit"))),
         ("FLOPs / device", "n/a" if cost is None else f"{cost['flops'] / 1e9:.1f} GFLOP"),
         ("bytes accessed / device", "n/a" if cost is None else _gib(cost["bytes"])),
         ("roofline bound", "n/a" if roof is None else
