@@ -137,9 +137,10 @@ def local_target(device) -> Target:
 
 def target_devices(target: Target) -> list:
     """The target's compile-only devices (no hardware needed, only its compiler); the
-    ``'local'`` target's: this process's devices."""
+    ``'local'`` target's: None (the training loop's mesh: ``config.mesh_devices`` of every
+    process's devices)."""
     if target.topology == LOCAL:
-        return jax.devices()
+        return None
     if target.platform == "cuda":
         try:
             devices = gpu_targets.compile_only_devices(target.gpu, target.topology)

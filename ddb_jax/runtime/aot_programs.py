@@ -41,7 +41,7 @@ def compile_evaluation(
     from ddb_jax.evaluation import evaluate
 
     spec = aot.get_target(target)
-    device = aot.target_devices(spec)[0]
+    device = (aot.target_devices(spec) or jax.devices())[0]
     start = time.perf_counter()
     model = models.build_model(config.model)
     sharding = SingleDeviceSharding(device)
@@ -109,7 +109,7 @@ def compile_prototypes(
     from ddb_jax.train import setup
 
     spec = aot.get_target(target)
-    devices = aot.target_devices(spec)
+    devices = aot.target_devices(spec) or jax.devices()
     start = time.perf_counter()
     mesh = setup.make_mesh(config, batch_key="prototypes.batch_size", devices=devices)
     replicated, data = (
