@@ -167,10 +167,10 @@ def compile_time_estimate(compiled) -> dict:
     measurement: memory per device, HBM traffic and the roofline bound."""
     import jax
 
-    from ddb_jax.runtime import aot
+    from ddb_jax.runtime import aot, aot_figures
 
     target = aot.local_target(jax.devices()[0])
-    figures = aot.program_figures(compiled, target)
+    figures = aot_figures.program_figures(compiled, target)
     roofline = figures["roofline"]
     return {
         "target": target.name,

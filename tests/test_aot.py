@@ -17,7 +17,7 @@ import sys
 import jax
 import pytest
 
-from ddb_jax.runtime import aot
+from ddb_jax.runtime import aot, aot_figures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_libtpu = pytest.mark.skipif(
@@ -110,7 +110,7 @@ def test_gradients_and_bn_statistics_are_all_reduced(compiled):
     assert 0 < hlo["collectives"]["all-reduce"]["count"] <= layers * passes < 169
     assert report["cost"]["flops"] > 0 and report["cost"]["bytes"] > 0
     assert report["roofline"]["bound_s"] > 0
-    assert "| total / device |" in aot.markdown(report)
+    assert "| total / device |" in aot_figures.markdown(report)
 
 
 @needs_libtpu
@@ -127,7 +127,7 @@ def test_hbm_traffic_of_the_step(compiled):
     assert {"forward", "backward", "train state"} <= passes
     roofline = report["roofline"]
     assert roofline["hbm_s"] == traffic["total"] / aot.get_target("v5e-8").memory_bandwidth
-    assert "| HBM traffic / device (HLO) |" in aot.markdown(report)
+    assert "| HBM traffic / device (HLO) |" in aot_figures.markdown(report)
 
 
 EVAL_IMAGE, EVAL_LABEL = (32, 64), (64, 128)
@@ -212,7 +212,7 @@ def test_hlo_counts():
   %t = f32[3,16]{1,0} transpose(f32[16,3]{1,0} %d), dimensions={1,0}
   %c.1 = f32[16]{0} copy(f32[16]{0} %a)
 """
-    counts = aot.hlo_counts(text)
+    counts = aot_figures.hlo_counts(text)
     assert counts["collectives"] == {"all-reduce": {"count": 2, "bytes": 16 * 4 + 9 * 4 + 8 * 2}}
     assert (counts["transposes"], counts["copies"]) == (1, 1)
 
@@ -250,8 +250,8 @@ def test_padded_bytes():
         major_to_minor = (0, 1, 2, 3)
         tiling = ((8, 128),)
 
-    assert aot.padded_bytes(sds, Layout) == 3 * 3 * 16 * 128 * 4
-    assert aot.padded_bytes(sds, None) == 3 * 3 * 16 * 16 * 4
+    assert aot_figures.padded_bytes(sds, Layout) == 3 * 3 * 16 * 128 * 4
+    assert aot_figures.padded_bytes(sds, None) == 3 * 3 * 16 * 16 * 4
 
 
 def test_batch_shapes_follow_the_target_streams():

@@ -34,7 +34,6 @@ def test_every_gpu_target_describes_its_card():
         assert text.count("{") == text.count("}") == 3
 
 
-@pytest.mark.skipif(HAS_CUDA_PLUGIN, reason="the CUDA plugin is installed")
 def test_the_device_checks_target_is_the_card_it_runs_on():
     """benchmarks/device_check.py sets its measurements beside the estimate for the card it
     runs on: a known card's one-GPU target (H200 and A100 have only eight-GPU targets),
@@ -56,6 +55,7 @@ def test_the_device_checks_target_is_the_card_it_runs_on():
     assert (here.name, here.devices, here.peak_flops, here.memory_bandwidth) == ("local", 1, 0, 0)
 
 
+@pytest.mark.skipif(HAS_CUDA_PLUGIN, reason="the CUDA plugin is installed")
 def test_without_the_plugin_a_gpu_target_is_one_line_naming_the_extra():
     with pytest.raises(aot.AotError, match=r"target h100-8: .*EXTRAS=test,aot-gpu"):
         aot.target_devices(aot.get_target("h100-8"))

@@ -88,7 +88,7 @@ def size_flag(name: str) -> tuple[int, int]:
 
 
 def main(argv: list[str]) -> None:
-    from ddb_jax.runtime import aot
+    from ddb_jax.runtime import aot, aot_figures
 
     if len(argv) > 1:
         raise aot.AotError(f"unexpected arguments: {argv[1:]} (flags are --name=value)")
@@ -122,35 +122,41 @@ def main(argv: list[str]) -> None:
         from ddb_jax.runtime import aot_programs
 
         image, label = (size_flag(name) for name in ("eval_image", "eval_label"))
-        report = aot.numpy_free(aot_programs.compile_evaluation(config, FLAGS.target, image, label))
+        report = aot_figures.numpy_free(
+            aot_programs.compile_evaluation(config, FLAGS.target, image, label)
+        )
         print(aot_programs.markdown(report))
     elif FLAGS.program == "prototypes":
         from ddb_jax.runtime import aot_programs
 
-        report = aot.numpy_free(aot_programs.compile_prototypes(config, FLAGS.target))
+        report = aot_figures.numpy_free(aot_programs.compile_prototypes(config, FLAGS.target))
         print(aot_programs.prototypes_markdown(report))
     elif FLAGS.search_batch:
         from ddb_jax.runtime import aot_search
 
-        report = aot.numpy_free(aot_search.largest_batch(config, FLAGS.target, FLAGS.search_batch))
+        report = aot_figures.numpy_free(
+            aot_search.largest_batch(config, FLAGS.target, FLAGS.search_batch)
+        )
         if report["report"] is not None:
-            print(aot.markdown(report["report"]))
-        print(aot.table(aot_search.markdown_rows(report)))
+            print(aot_figures.markdown(report["report"]))
+        print(aot_figures.table(aot_search.markdown_rows(report)))
     elif FLAGS.measure:
         from ddb_jax.runtime import aot_measure
 
-        report = aot.numpy_free(aot_measure.measure(config, FLAGS.measure))
-        print(aot.table(aot.markdown_rows(report) + aot_measure.markdown_rows(report)))
+        report = aot_figures.numpy_free(aot_measure.measure(config, FLAGS.measure))
+        print(
+            aot_figures.table(aot_figures.markdown_rows(report) + aot_measure.markdown_rows(report))
+        )
     else:
         report = aot.compile_stage(
             config, FLAGS.target, compiler_state_layouts=FLAGS.compiler_state_layouts,
             keep_hlo=bool(FLAGS.hlo_out),
         )  # fmt: skip
-        report = aot.numpy_free(report)
+        report = aot_figures.numpy_free(report)
         if FLAGS.hlo_out:
             with open(FLAGS.hlo_out, "w") as f:
                 f.write(report.pop("hlo_text"))
-        print(aot.markdown(report))
+        print(aot_figures.markdown(report))
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
             json.dump(report, f, indent=1)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from ddb_jax.runtime import aot, gpu_targets
+from ddb_jax.runtime import aot, aot_figures, gpu_targets
 
 
 def compile_evaluation(
@@ -71,11 +71,11 @@ def compile_evaluation(
         "predicted": {
             "variables_bytes": aot.tree_bytes(variables),
             "input_bytes": aot.tree_bytes((image, label)),
-            "in_layouts": aot.arguments_in_layouts(
+            "in_layouts": aot_figures.arguments_in_layouts(
                 {"variables": variables, "image": image, "label": label}, compiled
             ),
         },
-        **aot.program_figures(compiled, spec),
+        **aot_figures.program_figures(compiled, spec),
         "lower_s": round(lowered_s, 2),
         "compile_s": round(compile_s, 2),
         "compiler_options": options,
@@ -94,9 +94,9 @@ def markdown(report: dict[str, Any]) -> str:
         ("evaluation", f"{model['backbone']} + {model['head']}, {model['dtype']}: {mode}"
                        + (", flipped too" if settings["flip"] else "")),
         ("image / label", f"{report['image_size']} / {report['label_size']}"),
-        *aot.figure_rows(report),
+        *aot_figures.figure_rows(report),
     ]  # fmt: skip
-    return aot.table(rows)
+    return aot_figures.table(rows)
 
 
 def compile_prototypes(
@@ -152,12 +152,12 @@ def compile_prototypes(
             "variables_bytes": aot.tree_bytes(variables),
             "table_bytes": aot.tree_bytes((table, counts)),
             "batch_bytes_per_device": aot.tree_bytes(images) // n,
-            "in_layouts": aot.arguments_in_layouts(
+            "in_layouts": aot_figures.arguments_in_layouts(
                 {"variables": variables, "table": table, "counts": counts, "batch": images},
                 compiled,
             ),
         },
-        **aot.program_figures(compiled, spec),
+        **aot_figures.program_figures(compiled, spec),
         "lower_s": round(lowered_s, 2),
         "compile_s": round(compile_s, 2),
         "compiler_options": options,
@@ -173,6 +173,6 @@ def prototypes_markdown(report: dict[str, Any]) -> str:
         ("prototype pass", f"{model['backbone']} + {model['head']}, {model['dtype']}"),
         ("batch", f"{report['batch_size']} ({report['batch_per_device']} per device), "
                   f"crop {report['crop_size']}"),
-        *aot.figure_rows(report),
+        *aot_figures.figure_rows(report),
     ]  # fmt: skip
-    return aot.table(rows)
+    return aot_figures.table(rows)
