@@ -50,9 +50,7 @@ def tiny_config():
 @pytest.fixture(scope="module")
 def compiled():
     config = tiny_config()
-    target = aot.get_target("v5e-8")
-    program = aot.stage_program(config, aot.target_devices(target))
-    report = aot.compile_stage(config, "v5e-8")
+    program, _, report = aot.compile_program(config, "v5e-8")
     return config, program, report
 
 
@@ -193,11 +191,10 @@ def test_ckd_stage_compiles_without_its_teacher_files(tmp_path):
         config[key] = tiny_config()[key]
     for key in ("teacher_cu", "teacher_ca", "prototypes_cu", "prototypes_ca"):
         config.ckd[key] = str(tmp_path / "missing" / key)
-    program = aot.stage_program(config, aot.target_devices(aot.get_target("v5e-8")))
+    program, _, report = aot.compile_program(config, "v5e-8")
     student = aot.tree_bytes((program.state.params, program.state.batch_stats))
     table = config.model.num_classes * config.model.head_channels * 4
     assert aot.tree_bytes(program.frozen) == 2 * (student + table)
-    report = aot.compile_stage(config, "v5e-8")
     layouts = report["predicted"]["in_layouts"]
     assert report["memory"]["arguments"] == layouts["state"] + layouts["batch"] + layouts["frozen"]
     assert layouts["frozen"] >= report["predicted"]["frozen_bytes"] == 2 * (student + table)

@@ -55,10 +55,15 @@ def measure(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
 
     program, compiled, report = aot.compile_program(config, aot.LOCAL)
     model = models.build_model(config.model)
-    init_key, state_key = jax.random.split(jax.random.PRNGKey(config.seed))
-    variables = models.init_variables(model, init_key, tuple(config.data.crop_size))
-    state = assemble.assemble(config, variables, state_key).state
-    state = jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s.sharding), state, program.state)
+    crop = tuple(config.data.crop_size)
+
+    def initial_state(seed):  # one program: the variables' init and the stage's state
+        init_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
+        variables = models.init_variables(model, init_key, crop)
+        return assemble.assemble(config, variables, state_key).state
+
+    shardings = jax.tree_util.tree_map(lambda s: s.sharding, program.state)
+    state = jax.jit(initial_state, static_argnums=0, out_shardings=shardings)(config.seed)
     if report["state_layouts"] == "compiler's":
         compiled, state = state_layouts.compile_and_place(
             program.step, state, program.batch, program.frozen
