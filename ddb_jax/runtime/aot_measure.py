@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ddb_jax.methods.device_input import LABEL_SUFFIX
 from ddb_jax.ops import SIZE_SUFFIX
 from ddb_jax.runtime import aot
 
@@ -34,7 +35,7 @@ def random_batch(batch: dict[str, jax.ShapeDtypeStruct], num_classes: int, seed:
         if key.endswith(SIZE_SUFFIX):
             image = batch[key.removesuffix(SIZE_SUFFIX)].shape
             out[key] = np.tile(np.asarray(image[1:3], leaf.dtype), (leaf.shape[0], 1))
-        elif key.endswith("_label"):
+        elif key.endswith(LABEL_SUFFIX):
             out[key] = rng.integers(0, num_classes, leaf.shape).astype(leaf.dtype)
         elif leaf.dtype == jnp.uint8:
             out[key] = rng.integers(0, 256, leaf.shape).astype(np.uint8)
@@ -64,10 +65,8 @@ def measure(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
 
     shardings = jax.tree_util.tree_map(lambda s: s.sharding, program.state)
     state = jax.jit(initial_state, static_argnums=0, out_shardings=shardings)(config.seed)
-    if report["state_layouts"] == "compiler's":
-        compiled, state = state_layouts.compile_and_place(
-            program.step, state, program.batch, program.frozen
-        )
+    if report["state_layouts"] == "compiler's":  # compiled with them: move the state in
+        state = state_layouts.place(state, compiled)
     batch = random_batch(program.batch, config.model.num_classes, config.seed)
     batch = {k: jax.device_put(v, program.batch[k].sharding) for k, v in batch.items()}
     frozen = None

@@ -36,11 +36,16 @@ def compile_and_place(step: Callable, state: Any, batch: Any, frozen: Any) -> tu
     """``step`` (jitted with the state's layout left to the compiler) compiled for these
     arguments' shapes, and ``state`` moved into the layouts the compiled step takes."""
     compiled = step.lower(abstract(state), abstract(batch), abstract(frozen)).compile()
+    return compiled, place(state, compiled)
+
+
+def place(state: Any, compiled: Any) -> Any:
+    """``state`` moved into the layouts ``compiled`` (a step taking the state first) takes."""
     formats = compiled.input_formats[0][0]
 
-    def place(x, fmt):  # a typed PRNG key's layout is its raw data's: it keeps its own
+    def put(x, fmt):  # a typed PRNG key's layout is its raw data's: it keeps its own
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             return jax.device_put(x, fmt.sharding)
         return jax.device_put(x, fmt)
 
-    return compiled, jax.tree_util.tree_map(place, state, formats)
+    return jax.tree_util.tree_map(put, state, formats)
