@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-multihost test-pipelines test-faults bench lint clean
+.PHONY: venv demo test test-bench test-processes test-pipelines test-faults bench lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || test -n "$(PY)" || { echo "error: no python3.11, python3.12 \
@@ -29,16 +29,24 @@ demo: $(STAMP)
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
-		-m "not multihost and not faults and not pipelines" tests
+		-m "not bench and not processes and not faults and not pipelines" tests
 
-# Four processes of a multi-host job running a round's paths on two processes each (about
-# 3 minutes on 2 cores, the machine's both cores for itself): .ci/run runs it after `test`.
-test-multihost: $(STAMP)
-	$(BIN)/python -m pytest -q -m multihost tests/test_processes.py
+# The device check's smoke run: every part of the benchmark kit on tiny models, on this CPU
+# (about 2 minutes): .ci/run runs it after `test`.
+test-bench: $(STAMP)
+	$(BIN)/python -m pytest -q -m bench tests/test_device_check.py
+
+# Real processes and real signals (tests/test_processes.py): SIGTERM and SIGKILL during a
+# concurrent round and the resumed runs, and four processes of a multi-host job running a
+# round's paths on two processes each (about 5 minutes on 2 cores, the machine's both
+# cores for itself): .ci/run runs it after `test`.
+test-processes: $(STAMP)
+	$(BIN)/python -m pytest -q -m processes tests/test_processes.py
 
 # Whole pipelines of the methods on the toy domains, a few steps per stage at tiny sizes
-# (ProDA's chain, HRDA's comparison, DDB's first round on an HRDA student, MTAF's three
-# stages, DAF/IDA's chain: about 5 minutes on 2 cores): .ci/run runs it after `test`.
+# (DDB's two rounds with resumption, its first round on the SYNTHIA and Synscapes settings,
+# ProDA's chain, HRDA's comparison, DDB's first round on an HRDA student, MTAF's three
+# stages, DAF/IDA's chain: about 7 minutes on 2 cores): .ci/run runs it after `test`.
 test-pipelines: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
 		-m pipelines tests
@@ -47,7 +55,7 @@ test-pipelines: $(STAMP)
 # fault-injecting proxy in front of it: 429/503/stalls that recover, hangs during exports,
 # prototype reads, predict's writes, the converters' reads, one process of two losing its
 # bucket): one line and exit 1 within the storage deadline, then the rerun ends with the
-# undisturbed run's model (about 8 minutes on 2 cores): .ci/run runs it after `test-multihost`.
+# undisturbed run's model (about 8 minutes on 2 cores): .ci/run runs it after `test-processes`.
 test-faults: $(STAMP)
 	$(BIN)/python -m pytest -q -m faults tests/test_storage_faults.py \
 		tests/test_storage_fault_injection.py

@@ -4,7 +4,7 @@ step, matmul peaks, load averages and the import audit.
 Imports only what a GPU image without TensorFlow, tensorflow-datasets or CLU has (plus
 ml-collections, which travels as a wheel: benchmarks/device_check.sh): no data pipeline,
 no training loop, synthetic batches. ``imported_modules()`` reports what was imported, so
-the smoke run (tests/test_benchmarks.py) can check it.
+the smoke run (tests/test_device_check.py) can check it.
 """
 
 from __future__ import annotations
@@ -369,7 +369,7 @@ def torch_step(
     losses, e.g. torch.bfloat16) and ``augment_on_device`` (the strong augmentation on the
     GPU tensors, as DAFormer's DACS does, instead of the transcription's per-image host
     round trip). With neither it computes what the reference step does, op for op
-    (checked by tests/test_benchmarks.py). Returns (source loss, mixed loss)."""
+    (checked by tests/test_device_check.py). Returns (source loss, mixed loss)."""
     import contextlib
 
     import torch

@@ -28,7 +28,7 @@ Each part runs in its own process, in priority order, within ``--budget`` second
 ``--smoke`` runs every part on tiny models (ResNet-18 at width 8, MiT-B0 with one block
 per stage, 64x64 crops, batch 2, 2 timed steps) on the CPU, in one process except the
 PyTorch part, and checks that the benchmark's PyTorch step is the reference step (same
-losses). tests/test_benchmarks.py runs it.
+losses). tests/test_device_check.py runs it (make test-bench).
 """
 
 from __future__ import annotations

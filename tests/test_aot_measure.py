@@ -13,19 +13,21 @@ import pytest
 
 from ddb_jax.runtime import aot, aot_measure
 from tests.test_aot import ROOT, tiny_config
+from tests.test_determinism import stage_config
 
 
 @pytest.fixture(scope="module")
-def measured():
-    config = tiny_config()
-    config.batch_size, config.mesh_devices = 2, 1  # the loop's mesh: one device of 8
+def measured(toy_root):
+    """The step tests/test_determinism.py trains (the loop's mesh: two devices of eight),
+    from the session's compilation cache when that test has compiled it."""
+    config = stage_config(toy_root)
     return config, aot_measure.measure(config, steps=2)
 
 
 def test_local_step_is_compiled_run_and_timed(measured):
     config, report = measured
     assert report["target"]["name"] == aot.LOCAL and report["target"]["platform"] == "cpu"
-    assert report["mesh_devices"] == 1 and report["batch_per_device"] == 2
+    assert report["mesh_devices"] == 2 and report["batch_per_device"] == 2
     m = report["measured"]
     assert m["steps"] == 2 and m["step_s"] > 0
     # The CPU reports no peak memory and has no data-sheet peaks: no ratios.

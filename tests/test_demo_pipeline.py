@@ -6,10 +6,15 @@ import os
 import shutil
 
 import numpy as np
+import pytest
 
 from ddb_jax import checkpoints, pipeline
 from ddb_jax.offline import prototype_io
 from tests.support import tiny_pipeline
+
+# DDB's whole pipeline: make test-pipelines, with the other methods' (make demo runs it at
+# its full 300 steps a stage).
+pytestmark = pytest.mark.pipelines
 
 STAGES = [
     "source_only", "r1_cu", "r1_ca", "r1_proto_cu", "r1_proto_ca", "r1_ckd",

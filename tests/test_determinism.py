@@ -17,13 +17,18 @@ from tests.support import tiny_stage
 STEPS = 3
 
 
-def train(root, workdir, seed: int, layouts: str = "row_major") -> list[np.ndarray]:
-    """Every leaf of the state (student, EMA teacher, optimiser, step, key) after STEPS."""
-    config = tiny_stage(
+def stage_config(root, seed: int = 0, layouts: str = "row_major"):
+    """The tiny r1_cu stage these runs train (also the step tests/test_aot_measure.py runs:
+    the same program, compiled once for the session)."""
+    return tiny_stage(
         root, "r1_cu", seed=seed, batch_size=4, mesh_devices=2, num_steps=STEPS,
         eval_every=0, image_summary_every=0, checkpoint_every=STEPS, state_layouts=layouts,
     )  # fmt: skip
-    state, _ = loop.train_and_evaluate(config, str(workdir))
+
+
+def train(root, workdir, seed: int, layouts: str = "row_major") -> list[np.ndarray]:
+    """Every leaf of the state (student, EMA teacher, optimiser, step, key) after STEPS."""
+    state, _ = loop.train_and_evaluate(stage_config(root, seed, layouts), str(workdir))
     assert int(state.step) == STEPS
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(state))]
 

@@ -44,6 +44,10 @@ from ddb_jax.train import workdir as workdir_lib
 from tests import support
 from tests.support import assert_same_leaves, export_leaves
 
+# make test-processes (about 5 minutes of both cores), not make test: each test runs its own
+# processes, which would contend with make test's two workers.
+pytestmark = pytest.mark.processes
+
 NUM_STEPS = 40  # a tiny 4-device step takes ~0.1 s: the signal lands before the end
 SIGNAL_AT = 4  # the step during which the one-process test sends SIGTERM
 STEPS_4P = 10  # two processes run a step in ~0.5 s here (gloo all-reduces)
@@ -187,7 +191,6 @@ def test_sigkill_during_a_concurrent_round_in_a_bucket_resumes_identically(
         assert_same_leaves(export_leaves(f"{workdir}/{name}"), references[name])
 
 
-@pytest.mark.multihost  # make test-multihost (four processes: 3 minutes of both cores)
 def test_four_processes_run_a_round_in_two_groups_stop_together_and_equal_one_process(
     toy_root, bucket_toy_root, gcs, tmp_path
 ):

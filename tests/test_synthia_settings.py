@@ -1,6 +1,6 @@
 """SYNTHIA -> Cityscapes and Synscapes -> Cityscapes: the setting files, the toy SYNTHIA- and
 Synscapes-like sources through the real converters, and both pipelines end to end on the toy
-data.
+data (those in make test-pipelines, after the demo pipeline's).
 
 The end-to-end runs use the tiny settings of tests/test_demo_pipeline.py's ``tiny_pipeline``
 unchanged (checked below: only the data names and the extra mIoUs differ), so their compiled
@@ -196,6 +196,7 @@ def runs(extra_root, tmp_path_factory):
     return out
 
 
+@pytest.mark.pipelines
 @pytest.mark.parametrize("name", SETTINGS)
 def test_every_stage_delivers(runs, name):
     workdir, summary = runs[name]
@@ -229,6 +230,7 @@ def scalar_tags(stage_dir) -> set[str]:
     return tags
 
 
+@pytest.mark.pipelines
 def test_synthia_results_summary_and_tensorboard_have_the_extra_mious(runs):
     workdir, summary = runs["synthia2cs"]
     columns = [f"toy_target/{p}" for p in synthia2cs.MIOU_PROTOCOLS]
@@ -242,6 +244,7 @@ def test_synthia_results_summary_and_tensorboard_have_the_extra_mious(runs):
     assert " - " not in table
 
 
+@pytest.mark.pipelines
 def test_evaluate_stage_reports_the_extra_mious(runs, extra_root, tmp_path):
     """Stage 'evaluate' on the SYNTHIA setting's r1_ckd student: the 19-class mIoU that its
     training stage reported, mIoU16 / mIoU13 over the same per-class IoUs, the 7 categories."""
