@@ -31,6 +31,7 @@ from ddb_jax.convert import mit as convert_mit
 from ddb_jax.convert import resnet as convert_resnet
 from ddb_jax.convert.common import ConversionError, convert_state_dict, path_to_str
 from ddb_jax.models import hrda
+from ddb_jax.runtime import aot_figures
 from tests.parity_support import REL64, torch_threads
 from tools import convert_checkpoint
 from torch_ref import hrda as ref
@@ -176,6 +177,25 @@ def test_slide_inference_matches_pytorch(case):
     assert out["logits"].shape == (2, 64 // hrda_stride(head), 64 // hrda_stride(head), 6)
     assert out["feature"].shape[1:3] == (32 // hrda_stride(head),) * 2
     assert_rel(out["logits"], expected, f"{head} slide inference")
+
+
+def test_sharded_batch_keeps_each_images_windows_on_its_device(case):
+    """The batch sharded over 8 devices, one image each: the detail windows' batch is
+    image-major, so the compiled inference has no collective at all (window-major, XLA
+    gathered the whole batch on every device and permuted it back), with the logits of the
+    unsharded program."""
+    head, _, model, variables = case
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    by_image = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    x = np.random.default_rng(5).normal(size=(8, 64, 64, 3))
+    with jax.enable_x64(True):
+        sharded = jax.jit(
+            functools.partial(model.apply, train=False), in_shardings=(replicated, by_image)
+        ).lower(variables, x).compile()  # fmt: skip
+        assert aot_figures.hlo_counts(sharded.as_text())["collectives"] == {}
+        assert_rel(sharded(variables, x)["logits"], evaluate(model)(variables, x)["logits"],
+                   f"{head} sharded slide inference")  # fmt: skip
 
 
 def test_a_crop_of_the_image_size_is_one_detail_pass():

@@ -46,16 +46,17 @@ def slide_windows(size: tuple[int, int], crop: tuple[int, int]) -> list[Box]:
 
 
 def paste_average(window_logits: jax.Array, windows: list[Box], size, stride: int) -> jax.Array:
-    """Logits of crop-major batched windows (window i is rows i*n..(i+1)*n) pasted at
-    ``box / stride`` into a map of ``size`` pixels and averaged by the number of windows
-    covering each cell."""
-    n = window_logits.shape[0] // len(windows)
+    """Logits of image-major batched windows (image j's windows are rows j*k..(j+1)*k, in
+    the order of ``windows``) pasted at ``box / stride`` into a map of ``size`` pixels and
+    averaged by the number of windows covering each cell."""
+    k = len(windows)
+    per_image = window_logits.reshape(-1, k, *window_logits.shape[1:])
     out_h, out_w = size[0] // stride, size[1] // stride
-    total = jnp.zeros((n, out_h, out_w, window_logits.shape[-1]), window_logits.dtype)
+    total = jnp.zeros((per_image.shape[0], out_h, out_w, per_image.shape[-1]), per_image.dtype)
     count = np.zeros((out_h, out_w))
     for i, (y1, y2, x1, x2) in enumerate(windows):
         rows, cols = slice(y1 // stride, y2 // stride), slice(x1 // stride, x2 // stride)
-        total = total.at[:, rows, cols].add(window_logits[i * n : (i + 1) * n])
+        total = total.at[:, rows, cols].add(per_image[:, i])
         count[rows, cols] += 1
     return total / jnp.asarray(count, total.dtype)[None, :, :, None]
 
@@ -153,9 +154,14 @@ class HRDAEncoderDecoder(nn.Module):
         windows = self._detail_windows(size)
         # The reference's order (it matters to BN's running statistics in train mode):
         # backbone on the context, on the detail windows (one batch), then the head on each.
+        # The windows' batch is image-major (the reference's is window-major: the same
+        # values, BN's batch statistics summed in another order), so that a batch sharded
+        # over devices keeps each image's windows on its device: window-major, the compiler
+        # gathered the whole batch on every device and permuted it back.
         context_features = self.backbone(self._context_image(images), train=train)
-        crops = [images[:, y1:y2, x1:x2] for y1, y2, x1, x2 in windows]
-        detail_features = self.backbone(jnp.concatenate(crops, axis=0), train=train)
+        crops = jnp.stack([images[:, y1:y2, x1:x2] for y1, y2, x1, x2 in windows], axis=1)
+        crops = crops.reshape(-1, *crops.shape[2:])
+        detail_features = self.backbone(crops, train=train)
         context_logits, feature = self.decode_head(context_features, train=train)
         detail_logits = self.decode_head(detail_features, train=train)[0]
         detail = paste_average(detail_logits, windows, size, self.output_stride)
