@@ -38,7 +38,7 @@ test-bench: $(STAMP)
 
 # Real processes and real signals (tests/test_processes.py): SIGTERM and SIGKILL during a
 # concurrent round and the resumed runs, and four processes of a multi-host job running a
-# round's paths on two processes each (about 5 minutes on 2 cores, the machine's both
+# round's paths on two processes each (about 4 minutes on 2 cores, the machine's both
 # cores for itself): .ci/run runs it after `test`.
 test-processes: $(STAMP)
 	$(BIN)/python -m pytest -q -m processes tests/test_processes.py

@@ -44,8 +44,8 @@ from ddb_jax.train import workdir as workdir_lib
 from tests import support
 from tests.support import assert_same_leaves, export_leaves
 
-# make test-processes (about 5 minutes of both cores), not make test: each test runs its own
-# processes, which would contend with make test's two workers.
+# make test-processes (about 4 minutes of both cores), which .ci/run runs after make test:
+# rounds of the pipeline in real processes, kept out of make test's 10-minute budget.
 pytestmark = pytest.mark.processes
 
 NUM_STEPS = 40  # a tiny 4-device step takes ~0.1 s: the signal lands before the end
